@@ -1,0 +1,1 @@
+"""I/O wrappers around the protocol core: TUN queues, UDP sockets, netlink."""

@@ -1,0 +1,1 @@
+"""POSIX shared memory: seqlocked per-peer slots and per-worker counters."""
