@@ -1,0 +1,246 @@
+"""The sans-IO device: one worker's peers, index table, routing table and handshake intake.
+
+It turns datagrams and IP packets into IP packets and datagrams. The worker
+calls `receive_transport` and `send_packet` per packet with preallocated
+buffers (they return sizes or `-1 - DropReason`, never raise), and
+`receive_handshake` for the rare handshake messages. Whatever peers want sent
+gathers in `outbox` as (peer, datagram) pairs, events in `events`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from shardwg.proto import noise
+from shardwg.proto.allowedips import AllowedIPs
+from shardwg.proto.constants import (
+    DEFAULT_MTU,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    DropReason,
+    MessageType,
+)
+from shardwg.proto.index import IndexAllocator
+from shardwg.proto.indextable import IndexTable
+from shardwg.proto.intake import HandshakeIntake
+from shardwg.proto.keypair import Keypair, open_into, seal_into
+from shardwg.proto.peer import Peer, PeerEvent
+
+RandomBytes = Callable[[int], bytes]
+_U32 = struct.Struct("<I")
+_BE32 = struct.Struct(">I")
+_BE16 = struct.Struct(">H")
+_V6ADDR = struct.Struct(">QQ")
+
+_UNKNOWN_INDEX = -1 - DropReason.UNKNOWN_INDEX
+_KEY_EXPIRED = -1 - DropReason.KEY_EXPIRED
+_BAD_INNER = -1 - DropReason.BAD_INNER_PACKET
+_NOT_ALLOWED = -1 - DropReason.SOURCE_NOT_ALLOWED
+_NO_ROUTE = -1 - DropReason.NO_ROUTE
+_NO_ENDPOINT = -1 - DropReason.NO_ENDPOINT
+
+
+class Device:
+    """Protocol state of the peers one worker owns (or all peers, with one worker)."""
+
+    def __init__(
+        self,
+        private_key: bytes,
+        random_bytes: RandomBytes,
+        *,
+        worker_id: int = 0,
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
+        self.random_bytes = random_bytes
+        self.mtu = mtu
+        self.local = noise.LocalIdentity.from_private(private_key)
+        self.table = IndexTable(
+            IndexAllocator(worker_id, lambda: int.from_bytes(random_bytes(3), "little"))
+        )
+        self.sessions: dict[int, Keypair] = self.table.sessions
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed: AllowedIPs[Peer] = AllowedIPs()
+        self.intake = HandshakeIntake(self.local, random_bytes)
+        self.outbox: list[tuple[Peer, bytes]] = []
+        self.events: list[tuple[Peer, PeerEvent]] = []
+
+    # ------------------------------------------------------------------ configuration
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        allowed_ips: list[str] | None = None,
+        endpoint: Any = None,
+        persistent_keepalive: int = 0,
+    ) -> Peer:
+        if public_key in self.peers:
+            raise ValueError("peer already present")
+        crypto = noise.PeerCrypto.build(self.local, public_key, preshared_key)
+        peer = Peer(
+            self.local,
+            crypto,
+            self.table,
+            self.random_bytes,
+            endpoint=endpoint,
+            persistent_keepalive=persistent_keepalive,
+            mtu=self.mtu,
+            outbox=self.outbox,
+            events=self.events,
+        )
+        self.peers[public_key] = peer
+        for prefix in allowed_ips or ():
+            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), peer)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        self.allowed.remove_value(peer)
+        peer.zero_keys()
+        peer.staged.clear()
+
+    def _find_crypto(self, static: bytes) -> noise.PeerCrypto | None:
+        peer = self.peers.get(static)
+        return peer.crypto if peer is not None else None
+
+    # ------------------------------------------------------------------ hot path
+    def receive_transport(
+        self, msg: memoryview, n: int, src: Any, out: memoryview, now: float, wall: float
+    ) -> int:
+        """Decrypt a transport datagram into `out`; return the inner packet length to
+        write to the TUN, 0 for a keepalive, or `-1 - DropReason`."""
+        kp = self.sessions.get(_U32.unpack_from(msg, 4)[0])
+        if kp is None:
+            return _UNKNOWN_INDEX
+        if now - kp.created >= REJECT_AFTER_TIME:
+            return _KEY_EXPIRED
+        plen = open_into(kp, msg, n, out)
+        if plen < 0:
+            return plen
+        peer: Peer = kp.owner
+        if kp is not peer.current and kp is peer.next:
+            peer.confirm(kp, now, wall)
+        if src != peer.endpoint:
+            peer.endpoint = src  # roaming: the latest authenticated source wins
+        if plen == 0:
+            peer.received(now, n, False)
+            return 0
+        version = out[0] >> 4
+        if version == 4:
+            if plen < 20:
+                return _BAD_INNER
+            total = _BE16.unpack_from(out, 2)[0]
+            if total < 20 or total > plen:
+                return _BAD_INNER
+            owner = self.allowed.lookup_v4(_BE32.unpack_from(out, 12)[0])
+        elif version == 6:
+            if plen < 40:
+                return _BAD_INNER
+            total = 40 + _BE16.unpack_from(out, 4)[0]
+            if total > plen:
+                return _BAD_INNER
+            hi, lo = _V6ADDR.unpack_from(out, 8)
+            owner = self.allowed.lookup_v6((hi << 64) | lo)
+        else:
+            return _BAD_INNER
+        if owner is not peer:
+            return _NOT_ALLOWED
+        peer.received(now, n, True)
+        if kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
+            peer.keep_key_fresh_receiving(kp, now, wall)
+        return total
+
+    def route(self, pkt: memoryview, n: int) -> Peer | None:
+        """Cryptokey routing: the peer whose allowed IPs hold the packet's destination."""
+        if n < 20:
+            return None
+        version = pkt[0] >> 4
+        if version == 4:
+            return self.allowed.lookup_v4(_BE32.unpack_from(pkt, 16)[0])
+        if version == 6 and n >= 40:
+            hi, lo = _V6ADDR.unpack_from(pkt, 24)
+            return self.allowed.lookup_v6((hi << 64) | lo)
+        return None
+
+    def send_packet(
+        self, peer: Peer, pkt: memoryview, n: int, out: memoryview, now: float, wall: float
+    ) -> int:
+        """Seal an IP packet for `peer` into `out`; return the datagram size, 0 if it was
+        staged waiting for a handshake, or `-1 - DropReason`. `pkt` needs 15 spare bytes
+        after `n` for padding."""
+        kp = peer.current
+        if (
+            kp is None
+            or now - kp.created >= REJECT_AFTER_TIME
+            or kp.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            if peer.endpoint is None:
+                return _NO_ENDPOINT
+            peer.stage(bytes(pkt[:n]), now, wall)
+            return 0
+        if peer.endpoint is None:
+            return _NO_ENDPOINT
+        size = seal_into(kp, pkt, n, self.mtu, out)
+        if size < 0:
+            return size
+        peer.sent_data(now, size)
+        if kp.is_initiator and now - kp.created >= REKEY_AFTER_TIME:
+            peer.keep_key_fresh_sending(kp, now, wall)
+        return size
+
+    # ------------------------------------------------------------------ handshakes
+    def receive_handshake(
+        self, msg: bytes, src: Any, source: bytes, now: float, wall: float
+    ) -> DropReason | bytes | None:
+        """Process an initiation, response or cookie reply (already classified by size).
+
+        Returns None when handled, a DropReason, or a cookie reply (bytes) to send to
+        `src`. `source` is the packed source address for cookies and rate limits.
+        """
+        mtype = msg[0]
+        if mtype == MessageType.COOKIE_REPLY:
+            index = _U32.unpack_from(msg, 4)[0]
+            peer = self.table.pending.get(index)
+            if peer is None:
+                kp = self.sessions.get(index)
+                peer = kp.owner if kp is not None else None
+            if peer is None:
+                return DropReason.UNKNOWN_INDEX
+            result: DropReason | None = peer.receive_cookie_reply(msg, now)
+            return result
+        screened = self.intake.screen(msg, source, now)
+        if screened is not None:
+            return screened
+        if mtype == MessageType.INITIATION:
+            try:
+                received = noise.consume_initiation(self.local, msg, self._find_crypto)
+            except noise.HandshakeError as exc:
+                return exc.reason
+            peer = self.peers.get(received.peer.remote_static)
+            if peer is None:
+                return DropReason.UNKNOWN_PEER
+            result = peer.receive_initiation(received, now, wall)
+            if result is None:
+                peer.endpoint = src
+            return result
+        # response
+        index = _U32.unpack_from(msg, 8)[0]
+        peer = self.table.pending.get(index)
+        if peer is None or peer.handshake is None or peer.handshake.local_index != index:
+            return DropReason.UNKNOWN_INDEX
+        result = peer.receive_response(msg, now, wall)
+        if result is None:
+            peer.endpoint = src
+        return result
+
+    def tick(self, now: float, wall: float) -> None:
+        for peer in self.peers.values():
+            if now >= peer.next_deadline():
+                peer.tick(now, wall)

@@ -1,0 +1,44 @@
+"""Our receiver indices -> the session or pending handshake they name (one per worker).
+
+Transport datagrams are routed by `sessions[index]` (a Keypair whose `owner` is
+the Peer); responses and cookie replies to a handshake in flight by
+`pending[index]`. Indices come from an `IndexAllocator`, so each carries the
+owning worker's id in its low byte.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardwg.proto.index import IndexAllocator
+from shardwg.proto.keypair import Keypair
+
+
+class IndexTable:
+    __slots__ = ("allocator", "sessions", "pending")
+
+    def __init__(self, allocator: IndexAllocator) -> None:
+        self.allocator = allocator
+        self.sessions: dict[int, Keypair] = {}
+        self.pending: dict[int, Any] = {}
+
+    def new_pending(self, peer: Any) -> int:
+        """Allocate an index for a handshake we are starting or answering."""
+        index = self.allocator.allocate()
+        self.pending[index] = peer
+        return index
+
+    def bind(self, keypair: Keypair) -> None:
+        """The handshake under `keypair.local_index` produced a session."""
+        self.pending.pop(keypair.local_index, None)
+        self.sessions[keypair.local_index] = keypair
+
+    def restore(self, keypair: Keypair) -> None:
+        """Re-register a session rebuilt from shared memory (worker restart)."""
+        self.allocator.reserve(keypair.local_index)
+        self.sessions[keypair.local_index] = keypair
+
+    def release(self, index: int) -> None:
+        self.sessions.pop(index, None)
+        self.pending.pop(index, None)
+        self.allocator.release(index)

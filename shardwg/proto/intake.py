@@ -1,0 +1,53 @@
+"""Handshake intake: the checks every handshake message passes before any peer state.
+
+Order (as wireguard-go): mac1 always (cheap, no DH); under load, a missing or
+stale mac2 earns a cookie reply instead of work, and sources are rate limited;
+only then is an initiation decrypted far enough to learn which peer sent it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from shardwg.proto.constants import (
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_QUEUE_SIZE,
+    DropReason,
+)
+from shardwg.proto.cookie import CookieChecker
+from shardwg.proto.noise import LocalIdentity
+from shardwg.proto.ratelimiter import RateLimiter
+
+RandomBytes = Callable[[int], bytes]
+
+
+class HandshakeIntake:
+    """mac1/mac2 screening, cookie replies and per-source limits for one worker."""
+
+    def __init__(self, local: LocalIdentity, random_bytes: RandomBytes) -> None:
+        self.checker = CookieChecker(local, random_bytes)
+        self.limiter = RateLimiter()
+        self.under_load_until = -1.0
+        self.forced_load = False  # set from outside (shared under-load flag, tests)
+
+    def note_backlog(self, backlog: int, now: float) -> None:
+        """Enter under-load mode for a second when the handshake backlog is deep."""
+        if backlog >= UNDER_LOAD_QUEUE_SIZE:
+            self.under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    def under_load(self, now: float) -> bool:
+        return self.forced_load or now < self.under_load_until
+
+    def screen(self, msg: bytes, source: bytes, now: float) -> DropReason | bytes | None:
+        """None: go on. bytes: a cookie reply to send to the source (message dropped).
+
+        `source` is the packed source address (ip bytes || 2-byte port).
+        """
+        if not self.checker.check_mac1(msg):
+            return DropReason.BAD_MAC1
+        if self.under_load(now):
+            if not self.checker.check_mac2(msg, source, now):
+                return self.checker.create_reply(msg, source, now)
+            if not self.limiter.allow(source[:-2], now):
+                return DropReason.RATE_LIMITED
+        return None
