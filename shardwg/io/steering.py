@@ -1,0 +1,113 @@
+"""Classic BPF for SO_ATTACH_REUSEPORT_CBPF: steer each datagram to its owner's socket.
+
+Why: a session's receiver index carries the owning worker's id in its low byte
+(proto/index.py). If the kernel delivers a datagram straight to the owner's
+socket, no worker ever hands transport packets to another.
+
+Kernel semantics (net/core/sock_reuseport.c, `run_bpf_filter` and
+`reuseport_select_sock`): for UDP the program sees the packet from the first byte
+of the UDP payload; its return value indexes the group's socket array, which is
+in join (bind) order. A value >= the number of sockets, or a failed run, falls
+back to `reuseport_select_sock_by_hash` (the usual 4-tuple hash, so one endpoint
+keeps landing on one socket). The program is per group: attaching it to any
+member steers the whole group.
+
+The program:
+- length < 32 (no valid WireGuard message is shorter) -> hash. Needed, not
+  cosmetic: a classic BPF load past the end aborts the program with return 0,
+  which would send every runt datagram to socket 0.
+- the first word must be exactly type || 0 0 0 (reserved bytes zero); type 4
+  (transport) or 3 (cookie reply): worker id = byte at offset 4; type 2
+  (response): byte at offset 8. Type 1 (initiation, carries no index of ours) or
+  anything else -> hash: any worker can check mac1 and hand off.
+- worker id >= N -> hash, not id % N. We never allocate such ids, so the datagram
+  is forged or stale (say, after a restart with fewer workers) and every worker
+  drops it as UNKNOWN_INDEX; hashing spreads that junk over all workers instead
+  of piling it onto one, and the check keeps the program correct even if the
+  group holds extra sockets.
+
+Slots move when a socket closes: the kernel moves the last socket of the array
+into the closed one's slot (observed in tests/test_steering.py: with sockets
+0..3, closing #1 sends id 1 to old #3, and id 3, now >= num_socks, to the hash).
+So the supervisor creates the N sockets in order and keeps them all open for its
+lifetime; a worker's death then leaves its socket, and slot, in place, and its
+datagrams queue in the receive buffer for the replacement. The sockets must not
+be connect()ed: the hash fallback skips connected members.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+
+from shardwg.proto.constants import (
+    RESPONSE_OFFSET_RECEIVER,
+    TRANSPORT_MIN_SIZE,
+    TRANSPORT_OFFSET_RECEIVER,
+    MessageType,
+)
+from shardwg.proto.index import MAX_WORKERS
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
+FALLBACK = 0xFFFFFFFF  # always >= num_socks: "let the kernel hash it"
+
+# Classic BPF opcodes (linux/bpf_common.h).
+BPF_LD, BPF_JMP, BPF_RET = 0x00, 0x05, 0x06
+BPF_W, BPF_B = 0x00, 0x10
+BPF_ABS, BPF_LEN = 0x20, 0x80
+BPF_JA, BPF_JEQ, BPF_JGE = 0x00, 0x10, 0x30
+BPF_K, BPF_A = 0x00, 0x10
+
+_INSN = struct.Struct("=HBBI")  # struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _header_word(t: MessageType) -> int:
+    """The first 4 payload bytes (type, 0, 0, 0) as classic BPF's big-endian word load sees them."""
+    return int(t) << 24
+
+
+def program(workers: int) -> list[tuple[int, int, int, int]]:
+    """The instructions as (code, jt, jf, k); jumps are relative to the next instruction."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+    fb, off4, off8, check = 11, 6, 8, 9  # instruction numbers of the labels
+    insns = [
+        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # 0: A = payload length
+        (BPF_JMP | BPF_JGE | BPF_K, 0, fb - 2, TRANSPORT_MIN_SIZE),  # 1
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),  # 2: A = type || reserved
+        (BPF_JMP | BPF_JEQ | BPF_K, off4 - 4, 0, _header_word(MessageType.TRANSPORT)),  # 3
+        (BPF_JMP | BPF_JEQ | BPF_K, off4 - 5, 0, _header_word(MessageType.COOKIE_REPLY)),  # 4
+        (BPF_JMP | BPF_JEQ | BPF_K, off8 - 6, fb - 6, _header_word(MessageType.RESPONSE)),  # 5
+        (BPF_LD | BPF_B | BPF_ABS, 0, 0, TRANSPORT_OFFSET_RECEIVER),  # 6 (off4)
+        (BPF_JMP | BPF_JA, 0, 0, check - 8),  # 7
+        (BPF_LD | BPF_B | BPF_ABS, 0, 0, RESPONSE_OFFSET_RECEIVER),  # 8 (off8)
+        (BPF_JMP | BPF_JGE | BPF_K, fb - 10, 0, workers),  # 9 (check)
+        (BPF_RET | BPF_A, 0, 0, 0),  # 10: socket #worker id
+        (BPF_RET | BPF_K, 0, 0, FALLBACK),  # 11 (fb)
+    ]
+    return insns
+
+
+def build_program(workers: int) -> bytes:
+    """The packed `struct sock_filter` array for a group of `workers` sockets."""
+    return b"".join(_INSN.pack(*insn) for insn in program(workers))
+
+
+def attach(sock: socket.socket, workers: int) -> None:
+    """Attach the steering program to the reuseport group `sock` (bound, SO_REUSEPORT) is in."""
+    code = build_program(workers)
+    # The kernel copies the filter during setsockopt; `buf` only has to outlive the call.
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = _SockFprog(len(code) // _INSN.size, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
+def detach(sock: socket.socket) -> None:
+    """Remove the group's program (back to plain hashing)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)

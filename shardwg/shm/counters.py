@@ -1,0 +1,175 @@
+"""Per-worker counter blocks: each worker writes only its own block, readers sum.
+
+Why no shared counter: two processes incrementing one word would need atomic
+read-modify-write, which Python cannot do on shared memory. One writer per block
+needs nothing.
+
+Layout of a block (native byte order, x86-64 little-endian; every field an
+aligned 8-byte word; blocks padded to 64 bytes so workers never share a cache
+line): heartbeat (f64, monotonic seconds), pid, the traffic counters below, then
+one u64 per DropReason.
+
+Hot path: the worker increments plain Python ints in a local list, `v`
+(`counters.v[RX_PACKETS] += 1`, or `add`/`drop`), and `tick(now)` from its loop
+writes the heartbeat and flushes the list to shared memory every
+`flush_interval` seconds with one precompiled `struct.pack_into`. Measured on
+the 2-core dev VM (CPython 3.11): list increment ~40 ns (~75 ns through `add`),
+versus ~90 ns for an `array('Q')` mirror or a direct `memoryview.cast('Q')`
+increment in shared memory; a flush costs ~0.6 us (the `array` mirror's
+memoryview slice copy is ~0.06 us, but flushes are rare and increments are per
+packet, so the list wins). A crashed worker loses at most one interval of counts.
+
+Torn reads: `pack_into` with a native format stores each field with its own
+8-byte copy, so a reader sees every word either old or new (aligned 8-byte
+accesses are atomic on x86-64); words of one snapshot may come from different
+flushes, which sums and rates tolerate.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from shardwg.proto.constants import DROP_REASON_COUNT, DropReason
+
+HEARTBEAT = 0
+PID = 1
+RX_PACKETS = 2
+RX_BYTES = 3
+TX_PACKETS = 4
+TX_BYTES = 5
+HANDSHAKES_SENT = 6
+HANDSHAKES_RECEIVED = 7
+HANDSHAKES_COMPLETED = 8
+HANDOFFS_IN = 9
+HANDOFFS_OUT = 10
+PEERS_OWNED = 11
+DROP_BASE = 12
+
+FIELD_NAMES = (
+    "heartbeat",
+    "pid",
+    "rx_packets",
+    "rx_bytes",
+    "tx_packets",
+    "tx_bytes",
+    "handshakes_sent",
+    "handshakes_received",
+    "handshakes_completed",
+    "handoffs_in",
+    "handoffs_out",
+    "peers_owned",
+)
+WORDS = DROP_BASE + DROP_REASON_COUNT
+BLOCK_SIZE = (WORDS * 8 + 63) // 64 * 64
+_BLOCK = struct.Struct(f"@d{WORDS - 1}Q")  # native: one aligned 8-byte copy per field
+_DROP_NAMES = tuple(r.name.lower() for r in sorted(DropReason))
+
+
+def counters_size(workers: int) -> int:
+    """Bytes needed for `workers` blocks (offsets must be 8-aligned; 64 is better)."""
+    return workers * BLOCK_SIZE
+
+
+class WorkerStats(msgspec.Struct):
+    """One worker's counters as a reader sees them (or the sum over workers)."""
+
+    worker: int
+    pid: int
+    heartbeat: float
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    handshakes_sent: int = 0
+    handshakes_received: int = 0
+    handshakes_completed: int = 0
+    handoffs_in: int = 0
+    handoffs_out: int = 0
+    peers_owned: int = 0
+    drops: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+def _stats(worker: int, words: tuple[Any, ...]) -> WorkerStats:
+    return WorkerStats(
+        worker=worker,
+        pid=words[PID],
+        heartbeat=words[HEARTBEAT],
+        **{FIELD_NAMES[i]: words[i] for i in range(RX_PACKETS, DROP_BASE)},
+        drops=dict(zip(_DROP_NAMES, words[DROP_BASE:], strict=True)),
+    )
+
+
+class WorkerCounters:
+    """The single writer's view on one worker's block, with a local list mirror `v`."""
+
+    __slots__ = ("worker", "offset", "flush_interval", "v", "_buf", "_next_flush")
+
+    def __init__(self, buf: Any, offset: int, worker: int = 0, flush_interval: float = 0.005):
+        if offset % 8:
+            raise ValueError(f"counter block offset {offset} is not 8-byte aligned")
+        if offset < 0 or offset + BLOCK_SIZE > len(buf):
+            raise ValueError(f"counter block at {offset} outside a {len(buf)}-byte buffer")
+        self._buf = buf
+        self.offset = offset
+        self.worker = worker
+        self.flush_interval = flush_interval
+        self.v: list[Any] = [0.0] + [0] * (WORDS - 1)
+        self._next_flush = 0.0
+
+    @classmethod
+    def for_worker(cls, buf: Any, base: int, worker: int, **kw: Any) -> WorkerCounters:
+        """The block of `worker` in an array of blocks starting at `base`."""
+        return cls(buf, base + worker * BLOCK_SIZE, worker, **kw)
+
+    def add(self, field: int, n: int = 1) -> None:
+        self.v[field] += n
+
+    def drop(self, reason: int, n: int = 1) -> None:
+        self.v[DROP_BASE + reason] += n
+
+    def set(self, field: int, value: int) -> None:
+        """Gauges such as PEERS_OWNED and PID."""
+        self.v[field] = value
+
+    def load(self) -> None:
+        """Continue from what is in shared memory (a restarted worker keeps totals monotonic)."""
+        self.v = list(_BLOCK.unpack_from(self._buf, self.offset))
+
+    def flush(self) -> None:
+        _BLOCK.pack_into(self._buf, self.offset, *self.v)
+
+    def beat(self, now: float) -> None:
+        """Record a heartbeat and flush now."""
+        self.v[HEARTBEAT] = now
+        _BLOCK.pack_into(self._buf, self.offset, *self.v)
+
+    def tick(self, now: float) -> bool:
+        """Call once per loop turn: heartbeat + flush when the interval has passed."""
+        if now < self._next_flush:
+            return False
+        self._next_flush = now + self.flush_interval
+        self.beat(now)
+        return True
+
+    def snapshot(self) -> WorkerStats:
+        """What readers currently see in shared memory (not the unflushed mirror)."""
+        return _stats(self.worker, _BLOCK.unpack_from(self._buf, self.offset))
+
+
+def read_all(buf: Any, base: int, workers: int) -> list[WorkerStats]:
+    """Snapshot every worker's block (any process, no writes)."""
+    return [_stats(w, _BLOCK.unpack_from(buf, base + w * BLOCK_SIZE)) for w in range(workers)]
+
+
+def total(stats: Iterable[WorkerStats]) -> WorkerStats:
+    """Sum over workers (worker=-1, pid=0, heartbeat = the oldest one: the laggard matters)."""
+    items = list(stats)
+    out = WorkerStats(worker=-1, pid=0, heartbeat=min((s.heartbeat for s in items), default=0.0))
+    for name in FIELD_NAMES[RX_PACKETS:]:
+        setattr(out, name, sum(getattr(s, name) for s in items))
+    out.drops = {name: sum(s.drops.get(name, 0) for s in items) for name in _DROP_NAMES}
+    return out

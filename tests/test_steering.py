@@ -1,0 +1,189 @@
+"""Reuseport steering: the program in a tiny interpreter, then for real on loopback."""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from shardwg.io import steering as st
+from shardwg.proto.index import make_index
+
+N = 4
+
+
+def _run(workers: int, payload: bytes) -> int:
+    """Interpret the program as the kernel's classic BPF would (only the opcodes we emit)."""
+    insns, pc, a = st.program(workers), 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == st.BPF_LD | st.BPF_W | st.BPF_LEN:
+            a = len(payload)
+        elif code == st.BPF_LD | st.BPF_W | st.BPF_ABS:
+            if k + 4 > len(payload):
+                return 0  # the kernel aborts a run on an out-of-bounds load with 0
+            a = int.from_bytes(payload[k : k + 4], "big")
+        elif code == st.BPF_LD | st.BPF_B | st.BPF_ABS:
+            if k >= len(payload):
+                return 0
+            a = payload[k]
+        elif code == st.BPF_JMP | st.BPF_JA:
+            pc += k
+        elif code == st.BPF_JMP | st.BPF_JEQ | st.BPF_K:
+            pc += jt if a == k else jf
+        elif code == st.BPF_JMP | st.BPF_JGE | st.BPF_K:
+            pc += jt if a >= k else jf
+        elif code == st.BPF_RET | st.BPF_A:
+            return a
+        elif code == st.BPF_RET | st.BPF_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+
+
+def transport(worker: int, size: int = 32) -> bytes:
+    return b"\x04\0\0\0" + make_index(worker, 0xABCDEF).to_bytes(4, "little") + bytes(size - 8)
+
+
+def cookie_reply(worker: int) -> bytes:
+    return b"\x03\0\0\0" + make_index(worker, 0x123456).to_bytes(4, "little") + bytes(56)
+
+
+def response(worker: int) -> bytes:
+    # The sender index at offset 4 names another worker: only offset 8 may count.
+    receiver = make_index(worker, 0x654321).to_bytes(4, "little")
+    return b"\x02\0\0\0" + bytes([7, 7, 7, 7]) + receiver + bytes(80)
+
+
+def initiation() -> bytes:
+    return b"\x01\0\0\0" + bytes([2, 0, 0, 0]) + bytes(140)
+
+
+def test_program_decisions() -> None:
+    for w in range(N):
+        assert _run(N, transport(w)) == w
+        assert _run(N, transport(w, 1500)) == w
+        assert _run(N, cookie_reply(w)) == w
+        assert _run(N, response(w)) == w
+    fb = st.FALLBACK
+    assert _run(N, initiation()) == fb
+    assert _run(N, transport(N)) == fb and _run(N, transport(255)) == fb  # id >= N: hash
+    assert _run(N, transport(2)[:31]) == fb  # runts never default to socket 0
+    assert _run(N, b"\x04") == fb and _run(N, b"") == fb
+    assert _run(N, b"\x04\0\x01\0" + transport(2)[4:]) == fb  # reserved bytes must be zero
+    assert _run(N, b"\x05\0\0\0" + transport(2)[4:]) == fb
+    assert _run(1, transport(0)) == 0 and _run(1, transport(1)) == fb
+    assert _run(256, transport(255)) == 255
+
+
+def test_program_encoding() -> None:
+    code = st.build_program(N)
+    assert len(code) == 8 * len(st.program(N))
+    assert code[:8] == bytes([0x80, 0, 0, 0, 0, 0, 0, 0])  # ld len (native u16 code)
+    for bad in (0, 257):
+        with pytest.raises(ValueError):
+            st.build_program(bad)
+
+
+# ---------------------------------------------------------------- on loopback
+
+
+@pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+def group(request: pytest.FixtureRequest) -> Iterator[tuple[list[socket.socket], tuple[str, int]]]:
+    family = request.param
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(N):  # join order = slot order
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind((host, socks[0].getsockname()[1] if len(socks) > 1 else 0))
+        st.attach(socks[2], N)  # any member: the program belongs to the group
+        yield socks, (host, socks[0].getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _where(socks: list[socket.socket], dst: tuple[str, int], data: bytes, tx: socket.socket) -> int:
+    """Send one datagram and return the slot of the socket that got it."""
+    tx.sendto(data, dst)
+    ready, _, _ = select.select([s for s in socks if s.fileno() >= 0], [], [], 2.0)
+    assert len(ready) == 1, f"datagram landed on {len(ready)} sockets"
+    assert ready[0].recv(4096) == data
+    return socks.index(ready[0])
+
+
+def _senders(family: int, n: int) -> list[socket.socket]:
+    return [socket.socket(family, socket.SOCK_DGRAM) for _ in range(n)]
+
+
+def test_kernel_steers_by_index_byte(group: tuple[list[socket.socket], tuple[str, int]]) -> None:
+    socks, dst = group
+    senders = _senders(socks[0].family, 8)
+    try:
+        for tx in senders:  # many source ports: the hash alone could not do this
+            for w in range(N):
+                assert _where(socks, dst, transport(w), tx) == w
+                assert _where(socks, dst, cookie_reply(w), tx) == w
+                assert _where(socks, dst, response(w), tx) == w
+    finally:
+        for tx in senders:
+            tx.close()
+
+
+def test_kernel_hashes_initiations_and_junk(
+    group: tuple[list[socket.socket], tuple[str, int]],
+) -> None:
+    socks, dst = group
+    senders = _senders(socks[0].family, 32)
+    try:
+        home = [_where(socks, dst, initiation(), tx) for tx in senders]
+        assert len(set(home)) > 1  # spread by the 4-tuple hash (32 sources on 4 sockets)
+        for tx, h in zip(senders, home, strict=True):
+            assert _where(socks, dst, initiation(), tx) == h  # one endpoint, one socket
+            # Fallbacks follow the same hash: id >= N, runts, reserved bytes set.
+            assert _where(socks, dst, transport(N + 1), tx) == h
+            assert _where(socks, dst, transport(3)[:20], tx) == h
+            assert _where(socks, dst, b"\x04\x01\0\0" + transport(1)[4:], tx) == h
+    finally:
+        for tx in senders:
+            tx.close()
+
+
+def test_closing_a_socket_moves_the_last_into_its_slot(
+    group: tuple[list[socket.socket], tuple[str, int]],
+) -> None:
+    socks, dst = group
+    tx = socket.socket(socks[0].family, socket.SOCK_DGRAM)
+    try:
+        keeper = socks[1].dup()  # what the supervisor does: the slot survives the worker
+        socks[1].close()
+        assert _where([socks[0], keeper, socks[2], socks[3]], dst, transport(1), tx) == 1
+        keeper.close()  # now the socket really leaves the group
+        live = [socks[0], socks[3], socks[2]]  # kernel: old #3 moved into slot 1
+        assert _where(live, dst, transport(0), tx) == 0
+        assert _where(live, dst, transport(1), tx) == 1  # id 1 -> old socket #3
+        assert _where(live, dst, transport(2), tx) == 2
+        h = _where(live, dst, initiation(), tx)
+        assert _where(live, dst, transport(3), tx) == h  # 3 >= num_socks: hash fallback
+    finally:
+        tx.close()
+
+
+def test_detach_restores_plain_hashing(
+    group: tuple[list[socket.socket], tuple[str, int]],
+) -> None:
+    socks, dst = group
+    st.detach(socks[0])
+    senders = _senders(socks[0].family, 16)
+    try:
+        got = {_where(socks, dst, transport(0), tx) for tx in senders}
+        assert got != {0}  # without the program, worker 0's packets scatter
+    finally:
+        for tx in senders:
+            tx.close()
