@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from pairs import ADDR_B, Pair, ipv4_packet
+
 from shardwg.proto.constants import DropReason
-from tests.pairs import ADDR_B, Pair, ipv4_packet
 
 
 def drop(reason: DropReason) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pairs import Pair, ipv4_packet
+
 from shardwg.proto.constants import (
     KEEPALIVE_SIZE,
     REJECT_AFTER_TIME,
@@ -10,7 +12,6 @@ from shardwg.proto.constants import (
     DropReason,
 )
 from shardwg.proto.peer import PeerEvent
-from tests.pairs import Pair, ipv4_packet
 
 A_TO_B = ipv4_packet("10.0.0.1", "10.0.0.2", b"ping")
 B_TO_A = ipv4_packet("10.0.0.2", "10.0.0.1", b"pong")

@@ -1,0 +1,169 @@
+"""The `shardwg` command: run a gateway, and the key helpers `wg` users know."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from shardwg import __version__, keys
+from shardwg.config import ConfigError, load_config, private_key_file_warning
+
+log = logging.getLogger("shardwg")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+                "pid": record.process,
+            }
+        )
+
+
+def setup_logging(fmt: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def default_interface(config_path: str) -> str:
+    """wg-quick's rule: the interface is named after the config file's stem."""
+    return Path(config_path).stem
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from shardwg.gateway import Gateway, GatewayError
+    from shardwg.worker import Worker
+
+    setup_logging(args.log_format, args.verbose)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    warning = private_key_file_warning(args.config)
+    if warning:
+        log.warning("%s", warning)
+    ifname = args.interface or default_interface(args.config)
+    if not 1 <= len(ifname) <= 15:
+        log.error("interface name %r must be 1 to 15 characters", ifname)
+        return 2
+    workers = args.workers or default_workers()
+    if workers != 1:
+        log.warning("this build runs one worker; --workers %d treated as 1", workers)
+        workers = 1
+    gw = Gateway(cfg, ifname, workers)
+    try:
+        gw.open()
+    except GatewayError as exc:
+        log.error("%s", exc)
+        return 1
+    worker: Worker | None = None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if worker is not None:
+            worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        device = gw.make_device(0)
+        assert gw.tun is not None
+        worker = Worker(
+            device,
+            gw.tun.fds[0],
+            gw.udp4[0] if gw.udp4 else None,
+            gw.udp6[0] if gw.udp6 else None,
+        )
+        from shardwg.gateway import kick_persistent
+
+        kick_persistent(device, time.monotonic(), time.time())
+        log.info("shardwg %s serving %s with %d worker(s)", __version__, ifname, workers)
+        worker.run()
+    except Exception as exc:
+        log.error("gateway failed: %s", exc, exc_info=args.verbose)
+        return 1
+    finally:
+        gw.close()
+        log.info("interface %s removed, exiting", ifname)
+    return 0
+
+
+def cmd_genkey(_args: argparse.Namespace) -> int:
+    print(keys.generate_private_key())
+    return 0
+
+
+def cmd_genpsk(_args: argparse.Namespace) -> int:
+    print(keys.generate_preshared_key())
+    return 0
+
+
+def cmd_pubkey(_args: argparse.Namespace) -> int:
+    data = sys.stdin.read()
+    try:
+        print(keys.public_key_from_private(data.strip()))
+    except ValueError as exc:
+        print(f"shardwg pubkey: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardwg", description=__doc__)
+    p.add_argument("--version", action="version", version=f"shardwg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a gateway in the foreground")
+    run.add_argument("--config", "-c", required=True, help="wg-quick style config file")
+    run.add_argument(
+        "--workers", "-w", type=int, default=0, help="worker processes (default: usable cores)",
+    )
+    run.add_argument("--interface", "-i", help="interface name (default: config file stem)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--verbose", "-v", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    for name, fn, text in (
+        ("genkey", cmd_genkey, "print a new private key"),
+        ("pubkey", cmd_pubkey, "read a private key on stdin, print its public key"),
+        ("genpsk", cmd_genpsk, "print a new preshared key"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.set_defaults(func=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Bringing a gateway's interface up and down: TUN queues, addresses, routes, UDP sockets.
+
+The gateway opens every TUN queue and every UDP socket before any worker runs,
+in a fixed order, and keeps them open for its whole life: the reuseport group's
+join order (which the steering program indexes) then never changes, even when a
+worker is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from shardwg.config import Config
+from shardwg.endpoints import resolve
+from shardwg.io import netlink
+from shardwg.io.tun import TunDevice
+from shardwg.io.udp import open_udp_group
+from shardwg.proto.device import Device
+from shardwg.proto.peer import Peer
+
+log = logging.getLogger("shardwg.gateway")
+
+
+class GatewayError(Exception):
+    """A setup problem the user must fix (shown without a traceback)."""
+
+
+def routing_table(cfg: Config) -> int | None | str:
+    """None: main table; "off": no routes; an int: that table."""
+    table = cfg.interface.table
+    if table is None or table == "auto":
+        return None
+    if table == "off":
+        return "off"
+    return int(table)
+
+
+@dataclass
+class Gateway:
+    config: Config
+    ifname: str
+    workers: int = 1
+    tun: TunDevice | None = None
+    udp4: list[socket.socket] = field(default_factory=list)
+    udp6: list[socket.socket] = field(default_factory=list)
+    port: int = 0
+
+    def open(self) -> None:
+        if netlink.link_exists(self.ifname):
+            raise GatewayError(f"interface {self.ifname} already exists (another instance?)")
+        cfg = self.config.interface
+        try:
+            self.tun = TunDevice.create(self.ifname, queues=self.workers, multi_queue=True)
+        except OSError as exc:
+            raise GatewayError(f"cannot create TUN {self.ifname}: {exc}") from exc
+        try:
+            netlink.add_addresses(self.ifname, list(cfg.addresses))
+            netlink.set_link_up(self.ifname, cfg.mtu)
+            table = routing_table(self.config)
+            if table != "off":
+                prefixes = [p for peer in self.config.peers for p in peer.allowed_ips]
+                netlink.add_routes(self.ifname, prefixes, table if isinstance(table, int) else None)
+            self.udp4, self.udp6, self.port = open_udp_group(
+                cfg.listen_port or 0, self.workers, fwmark=cfg.fwmark
+            )
+        except OSError as exc:
+            self.close()
+            raise GatewayError(f"cannot set up {self.ifname}: {exc}") from exc
+        log.info(
+            "interface %s up: %d queue(s), UDP port %d, %d peer(s)",
+            self.ifname,
+            self.workers,
+            self.port,
+            len(self.config.peers),
+        )
+
+    def make_device(self, worker_id: int = 0) -> Device:
+        """The protocol state for one worker, holding the peers it owns."""
+        cfg = self.config
+        dev = Device(
+            cfg.interface.private_key, os.urandom, worker_id=worker_id, mtu=cfg.interface.mtu
+        )
+        for p in cfg.peers:
+            endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+            dev.add_peer(
+                p.public_key,
+                preshared_key=p.preshared_key,
+                allowed_ips=list(p.allowed_ips),
+                endpoint=endpoint,
+                persistent_keepalive=p.persistent_keepalive,
+            )
+        return dev
+
+    def close(self) -> None:
+        for s in self.udp4 + self.udp6:
+            s.close()
+        self.udp4, self.udp6 = [], []
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if netlink.link_exists(self.ifname):
+            try:
+                netlink.delete_link(self.ifname)
+            except OSError:
+                log.warning("could not remove interface %s", self.ifname)
+
+
+def kick_persistent(dev: Device, now: float, wall: float) -> None:
+    """Peers with an endpoint and a persistent keepalive say hello at start (as wg does)."""
+    for peer in dev.peers.values():
+        if peer.endpoint is not None and peer.persistent_keepalive:
+            _hello(peer, now, wall)
+
+
+def _hello(peer: Peer, now: float, wall: float) -> None:
+    peer.send_keepalive(now, wall)
