@@ -6,11 +6,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 
 from shardwg import __version__, keys
 from shardwg.config import ConfigError, load_config, private_key_file_warning
@@ -57,8 +54,8 @@ def default_workers() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from shardwg.gateway import Gateway, GatewayError
-    from shardwg.worker import Worker
+    from shardwg.gateway import GatewayError
+    from shardwg.supervisor import Supervisor, SupervisorError
 
     setup_logging(args.log_format, args.verbose)
     try:
@@ -74,44 +71,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("interface name %r must be 1 to 15 characters", ifname)
         return 2
     workers = args.workers or default_workers()
-    if workers != 1:
-        log.warning("this build runs one worker; --workers %d treated as 1", workers)
-        workers = 1
-    gw = Gateway(cfg, ifname, workers)
+    if not 1 <= workers <= 256:
+        log.error("--workers must be between 1 and 256")
+        return 2
+    sup = Supervisor(cfg, ifname, workers)
     try:
-        gw.open()
-    except GatewayError as exc:
+        sup.start()
+    except (GatewayError, SupervisorError) as exc:
         log.error("%s", exc)
         return 1
-    worker: Worker | None = None
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if worker is not None:
-            worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        device = gw.make_device(0)
-        assert gw.tun is not None
-        worker = Worker(
-            device,
-            gw.tun.fds[0],
-            gw.udp4[0] if gw.udp4 else None,
-            gw.udp6[0] if gw.udp6 else None,
-        )
-        from shardwg.gateway import kick_persistent
-
-        kick_persistent(device, time.monotonic(), time.time())
-        log.info("shardwg %s serving %s with %d worker(s)", __version__, ifname, workers)
-        worker.run()
+        return sup.run()
     except Exception as exc:
         log.error("gateway failed: %s", exc, exc_info=args.verbose)
         return 1
     finally:
-        gw.close()
         log.info("interface %s removed, exiting", ifname)
-    return 0
 
 
 def cmd_genkey(_args: argparse.Namespace) -> int:

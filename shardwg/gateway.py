@@ -9,17 +9,13 @@ worker is replaced.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 
 from shardwg.config import Config
-from shardwg.endpoints import resolve
 from shardwg.io import netlink
 from shardwg.io.tun import TunDevice
 from shardwg.io.udp import open_udp_group
-from shardwg.proto.device import Device
-from shardwg.proto.peer import Peer
 
 log = logging.getLogger("shardwg.gateway")
 
@@ -77,23 +73,6 @@ class Gateway:
             len(self.config.peers),
         )
 
-    def make_device(self, worker_id: int = 0) -> Device:
-        """The protocol state for one worker, holding the peers it owns."""
-        cfg = self.config
-        dev = Device(
-            cfg.interface.private_key, os.urandom, worker_id=worker_id, mtu=cfg.interface.mtu
-        )
-        for p in cfg.peers:
-            endpoint = resolve(p.endpoint) if p.endpoint is not None else None
-            dev.add_peer(
-                p.public_key,
-                preshared_key=p.preshared_key,
-                allowed_ips=list(p.allowed_ips),
-                endpoint=endpoint,
-                persistent_keepalive=p.persistent_keepalive,
-            )
-        return dev
-
     def close(self) -> None:
         for s in self.udp4 + self.udp6:
             s.close()
@@ -106,14 +85,3 @@ class Gateway:
                 netlink.delete_link(self.ifname)
             except OSError:
                 log.warning("could not remove interface %s", self.ifname)
-
-
-def kick_persistent(dev: Device, now: float, wall: float) -> None:
-    """Peers with an endpoint and a persistent keepalive say hello at start (as wg does)."""
-    for peer in dev.peers.values():
-        if peer.endpoint is not None and peer.persistent_keepalive:
-            _hello(peer, now, wall)
-
-
-def _hello(peer: Peer, now: float, wall: float) -> None:
-    peer.send_keepalive(now, wall)

@@ -1,98 +1,77 @@
 """One worker process: the event loop that drives the sans-IO device for the peers it owns.
 
 Inbound (UDP -> TUN)
-  1. epoll says a UDP socket is readable; `recv_batch` fills up to BATCH
-     preallocated buffers (`recvfrom_into`), never allocating a buffer per datagram.
-  2. Each datagram is classified by (type, length) before any peer state.
-  3. Transport: `Device.receive_transport` looks up the session by receiver
-     index, checks the replay window, decrypts into a preallocated plaintext
-     buffer, checks the inner source against the peer's allowed IPs, and the
-     packet is written to this worker's TUN queue.
-  4. Handshake messages go to a bounded queue; at most HANDSHAKE_BUDGET are
-     processed per turn so data never starves, and the queue depth drives the
-     under-load (cookie) mode exactly as wireguard-go's handshake queue does.
-  5. Whatever the peers want sent (responses, keepalives, staged packets) is
-     drained from the device outbox and sent to each peer's endpoint.
+  1. epoll says this worker's UDP socket is readable. The reuseport steering
+     program already sent every transport, response and cookie datagram to the
+     worker whose id sits in the receiver index's low byte, i.e. its owner.
+  2. `recv_batch` fills up to BATCH preallocated buffers (`recvfrom_into`).
+  3. Each datagram is classified by (type, length) before any peer state.
+  4. Transport: `Device.receive_transport` finds the session by receiver index,
+     checks the replay window, decrypts into a preallocated buffer, checks the
+     inner source against the peer's allowed IPs; the packet goes to our TUN queue.
+  5. Handshake messages go to a bounded queue, HANDSHAKE_BUDGET per turn, so data
+     never starves; its depth drives under-load (cookie) mode as in wireguard-go.
+     An initiation from a peer another worker owns (initiations carry no index, so
+     the kernel hashes them to any worker) is screened here (mac1, cookies) and
+     handed to the owner over a shared-memory ring: only the owner touches a
+     peer's timestamp and 20 ms flood state.
 
 Outbound (TUN -> UDP)
-  1. epoll says the TUN queue is readable; `read_batch` fills preallocated buffers.
-  2. Cryptokey routing: the destination address selects the peer (longest prefix).
-  3. A peer without a session gets the packet staged and a handshake started.
-  4. Otherwise the next nonce is taken, the packet padded and sealed straight into
-     a preallocated datagram buffer, and sent to the peer's endpoint.
+  1. epoll says our TUN queue (or our handoff eventfd) is readable; `read_batch`
+     fills preallocated buffers.
+  2. Cryptokey routing picks the peer. A peer another worker owns: the packet is
+     pushed onto our single-producer ring towards that worker (counted drop when
+     full) and the owner is woken once per batch. Order within a flow is kept
+     because a flow's packets always take the same path.
+  3. No session yet: staged, and a handshake starts.
+  4. Otherwise the next nonce is taken, the packet padded and sealed into a
+     preallocated datagram buffer and sent to the peer's endpoint.
 
-Ordering and ownership: one worker owns a peer's sessions, counters, replay
-window and timers; nothing on the packet path takes a lock. Every error on one
-packet is counted by reason and the rest of the batch goes on.
+Ownership and crash safety: one worker owns a peer's sessions, counters, replay
+window and timers, and nothing on the packet path takes a lock. Sessions are
+published to the peer's seqlocked shared-memory slot when they change, with send
+and receive counters reserved in blocks ahead of use, so a replacement worker
+resumes them without a handshake, never reusing a nonce or re-accepting a packet.
+Every error on one packet is counted by reason and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
 import select
 import socket
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from shardwg.io import tun as tun_io
 from shardwg.io import udp as udp_io
-from shardwg.proto.constants import (
-    DROP_REASON_COUNT,
-    MAX_DATAGRAM,
-    DropReason,
-    MessageType,
-)
-from shardwg.proto.device import Device
+from shardwg.proto.constants import MAX_DATAGRAM, DropReason, MessageType
+from shardwg.proto.device import Device, Handoff
 from shardwg.proto.messages import classify
+from shardwg.proto.ownership import RemotePeer
 from shardwg.proto.peer import Peer, PeerEvent
+from shardwg.shm import counters as C
+from shardwg.shm.handoff import HandoffKind, HandoffMesh, pack_initiation, unpack_initiation
+from shardwg.shm.publisher import SessionPublisher
 
 log = logging.getLogger("shardwg.worker")
 
 BATCH = 64  # datagrams / packets read from one source per turn
 HANDSHAKE_BUDGET = 16  # handshake messages processed per turn
-HANDSHAKE_QUEUE_MAX = 1024  # bounded backlog; beyond it initiations are dropped and counted
+HANDSHAKE_QUEUE_MAX = 4096  # bounded backlog; beyond it handshake messages are dropped
 TICK_INTERVAL = 0.05  # timer resolution
-PLAIN_HEADROOM = 64  # spare bytes after a TUN packet for padding
+PUBLISH_INTERVAL = 1.0  # traffic counters and endpoints republished at most this often
+PLAIN_HEADROOM = 64  # spare bytes after a packet for padding
 
-
-class Stats:
-    """This worker's counters, plain Python ints (flushed to shared memory by the owner)."""
-
-    __slots__ = (
-        "rx_packets",
-        "rx_bytes",
-        "tx_packets",
-        "tx_bytes",
-        "handshakes_in",
-        "handshakes_out",
-        "handshakes_done",
-        "drops",
-    )
-
-    def __init__(self) -> None:
-        self.rx_packets = 0
-        self.rx_bytes = 0
-        self.tx_packets = 0
-        self.tx_bytes = 0
-        self.handshakes_in = 0
-        self.handshakes_out = 0
-        self.handshakes_done = 0
-        self.drops = array("Q", bytes(8 * DROP_REASON_COUNT))
-
-    def drop(self, code: int) -> None:
-        """Count a negative `-1 - DropReason` code or a DropReason."""
-        self.drops[code if code >= 0 else -1 - code] += 1
-
-    def drops_by_name(self) -> dict[str, int]:
-        return {DropReason(i).name.lower(): n for i, n in enumerate(self.drops) if n}
+_DROP_BASE = C.DROP_BASE
 
 
 class Worker:
-    """Owns a Device, one UDP socket per family and one TUN queue."""
+    """Owns a Device, one UDP socket per family, one TUN queue and its handoff rings."""
 
     def __init__(
         self,
@@ -100,8 +79,11 @@ class Worker:
         tun_fd: int,
         udp4: socket.socket | None,
         udp6: socket.socket | None,
+        counters: C.WorkerCounters,
         *,
         worker_id: int = 0,
+        mesh: HandoffMesh | None = None,
+        publisher: SessionPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -109,38 +91,52 @@ class Worker:
         self.tun_fd = tun_fd
         self.udp4 = udp4
         self.udp6 = udp6
+        self.counters = counters
+        self.v = counters.v  # the hot path increments this list directly
         self.worker_id = worker_id
+        self.mesh = mesh
+        self.publisher = publisher
         self.clock = clock
         self.wall_clock = wall_clock
-        self.stats = Stats()
         self.running = True
-        self.handshake_queue: deque[tuple[bytes, Any]] = deque()
-        self.on_turn: Callable[[Worker, float], None] | None = None
+        self.handshake_queue: deque[tuple[bytes, Any, bool]] = deque()
+        self.on_tick: Callable[[Worker, float, float], None] | None = None
+        self.parent_pid = os.getppid()
 
-        # Preallocated buffers: datagrams in, plaintext out, TUN packets in, datagrams out.
+        if mesh is not None:
+            self._out_rings = mesh.outgoing(worker_id)
+            self._in_rings = mesh.incoming(worker_id)
+        else:
+            self._out_rings, self._in_rings = [], []
+        self._to_wake: set[int] = set()
+
+        # Preallocated buffers: datagrams in, plaintext out, packets in, datagrams out.
         self._rx_bufs = [bytearray(MAX_DATAGRAM) for _ in range(BATCH)]
         self._rx_views = [memoryview(b) for b in self._rx_bufs]
         self._rx_sizes = [0] * BATCH
         self._rx_addrs: list[Any] = [None] * BATCH
-        self._plain = bytearray(MAX_DATAGRAM)
-        self._plain_view = memoryview(self._plain)
-        self._tun_bufs = [bytearray(MAX_DATAGRAM + PLAIN_HEADROOM) for _ in range(BATCH)]
-        self._tun_views = [memoryview(b) for b in self._tun_bufs]
-        self._tun_sizes = [0] * BATCH
-        self._tx = bytearray(MAX_DATAGRAM + PLAIN_HEADROOM)
-        self._tx_view = memoryview(self._tx)
+        self._plain_view = memoryview(bytearray(MAX_DATAGRAM))
+        self._pk_bufs = [bytearray(MAX_DATAGRAM + PLAIN_HEADROOM) for _ in range(BATCH)]
+        self._pk_views = [memoryview(b) for b in self._pk_bufs]
+        self._pk_sizes = [0] * BATCH
+        self._pk_kinds = [0] * BATCH
+        self._pk_auxs = [0] * BATCH
+        self._tx_view = memoryview(bytearray(MAX_DATAGRAM + PLAIN_HEADROOM))
+
+    # ------------------------------------------------------------------ counting
+    def drop(self, code: int) -> None:
+        """Count a negative `-1 - DropReason` code or a DropReason."""
+        self.v[_DROP_BASE + (code if code >= 0 else -1 - code)] += 1
 
     # ------------------------------------------------------------------ sending
-    def _sock_for(self, addr: Any) -> socket.socket | None:
-        return self.udp6 if len(addr) == 4 else self.udp4
-
     def send_datagram(self, data: bytes | memoryview, addr: Any) -> None:
-        sock = self._sock_for(addr)
+        sock = self.udp6 if len(addr) == 4 else self.udp4
         if sock is None or not udp_io.send_to(sock, data, addr):
-            self.stats.drop(DropReason.SEND_ERROR)
+            self.v[_DROP_BASE + DropReason.SEND_ERROR] += 1
             return
-        self.stats.tx_packets += 1
-        self.stats.tx_bytes += len(data)
+        v = self.v
+        v[C.TX_PACKETS] += 1
+        v[C.TX_BYTES] += len(data)
 
     def flush_outbox(self) -> None:
         dev = self.device
@@ -149,24 +145,33 @@ class Worker:
             dev.outbox.clear()
             for peer, data in out:
                 if peer.endpoint is None:
-                    self.stats.drop(DropReason.NO_ENDPOINT)
+                    self.drop(DropReason.NO_ENDPOINT)
                 else:
                     self.send_datagram(data, peer.endpoint)
         if dev.events:
-            for peer, event in dev.events:
-                self._on_event(peer, event)
+            events = dev.events[:]
             dev.events.clear()
+            for peer, event in events:
+                self._on_event(peer, event)
 
     def _on_event(self, peer: Peer, event: PeerEvent) -> None:
+        v = self.v
         if event == PeerEvent.INITIATION_SENT:
-            self.stats.handshakes_out += 1
+            v[C.HANDSHAKES_SENT] += 1
         elif event == PeerEvent.HANDSHAKE_COMPLETE:
-            self.stats.handshakes_done += 1
-            log.info("handshake complete with peer %s", _peer_name(peer))
+            v[C.HANDSHAKES_COMPLETED] += 1
+            log.info("worker %d: handshake complete with peer %s", self.worker_id, peer_name(peer))
         elif event == PeerEvent.HANDSHAKE_GAVE_UP:
-            log.info("peer %s: no handshake after 90 s, giving up", _peer_name(peer))
+            log.info("worker %d: peer %s: no handshake for 90 s, giving up",
+                     self.worker_id, peer_name(peer))  # fmt: skip
         elif event == PeerEvent.STAGED_DROPPED:
-            self.stats.drop(DropReason.STAGED_OVERFLOW)
+            self.drop(DropReason.STAGED_OVERFLOW)
+        if self.publisher is not None and event in (
+            PeerEvent.SESSION_DERIVED,
+            PeerEvent.HANDSHAKE_COMPLETE,
+            PeerEvent.KEYS_ZEROED,
+        ):
+            self.publisher.publish(peer)
 
     # ------------------------------------------------------------------ inbound
     def read_udp(self, sock: socket.socket, now: float, wall: float) -> int:
@@ -174,36 +179,38 @@ class Worker:
             sock, self._rx_bufs, self._rx_views, self._rx_sizes, self._rx_addrs, BATCH
         )
         dev = self.device
-        stats = self.stats
+        v = self.v
         plain = self._plain_view
         tun_fd = self.tun_fd
+        sizes, views, addrs = self._rx_sizes, self._rx_views, self._rx_addrs
         for i in range(n):
-            size = self._rx_sizes[i]
-            view = self._rx_views[i]
+            size = sizes[i]
+            view = views[i]
             try:
                 mtype = classify(view, size)
+                v[C.RX_PACKETS] += 1
+                v[C.RX_BYTES] += size
                 if mtype == MessageType.TRANSPORT:
-                    stats.rx_packets += 1
-                    stats.rx_bytes += size
-                    res = dev.receive_transport(view, size, self._rx_addrs[i], plain, now, wall)
+                    res = dev.receive_transport(view, size, addrs[i], plain, now, wall)
                     if res > 0:
                         if not tun_io.write_packet(tun_fd, plain[:res]):
-                            stats.drop(DropReason.TUN_WRITE_ERROR)
+                            v[_DROP_BASE + DropReason.TUN_WRITE_ERROR] += 1
                     elif res < 0:
-                        stats.drop(res)
+                        v[_DROP_BASE - 1 - res] += 1
                 elif mtype > 0:
-                    stats.rx_packets += 1
-                    stats.rx_bytes += size
-                    if len(self.handshake_queue) >= HANDSHAKE_QUEUE_MAX:
-                        stats.drop(DropReason.RATE_LIMITED)
-                    else:
-                        self.handshake_queue.append((bytes(view[:size]), self._rx_addrs[i]))
+                    self._queue_handshake(bytes(view[:size]), addrs[i], False)
                 else:
-                    stats.drop(mtype)
+                    v[_DROP_BASE - 1 - mtype] += 1
             except Exception:  # one bad packet never drops the rest of the batch
-                stats.drop(DropReason.INTERNAL_ERROR)
+                v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
                 log.debug("error on inbound datagram", exc_info=True)
         return n
+
+    def _queue_handshake(self, msg: bytes, addr: Any, screened: bool) -> None:
+        if len(self.handshake_queue) >= HANDSHAKE_QUEUE_MAX:
+            self.drop(DropReason.RATE_LIMITED)
+        else:
+            self.handshake_queue.append((msg, addr, screened))
 
     def process_handshakes(self, now: float, wall: float) -> None:
         queue = self.handshake_queue
@@ -212,60 +219,134 @@ class Worker:
         dev = self.device
         dev.intake.note_backlog(len(queue), now)
         for _ in range(min(HANDSHAKE_BUDGET, len(queue))):
-            msg, addr = queue.popleft()
-            self.stats.handshakes_in += 1
+            msg, addr, screened = queue.popleft()
+            self.v[C.HANDSHAKES_RECEIVED] += 1
             try:
-                result = dev.receive_handshake(msg, addr, udp_io.sockaddr_bytes(addr), now, wall)
+                result = dev.receive_handshake(
+                    msg, addr, udp_io.sockaddr_bytes(addr), now, wall, screened
+                )
             except Exception:
-                self.stats.drop(DropReason.INTERNAL_ERROR)
+                self.drop(DropReason.INTERNAL_ERROR)
                 log.debug("error on handshake message", exc_info=True)
                 continue
-            if isinstance(result, bytes):
-                self.stats.drop(DropReason.COOKIE_REQUIRED)
+            if result is None:
+                continue
+            if isinstance(result, Handoff):
+                self._hand_over(result.owner, pack_initiation(msg, addr), HandoffKind.INITIATION)
+            elif isinstance(result, bytes):
+                self.drop(DropReason.COOKIE_REQUIRED)
                 self.send_datagram(result, addr)
-            elif result is not None:
-                self.stats.drop(result)
+            else:
+                self.drop(result)
 
     # ------------------------------------------------------------------ outbound
-    def read_tun(self, now: float, wall: float) -> int:
-        n = tun_io.read_batch(self.tun_fd, self._tun_views, self._tun_sizes, BATCH)
+    def _hand_over(self, owner: int, data: bytes | memoryview, kind: int) -> None:
+        ring = self._out_rings[owner] if owner < len(self._out_rings) else None
+        if ring is None or not ring.push(data, kind):
+            self.v[_DROP_BASE + DropReason.HANDOFF_FULL] += 1
+            return
+        self.v[C.HANDOFFS_OUT] += 1
+        self._to_wake.add(owner)
+
+    def send_packets(self, count: int, now: float, wall: float) -> None:
+        """Route and seal packets[0:count] of the packet buffers (from TUN or a ring)."""
         dev = self.device
-        stats = self.stats
+        v = self.v
         tx = self._tx_view
-        for i in range(n):
-            size = self._tun_sizes[i]
-            view = self._tun_views[i]
+        sizes, views = self._pk_sizes, self._pk_views
+        for i in range(count):
+            size = sizes[i]
+            view = views[i]
             try:
                 peer = dev.route(view, size)
                 if peer is None:
-                    stats.drop(DropReason.NO_ROUTE)
-                    continue
-                res = dev.send_packet(peer, view, size, tx, now, wall)
-                if res > 0:
-                    self.send_datagram(tx[:res], peer.endpoint)
-                elif res < 0:
-                    stats.drop(res)
+                    v[_DROP_BASE + DropReason.NO_ROUTE] += 1
+                elif type(peer) is RemotePeer:
+                    self._hand_over(peer.owner, view[:size], HandoffKind.TUN_PACKET)
+                else:
+                    assert isinstance(peer, Peer)
+                    res = dev.send_packet(peer, view, size, tx, now, wall)
+                    if res > 0:
+                        self.send_datagram(tx[:res], peer.endpoint)
+                    elif res < 0:
+                        v[_DROP_BASE - 1 - res] += 1
             except Exception:
-                stats.drop(DropReason.INTERNAL_ERROR)
+                v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
                 log.debug("error on outbound packet", exc_info=True)
+
+    def read_tun(self, now: float, wall: float) -> int:
+        n = tun_io.read_batch(self.tun_fd, self._pk_views, self._pk_sizes, BATCH)
+        if n:
+            self.send_packets(n, now, wall)
         return n
+
+    def read_handoffs(self, now: float, wall: float) -> int:
+        """Drain every incoming ring: packets we own that another worker read."""
+        total = 0
+        for ring in self._in_rings:
+            n = ring.pop_batch(self._pk_views, self._pk_sizes, self._pk_kinds, self._pk_auxs,
+                               BATCH)  # fmt: skip
+            if not n:
+                continue
+            total += n
+            self.v[C.HANDOFFS_IN] += n
+            packets = 0
+            for i in range(n):
+                if self._pk_kinds[i] == HandoffKind.INITIATION:
+                    msg, addr = unpack_initiation(self._pk_views[i][: self._pk_sizes[i]])
+                    self._queue_handshake(msg, addr, True)
+                else:
+                    packets += 1
+            if packets == n:
+                self.send_packets(n, now, wall)
+            elif packets:
+                self._send_mixed(n, now, wall)
+        return total
+
+    def _send_mixed(self, n: int, now: float, wall: float) -> None:
+        """A batch holding both packets and initiations: move packets to the front."""
+        j = 0
+        for i in range(n):
+            if self._pk_kinds[i] != HandoffKind.INITIATION:
+                if i != j:
+                    size = self._pk_sizes[i]
+                    self._pk_views[j][:size] = self._pk_views[i][:size]
+                    self._pk_sizes[j] = size
+                j += 1
+        self.send_packets(j, now, wall)
+
+    def wake_owners(self) -> None:
+        if self._to_wake and self.mesh is not None:
+            for dst in self._to_wake:
+                self.mesh.wake(dst)
+            self._to_wake.clear()
 
     # ------------------------------------------------------------------ loop
     def run(self, control_fd: int | None = None) -> None:
-        """Serve until `stop()` or the control fd becomes readable."""
+        """Serve until `stop()`, the control fd becomes readable, or the parent dies."""
         ep = select.epoll()
-        sources: dict[int, str] = {}
-        for sock, tag in ((self.udp4, "udp4"), (self.udp6, "udp6")):
-            if sock is not None:
-                ep.register(sock.fileno(), select.EPOLLIN)
-                sources[sock.fileno()] = tag
-        ep.register(self.tun_fd, select.EPOLLIN)
-        sources[self.tun_fd] = "tun"
+        UDP4, UDP6, TUN, HANDOFF, CONTROL = range(5)
+        sources: dict[int, int] = {}
+
+        def watch(fd: int, tag: int) -> None:
+            ep.register(fd, select.EPOLLIN)
+            sources[fd] = tag
+
+        if self.udp4 is not None:
+            watch(self.udp4.fileno(), UDP4)
+        if self.udp6 is not None:
+            watch(self.udp6.fileno(), UDP6)
+        watch(self.tun_fd, TUN)
+        fds = self.mesh.eventfds if self.mesh is not None else None
+        wake_fd = fds[self.worker_id] if fds else None
+        if wake_fd is not None:
+            watch(wake_fd, HANDOFF)
         if control_fd is not None:
-            ep.register(control_fd, select.EPOLLIN)
-            sources[control_fd] = "control"
+            watch(control_fd, CONTROL)
         next_tick = 0.0
+        next_publish = 0.0
         dev = self.device
+        counters = self.counters
         try:
             while self.running:
                 timeout = 0.0 if self.handshake_queue else max(0.0, next_tick - self.clock())
@@ -276,29 +357,43 @@ class Worker:
                 now = self.clock()
                 wall = self.wall_clock()
                 for fd, _ev in ready:
-                    src = sources.get(fd)
-                    if src == "udp4" and self.udp4 is not None:
+                    tag = sources.get(fd)
+                    if tag == UDP4 and self.udp4 is not None:
                         self.read_udp(self.udp4, now, wall)
-                    elif src == "udp6" and self.udp6 is not None:
+                    elif tag == UDP6 and self.udp6 is not None:
                         self.read_udp(self.udp6, now, wall)
-                    elif src == "tun":
+                    elif tag == TUN:
                         self.read_tun(now, wall)
-                    elif src == "control":
+                    elif tag == HANDOFF and self.mesh is not None:
+                        self.mesh.clear_wake(self.worker_id)
+                        self.read_handoffs(now, wall)
+                    elif tag == CONTROL:
                         self.running = False
                 self.process_handshakes(now, wall)
                 if now >= next_tick:
+                    if self._in_rings:
+                        self.read_handoffs(now, wall)  # belt and braces for a missed wake-up
                     dev.tick(now, wall)
                     next_tick = now + TICK_INTERVAL
-                    if self.on_turn is not None:
-                        self.on_turn(self, now)
+                    if self.on_tick is not None:
+                        self.on_tick(self, now, wall)
+                    if os.getppid() != self.parent_pid:
+                        log.error("worker %d: supervisor is gone, exiting", self.worker_id)
+                        self.running = False
+                if now >= next_publish and self.publisher is not None:
+                    self.publisher.publish_dirty()
+                    next_publish = now + PUBLISH_INTERVAL
                 self.flush_outbox()
+                self.wake_owners()
+                counters.tick(now)
         finally:
+            counters.flush()
             ep.close()
 
     def stop(self) -> None:
         self.running = False
 
 
-def _peer_name(peer: Peer) -> str:
-    """Public identifier for logs: the first bytes of the public key (never secrets)."""
+def peer_name(peer: Peer | RemotePeer) -> str:
+    """Public identifier for logs: the start of the public key (never secrets)."""
     return base64.b64encode(peer.public_key).decode()[:8] + "…"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardwg.proto import noise
 from shardwg.proto.allowedips import AllowedIPs
@@ -29,6 +29,7 @@ from shardwg.proto.index import IndexAllocator
 from shardwg.proto.indextable import IndexTable
 from shardwg.proto.intake import HandshakeIntake
 from shardwg.proto.keypair import Keypair, open_into, seal_into
+from shardwg.proto.ownership import RemotePeer
 from shardwg.proto.peer import Peer, PeerEvent
 
 RandomBytes = Callable[[int], bytes]
@@ -43,6 +44,17 @@ _BAD_INNER = -1 - DropReason.BAD_INNER_PACKET
 _NOT_ALLOWED = -1 - DropReason.SOURCE_NOT_ALLOWED
 _NO_ROUTE = -1 - DropReason.NO_ROUTE
 _NO_ENDPOINT = -1 - DropReason.NO_ENDPOINT
+
+
+class Handoff(NamedTuple):
+    """An initiation from a peer another worker owns: pass the datagram to `owner`."""
+
+    owner: int
+
+
+class _Foreign(Exception):
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
 
 
 class Device:
@@ -64,7 +76,8 @@ class Device:
         )
         self.sessions: dict[int, Keypair] = self.table.sessions
         self.peers: dict[bytes, Peer] = {}
-        self.allowed: AllowedIPs[Peer] = AllowedIPs()
+        self.remote: dict[bytes, RemotePeer] = {}
+        self.allowed: AllowedIPs[Peer | RemotePeer] = AllowedIPs()
         self.intake = HandshakeIntake(self.local, random_bytes)
         self.outbox: list[tuple[Peer, bytes]] = []
         self.events: list[tuple[Peer, PeerEvent]] = []
@@ -98,7 +111,20 @@ class Device:
             self.allowed.insert(ipaddress.ip_network(prefix, strict=False), peer)
         return peer
 
+    def add_remote_peer(self, public_key: bytes, allowed_ips: list[str], owner: int) -> RemotePeer:
+        """A peer another worker owns: routed here only to be handed over."""
+        if public_key in self.peers or public_key in self.remote:
+            raise ValueError("peer already present")
+        remote = RemotePeer(public_key, owner)
+        self.remote[public_key] = remote
+        for prefix in allowed_ips:
+            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), remote)
+        return remote
+
     def remove_peer(self, public_key: bytes) -> None:
+        remote = self.remote.pop(public_key, None)
+        if remote is not None:
+            self.allowed.remove_value(remote)
         peer = self.peers.pop(public_key, None)
         if peer is None:
             return
@@ -108,7 +134,12 @@ class Device:
 
     def _find_crypto(self, static: bytes) -> noise.PeerCrypto | None:
         peer = self.peers.get(static)
-        return peer.crypto if peer is not None else None
+        if peer is not None:
+            return peer.crypto
+        remote = self.remote.get(static)
+        if remote is not None:
+            raise _Foreign(remote.owner)  # stop before the peer-specific work
+        return None
 
     # ------------------------------------------------------------------ hot path
     def receive_transport(
@@ -157,7 +188,7 @@ class Device:
             peer.keep_key_fresh_receiving(kp, now, wall)
         return total
 
-    def route(self, pkt: memoryview, n: int) -> Peer | None:
+    def route(self, pkt: memoryview, n: int) -> Peer | RemotePeer | None:
         """Cryptokey routing: the peer whose allowed IPs hold the packet's destination."""
         if n < 20:
             return None
@@ -197,12 +228,14 @@ class Device:
 
     # ------------------------------------------------------------------ handshakes
     def receive_handshake(
-        self, msg: bytes, src: Any, source: bytes, now: float, wall: float
-    ) -> DropReason | bytes | None:
+        self, msg: bytes, src: Any, source: bytes, now: float, wall: float, screened: bool = False
+    ) -> DropReason | bytes | Handoff | None:
         """Process an initiation, response or cookie reply (already classified by size).
 
-        Returns None when handled, a DropReason, or a cookie reply (bytes) to send to
-        `src`. `source` is the packed source address for cookies and rate limits.
+        Returns None when handled, a DropReason, a cookie reply (bytes) to send to
+        `src`, or a Handoff when another worker owns the initiating peer. `source` is
+        the packed source address for cookies and rate limits; `screened` skips the
+        mac/cookie checks for a message another worker already screened.
         """
         mtype = msg[0]
         if mtype == MessageType.COOKIE_REPLY:
@@ -215,14 +248,17 @@ class Device:
                 return DropReason.UNKNOWN_INDEX
             result: DropReason | None = peer.receive_cookie_reply(msg, now)
             return result
-        screened = self.intake.screen(msg, source, now)
-        if screened is not None:
-            return screened
+        if not screened:
+            verdict = self.intake.screen(msg, source, now)
+            if verdict is not None:
+                return verdict
         if mtype == MessageType.INITIATION:
             try:
                 received = noise.consume_initiation(self.local, msg, self._find_crypto)
             except noise.HandshakeError as exc:
                 return exc.reason
+            except _Foreign as foreign:
+                return Handoff(foreign.owner)
             peer = self.peers.get(received.peer.remote_static)
             if peer is None:
                 return DropReason.UNKNOWN_PEER

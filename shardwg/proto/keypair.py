@@ -9,6 +9,7 @@ functions return a length, or a negative `-1 - DropReason` code, and never raise
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -24,6 +25,8 @@ from shardwg.proto.constants import (
 from shardwg.proto.crypto import AEAD
 from shardwg.proto.replay import ReplayWindow
 
+NO_RESERVATION = 1 << 64
+RESERVATION_BLOCK = 4096  # send counters published ahead of use (one shm write per block)
 _HEADER = struct.Struct("<IIQ")
 _COUNTER = struct.Struct("<Q")
 _TRANSPORT = 4
@@ -55,6 +58,9 @@ class Keypair:
         "nonce",
         "recv_nonce",
         "owner",
+        "send_reserved",
+        "recv_mark",
+        "on_reserve",
     )
 
     def __init__(
@@ -81,6 +87,16 @@ class Keypair:
         self.recv_nonce = bytearray(12)
         # The Peer this session belongs to (typed loosely to keep keypair free of peer imports).
         self.owner: Any = None
+        # Crash safety (see shm/peerslot). Send: counters are reserved in blocks, each
+        # published before its first use, so a replacement starts past every nonce
+        # used (the peer accepts the jump). Receive: `recv_mark` is a one-word view
+        # into shared memory raised to counter + 1 before each packet is accepted, so
+        # a replacement rejects exactly what was accepted (a block here would make it
+        # drop up to a block of fresh packets and stall a backed-off TCP sender).
+        # Without a publisher both stay inert at the cost of one compare.
+        self.send_reserved = NO_RESERVATION
+        self.recv_mark: memoryview | None = None
+        self.on_reserve: Callable[[Keypair], None] | None = None
 
     def expired(self, now: float) -> bool:
         """True once the session may neither send nor receive."""
@@ -116,6 +132,8 @@ def seal_into(
     if counter >= REJECT_AFTER_MESSAGES:
         return _DROP_EXPIRED
     kp.send_counter = counter + 1
+    if counter >= kp.send_reserved:
+        _reserve_send(kp, counter)
     padded = padded_length(length, mtu)
     if padded > length:
         plain[length:padded] = bytes(padded - length)
@@ -149,6 +167,16 @@ def open_into(kp: Keypair, msg: memoryview, length: int, out: memoryview) -> int
         )
     except InvalidTag:
         return _DROP_DECRYPT
+    mark = kp.recv_mark
+    if mark is not None and counter >= mark[0]:
+        mark[0] = counter + 1
     if not replay.accept(counter):
         return _DROP_REPLAYED
     return plain_len
+
+
+def _reserve_send(kp: Keypair, counter: int) -> None:
+    """Publish the next block of send counters before using the first of them."""
+    kp.send_reserved = counter + RESERVATION_BLOCK
+    if kp.on_reserve is not None:
+        kp.on_reserve(kp)

@@ -47,7 +47,9 @@ HANDSHAKES_COMPLETED = 8
 HANDOFFS_IN = 9
 HANDOFFS_OUT = 10
 PEERS_OWNED = 11
-DROP_BASE = 12
+HANDSHAKE_BACKLOG = 12  # gauge: handshake messages waiting (drives the shared under-load flag)
+RESTARTS = 13  # how many times this worker slot was (re)started
+DROP_BASE = 14
 
 FIELD_NAMES = (
     "heartbeat",
@@ -62,6 +64,8 @@ FIELD_NAMES = (
     "handoffs_in",
     "handoffs_out",
     "peers_owned",
+    "handshake_backlog",
+    "restarts",
 )
 WORDS = DROP_BASE + DROP_REASON_COUNT
 BLOCK_SIZE = (WORDS * 8 + 63) // 64 * 64
@@ -90,6 +94,8 @@ class WorkerStats(msgspec.Struct):
     handoffs_in: int = 0
     handoffs_out: int = 0
     peers_owned: int = 0
+    handshake_backlog: int = 0
+    restarts: int = 0
     drops: dict[str, int] = msgspec.field(default_factory=dict)
 
 

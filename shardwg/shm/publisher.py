@@ -1,0 +1,152 @@
+"""Publishing a worker's peers to their seqlocked shared-memory slots.
+
+A peer's slot is written only by its owning worker (single writer per slot).
+It is rewritten when a session is derived, confirmed or zeroed, when a
+keypair's counter reservation runs out (once per RESERVATION_BLOCK packets),
+and at most once a second when traffic counters or the endpoint changed. A
+replacement worker restores sessions from it; `shardwg show` and the UAPI read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardwg.proto.keypair import RESERVATION_BLOCK, Keypair
+from shardwg.proto.peer import Peer
+from shardwg.shm.layout import Layout
+from shardwg.shm.peerslot import (
+    KEYPAIR_OFFSETS,
+    KP_SEND_RESERVED,
+    PEER_RECORD_SIZE,
+    KeypairRecord,
+    PeerRecord,
+    decode_peer,
+    encode_peer,
+    keypair_record,
+    restore_keypair,
+)
+from shardwg.shm.seqlock import SLOT_HEADER, SeqlockSlot
+
+
+class SessionPublisher:
+    def __init__(
+        self, layout: Layout, buf: Any, slot_of: dict[bytes, int], worker_id: int
+    ) -> None:
+        self.layout = layout
+        self.buf = buf
+        self.slot_of = slot_of
+        self.worker_id = worker_id
+        self._slots: dict[int, SeqlockSlot] = {}
+        self._scratch = bytearray(PEER_RECORD_SIZE)
+        self._generation: dict[bytes, int] = {}
+        self._seen: dict[bytes, tuple[int, int, Any]] = {}
+        self._marks: dict[int, memoryview] = {}
+        self.peers: dict[bytes, Peer] = {}
+
+    def _slot(self, index: int) -> SeqlockSlot:
+        slot = self._slots.get(index)
+        if slot is None:
+            slot = self.layout.peer_slot(self.buf, index)
+            self._slots[index] = slot
+        return slot
+
+    def _recv_mark(self, index: int, which: int) -> memoryview:
+        """A one-word view on session `which`'s recv_floor in slot `index` (cached)."""
+        key = index * 3 + which
+        view = self._marks.get(key)
+        if view is None:
+            off = (
+                self.layout.peers_offset
+                + index * self.layout.peer_stride
+                + SLOT_HEADER
+                + KEYPAIR_OFFSETS[which]
+                + KP_SEND_RESERVED
+                + 8
+            )
+            view = memoryview(self.buf)[off : off + 8].cast("Q")
+            self._marks[key] = view
+        return view
+
+    def _kp_record(self, kp: Keypair | None, index: int, which: int) -> KeypairRecord | None:
+        if kp is None:
+            return None
+        if kp.on_reserve is None:
+            # First publication of this session: reserve the first block of send counters.
+            kp.on_reserve = self._on_reserve
+            kp.send_reserved = kp.send_counter + RESERVATION_BLOCK
+        # Sessions move between current/previous/next: point the mark at today's place.
+        kp.recv_mark = self._recv_mark(index, which)
+        return keypair_record(kp, kp.send_reserved, max(kp.replay.highest + 1, 0))
+
+    def _on_reserve(self, kp: Keypair) -> None:
+        if isinstance(kp.owner, Peer):
+            self.publish(kp.owner)
+
+    def publish(self, peer: Peer) -> None:
+        index = self.slot_of.get(peer.public_key)
+        if index is None:
+            return
+        self.peers[peer.public_key] = peer
+        gen = (self._generation.get(peer.public_key, 0) + 1) & 0xFFFFFFFF
+        self._generation[peer.public_key] = gen
+        rec = PeerRecord(
+            public_key=peer.public_key,
+            owner=self.worker_id,
+            generation=gen,
+            endpoint=peer.endpoint,
+            last_handshake_wall=peer.last_handshake_wall,
+            rx_bytes=peer.rx_bytes,
+            tx_bytes=peer.tx_bytes,
+            last_timestamp=peer.last_timestamp,
+            current=self._kp_record(peer.current, index, 0),
+            previous=self._kp_record(peer.previous, index, 1),
+            next=self._kp_record(peer.next, index, 2),
+        )
+        scratch = self._scratch
+        encode_peer(rec, scratch)
+        self._slot(index).write(scratch)
+        self._seen[peer.public_key] = (peer.rx_bytes, peer.tx_bytes, peer.endpoint)
+
+    def publish_dirty(self) -> None:
+        """Republish peers whose counters or endpoint moved since their last publication."""
+        for key, peer in self.peers.items():
+            if self._seen.get(key) != (peer.rx_bytes, peer.tx_bytes, peer.endpoint):
+                self.publish(peer)
+
+    def track(self, peer: Peer) -> None:
+        """Publish a peer even before it has a session (so show/UAPI see its endpoint)."""
+        self.publish(peer)
+
+    def restore(self, peer: Peer, now: float) -> bool:
+        """Resume `peer`'s sessions from its slot (replacement worker). True if any."""
+        index = self.slot_of.get(peer.public_key)
+        if index is None:
+            return False
+        try:
+            rec = decode_peer(self._slot(index).read())
+        except Exception:  # torn by a writer that died mid-write, or corrupt: handshake anew
+            return False
+        if rec is None or rec.public_key != peer.public_key:
+            return False
+        self._generation[peer.public_key] = rec.generation
+        peer.endpoint = rec.endpoint if rec.endpoint is not None else peer.endpoint
+        peer.last_handshake_wall = rec.last_handshake_wall
+        peer.rx_bytes, peer.tx_bytes = rec.rx_bytes, rec.tx_bytes
+        peer.last_timestamp = rec.last_timestamp
+        restored = False
+        for name in ("current", "previous", "next"):
+            krec = getattr(rec, name)
+            if krec is None:
+                continue
+            kp = restore_keypair(krec)
+            kp.owner = peer
+            # The first send or accept past the published bounds publishes new blocks.
+            kp.on_reserve = self._on_reserve
+            peer.table.restore(kp)
+            setattr(peer, name, kp)
+            restored = True
+        if restored and peer.current is not None:
+            peer.zero_deadline = peer.current.created + 3 * 180.0
+        self.peers[peer.public_key] = peer
+        self.publish(peer)
+        return restored

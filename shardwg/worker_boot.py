@@ -1,0 +1,142 @@
+"""What a freshly forked worker does before its loop: build the device for its shard.
+
+It adds the peers it owns (by `owner_of`), registers the others as remote so
+their packets are handed over, restores sessions a predecessor published in
+shared memory (a replacement resumes without a handshake), and keeps the
+shared cookie secret and under-load flag in step from the supervisor's block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from shardwg.endpoints import EndpointError, resolve
+from shardwg.proto.device import Device
+from shardwg.proto.ownership import owner_of
+from shardwg.shm import counters as C
+from shardwg.shm.layout import decode_global
+from shardwg.shm.publisher import SessionPublisher
+from shardwg.worker import Worker
+
+if TYPE_CHECKING:
+    from shardwg.supervisor import Supervisor
+
+log = logging.getLogger("shardwg.worker")
+GLOBAL_SYNC_INTERVAL = 0.25
+
+
+def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.socket) -> int:
+    assert sup.layout is not None and sup.region is not None and sup.gateway is not None
+    assert sup.gateway.tun is not None
+    from shardwg.supervisor import EXIT_BOOT_FAILURE
+
+    cfg = sup.config
+    n = sup.workers
+    buf = sup.region.buf
+    layout = sup.layout
+    try:
+        device = Device(
+            cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
+        )
+        owned = []
+        for p in cfg.peers:
+            owner = owner_of(p.public_key, n)
+            if owner != index:
+                device.add_remote_peer(p.public_key, list(p.allowed_ips), owner)
+                continue
+            try:
+                endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+            except EndpointError as exc:
+                log.warning("worker %d: %s; waiting for the peer to contact us", index, exc)
+                endpoint = None
+            owned.append(
+                device.add_peer(
+                    p.public_key,
+                    preshared_key=p.preshared_key,
+                    allowed_ips=list(p.allowed_ips),
+                    endpoint=endpoint,
+                    persistent_keepalive=p.persistent_keepalive,
+                )
+            )
+    except (ValueError, OSError) as exc:
+        log.error("worker %d: cannot build its peers: %s", index, exc)
+        return EXIT_BOOT_FAILURE
+
+    counters = layout.counters(buf, index)
+    counters.load()
+    counters.set(C.PID, os.getpid())
+    counters.set(C.PEERS_OWNED, len(owned))
+    counters.set(C.RESTARTS, restarts)
+    mesh = layout.mesh(buf, sup.eventfds)
+    publisher = SessionPublisher(layout, buf, sup.slot_of, index)
+    now, wall = time.monotonic(), time.time()
+    resumed = 0
+    for peer in owned:
+        if restarts and publisher.restore(peer, now):
+            resumed += 1
+        else:
+            publisher.track(peer)
+    if resumed:
+        log.info("worker %d: resumed %d session(s) from shared memory", index, resumed)
+
+    udp4 = sup.gateway.udp4[index] if sup.gateway.udp4 else None
+    udp6 = sup.gateway.udp6[index] if sup.gateway.udp6 else None
+    worker = Worker(
+        device,
+        sup.gateway.tun.fds[index],
+        udp4,
+        udp6,
+        counters,
+        worker_id=index,
+        mesh=mesh if n > 1 else None,
+        publisher=publisher,
+    )
+    sync = GlobalSync(layout, buf)
+    worker.on_tick = sync.on_tick
+    sync.on_tick(worker, now, wall)
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for peer in owned:
+        if peer.endpoint is not None and peer.persistent_keepalive and peer.current is None:
+            peer.send_keepalive(now, wall)
+    counters.beat(now)
+    worker.run(control.fileno())
+    return 0
+
+
+class GlobalSync:
+    """Keeps a worker's cookie secret and under-load flag in step with the supervisor."""
+
+    def __init__(self, layout: Any, buf: Any) -> None:
+        self.slot = layout.global_slot(buf)
+        self.next_sync = 0.0
+        self.secret_born = -1.0
+
+    def on_tick(self, worker: Worker, now: float, wall: float) -> None:
+        worker.counters.set(C.HANDSHAKE_BACKLOG, len(worker.handshake_queue))
+        if now < self.next_sync:
+            return
+        self.next_sync = now + GLOBAL_SYNC_INTERVAL
+        try:
+            g = decode_global(self.slot.read())
+        except Exception:  # a torn or missing block: keep what we have
+            return
+        if g is None:
+            return
+        intake = worker.device.intake
+        if g.cookie_secret_born != self.secret_born:
+            intake.checker.set_secret(g.cookie_secret, g.cookie_secret_born)
+            self.secret_born = g.cookie_secret_born
+        if g.under_load_until > intake.under_load_until:
+            intake.under_load_until = g.under_load_until
