@@ -1,0 +1,216 @@
+"""The map of a gateway's shared memory region, computed from (workers, peer capacity).
+
+Why one place: the supervisor, every worker and `shardwg show` must agree on
+every offset. Right after region.HEADER_SIZE sits a fixed 64-byte layout block
+holding the parameters, so a reader that only knows the region's name recovers
+the whole map with `Layout.read_from(buf)`.
+
+Map (every part 64-aligned, in this order):
+  HEADER_SIZE   layout block: "SWLAYOUT", u32 version, u32 workers, u32 peer
+                capacity, u32 ring slots, u32 ring slot size, u32 peer record
+                size, u64 total size
+  global        one seqlock slot holding GlobalState (written by the supervisor)
+  counters      one shm/counters.py block per worker (each written by its worker)
+  peers         peer_capacity seqlock slots of PEER_RECORD_SIZE (each written by
+                the peer's owning worker)
+  handoff       HandoffMesh: workers * (workers - 1) SPSC rings
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardwg.shm.counters import WorkerCounters, counters_size
+from shardwg.shm.handoff import HandoffMesh
+from shardwg.shm.peerslot import PEER_RECORD_SIZE
+from shardwg.shm.region import HEADER_SIZE
+from shardwg.shm.seqlock import SeqlockSlot, slot_stride
+
+LAYOUT_MAGIC = b"SWLAYOUT"
+LAYOUT_VERSION = 1
+_BLOCK = struct.Struct("<8sIIIIIIQ")
+LAYOUT_BLOCK_SIZE = 64
+MAX_WORKERS = 256  # the receiver index carries the owner in one byte
+
+_GLOBAL_MAGIC = b"SWGS"
+_GLOBAL = struct.Struct("<4sIIIQ32sddQ16sHxxxxxxd")
+GLOBAL_SIZE = _GLOBAL.size
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+@dataclass(slots=True)
+class GlobalState:
+    """Gateway-wide state; written only by the supervisor. Times are CLOCK_MONOTONIC
+    except started_wall (Unix seconds)."""
+
+    workers: int
+    peer_capacity: int
+    config_generation: int = 0
+    cookie_secret: bytes = bytes(32)
+    cookie_secret_born: float = 0.0
+    under_load_until: float = 0.0
+    supervisor_pid: int = 0
+    interface: str = ""
+    listen_port: int = 0
+    started_wall: float = 0.0
+
+
+def encode_global(state: GlobalState) -> bytes:
+    """GLOBAL_SIZE bytes; ValueError on a field that does not fit."""
+    if len(state.cookie_secret) != 32:
+        raise ValueError("cookie_secret must be 32 bytes")
+    name = state.interface.encode()
+    if len(name) > 15 or b"\0" in name:
+        raise ValueError(f"bad interface name {state.interface!r}")
+    try:
+        return _GLOBAL.pack(
+            _GLOBAL_MAGIC,
+            LAYOUT_VERSION,
+            state.workers,
+            state.peer_capacity,
+            state.config_generation,
+            state.cookie_secret,
+            state.cookie_secret_born,
+            state.under_load_until,
+            state.supervisor_pid,
+            name,
+            state.listen_port,
+            state.started_wall,
+        )
+    except struct.error as exc:
+        raise ValueError(f"global state field out of range: {exc}") from exc
+
+
+def decode_global(data: bytes | bytearray | memoryview) -> GlobalState | None:
+    """None if never written (all zero); ValueError on a foreign or corrupt block."""
+    if len(data) < GLOBAL_SIZE:
+        raise ValueError(f"global state needs {GLOBAL_SIZE} bytes")
+    v = _GLOBAL.unpack_from(data, 0)
+    if v[0] == bytes(4) and data[:GLOBAL_SIZE] == bytes(GLOBAL_SIZE):
+        return None
+    if v[0] != _GLOBAL_MAGIC or v[1] != LAYOUT_VERSION:
+        raise ValueError("not a shardwg global state block")
+    return GlobalState(
+        workers=v[2],
+        peer_capacity=v[3],
+        config_generation=v[4],
+        cookie_secret=v[5],
+        cookie_secret_born=v[6],
+        under_load_until=v[7],
+        supervisor_pid=v[8],
+        interface=v[9].rstrip(b"\0").decode(),
+        listen_port=v[10],
+        started_wall=v[11],
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets of every part of the region (all 64-aligned)."""
+
+    workers: int
+    peer_capacity: int
+    ring_slots: int = 256
+    ring_slot_size: int = 2048
+    layout_offset: int = field(init=False)
+    global_offset: int = field(init=False)
+    counters_offset: int = field(init=False)
+    peers_offset: int = field(init=False)
+    peer_stride: int = field(init=False)
+    handoff_offset: int = field(init=False)
+    total_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {self.workers}")
+        if self.peer_capacity < 0:
+            raise ValueError("negative peer capacity")
+        if self.ring_slots < 1 or self.ring_slots & (self.ring_slots - 1):
+            raise ValueError(f"ring slots {self.ring_slots} is not a power of two")
+        if not 0 < self.ring_slot_size <= 0xFFFFFFFF:
+            raise ValueError(f"bad ring slot size {self.ring_slot_size}")
+        put = object.__setattr__  # frozen: derived fields are set once, here
+        put(self, "layout_offset", HEADER_SIZE)
+        put(self, "global_offset", _align(HEADER_SIZE + LAYOUT_BLOCK_SIZE))
+        put(self, "counters_offset", self.global_offset + slot_stride(GLOBAL_SIZE, 64))
+        put(self, "peers_offset", _align(self.counters_offset + counters_size(self.workers)))
+        put(self, "peer_stride", slot_stride(PEER_RECORD_SIZE, 64))
+        put(self, "handoff_offset", self.peers_offset + self.peer_capacity * self.peer_stride)
+        mesh = HandoffMesh.size(self.workers, self.ring_slots, self.ring_slot_size)
+        put(self, "total_size", _align(self.handoff_offset + mesh))
+
+    @classmethod
+    def sized(cls, workers: int, peer_capacity: int, mesh_budget: int = 32 << 20) -> Layout:
+        """A layout whose handoff mesh fits `mesh_budget` bytes.
+
+        The mesh grows as workers squared (16 workers at 256 slots is ~124 MiB of
+        tmpfs once every ring has cycled), so ring slots shrink from 256 (power of
+        two, at least 16) as workers grow.
+        """
+        slots = 256
+        while slots > 16 and HandoffMesh.size(workers, slots, 2048) > mesh_budget:
+            slots //= 2
+        return cls(workers, peer_capacity, slots)
+
+    def write_to(self, buf: Any) -> None:
+        """Record the parameters in the layout block (the creator does this once)."""
+        self._check_fits(buf)
+        _BLOCK.pack_into(
+            buf,
+            self.layout_offset,
+            LAYOUT_MAGIC,
+            LAYOUT_VERSION,
+            self.workers,
+            self.peer_capacity,
+            self.ring_slots,
+            self.ring_slot_size,
+            PEER_RECORD_SIZE,
+            self.total_size,
+        )
+
+    @classmethod
+    def read_from(cls, buf: Any) -> Layout:
+        """The layout a creator recorded in `buf`; ValueError if absent or incompatible."""
+        if len(buf) < HEADER_SIZE + LAYOUT_BLOCK_SIZE:
+            raise ValueError("buffer too small for a layout block")
+        magic, version, workers, capacity, slots, slot_size, rec_size, total = _BLOCK.unpack_from(
+            buf, HEADER_SIZE
+        )
+        if magic != LAYOUT_MAGIC or version != LAYOUT_VERSION:
+            raise ValueError("no shardwg v1 layout block in this region")
+        if rec_size != PEER_RECORD_SIZE:
+            raise ValueError(
+                f"peer records of {rec_size} bytes, this build uses {PEER_RECORD_SIZE}"
+            )
+        layout = cls(workers, capacity, slots, slot_size)
+        if layout.total_size != total:
+            raise ValueError("layout block disagrees with this build's layout")
+        layout._check_fits(buf)
+        return layout
+
+    def _check_fits(self, buf: Any) -> None:
+        if len(buf) < self.total_size:
+            raise ValueError(f"layout needs {self.total_size} bytes, buffer has {len(buf)}")
+
+    def peer_slot(self, buf: Any, index: int) -> SeqlockSlot:
+        if not 0 <= index < self.peer_capacity:
+            raise IndexError(f"peer slot {index} outside capacity {self.peer_capacity}")
+        return SeqlockSlot(buf, self.peers_offset + index * self.peer_stride, PEER_RECORD_SIZE)
+
+    def global_slot(self, buf: Any) -> SeqlockSlot:
+        return SeqlockSlot(buf, self.global_offset, GLOBAL_SIZE)
+
+    def counters(self, buf: Any, worker: int, **kw: Any) -> WorkerCounters:
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} outside 0..{self.workers - 1}")
+        return WorkerCounters.for_worker(buf, self.counters_offset, worker, **kw)
+
+    def mesh(self, buf: Any, eventfds: list[int] | None = None) -> HandoffMesh:
+        return HandoffMesh(
+            buf, self.handoff_offset, self.workers, self.ring_slots, self.ring_slot_size, eventfds
+        )

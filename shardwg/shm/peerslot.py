@@ -1,0 +1,243 @@
+"""The per-peer record a worker publishes through its peer's seqlock slot.
+
+Why: the owning worker is the only writer of a peer's state. Publishing it lets a
+replacement worker resume the peer's sessions after a crash (no new handshake, no
+reused nonce, no replay accepted twice) and lets `shardwg show`/UAPI read
+endpoints, handshake times and byte counts from any process.
+
+Key material lives here (send/recv keys of up to three sessions): the region is
+created 0600 and MADV_DONTDUMP by shm/region.py, and the supervisor wipes it with
+`SharedRegion.zero()` before unlinking it on exit.
+
+Nonce and replay safety across a crash, without a write per packet:
+- `send_reserved`: the writer publishes it before using counters below it (e.g.
+  in blocks of a few thousand); a replacement starts sending at it, so no
+  counter is ever used twice under one key.
+- `recv_floor`: every counter below it may already have been accepted; a
+  replacement rejects them all (`restore_keypair`). The writer keeps it >= the
+  highest accepted counter + 1 (publishing it ahead in blocks costs at most a
+  block of late packets dropped after a crash, never a replay).
+`encode_counters` updates just those two words of one session in place. The owner
+may also raise the recv_floor word alone with one aligned 8-byte store outside the
+seqlock (atomic on x86-64; a reader takes either value, both safe): that is how
+a per-packet high-water mark stays cheap.
+
+Encoding (little-endian, 8-byte fields 8-aligned from the payload start, which
+is 8-aligned in a seqlock slot), PEER_RECORD_SIZE bytes:
+  0 magic "SWPR", u16 version, u16 flags (bit 0/1/2: current/previous/next present)
+  8 u32 owner, u32 generation; 16 f64 last_handshake_wall; 24 u64 rx; 32 u64 tx
+ 40 public key[32]; 72 last TAI64N[12]; 84 endpoint (u8 family 0/4/6, u16 port,
+    16-byte address, u32 scope id); pad to 112
+112, 216, 320: three sessions of 104 bytes: f64 created, u64 send_reserved,
+    u64 recv_floor, u32 local_index, u32 remote_index, send key[32], recv key[32],
+    u8 is_initiator, pad
+An all-zero record is a free slot.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from shardwg.proto.constants import REJECT_AFTER_MESSAGES
+from shardwg.proto.keypair import Keypair
+from shardwg.proto.replay import ReplayWindow
+from shardwg.shm.handoff import addr_fields, addr_from_fields
+
+MAGIC = b"SWPR"
+VERSION = 1
+_HEAD_FMT = "4sHHIIdQQ32s12sBH16sI5x"
+_KP_FMT = "dQQII32s32sB7x"
+_HEAD_SIZE = struct.calcsize("<" + _HEAD_FMT)
+KEYPAIR_SIZE = struct.calcsize("<" + _KP_FMT)
+KEYPAIR_OFFSETS = tuple(_HEAD_SIZE + i * KEYPAIR_SIZE for i in range(3))  # current/prev/next
+KP_SEND_RESERVED = 8  # offset of send_reserved inside a session
+KP_RECV_FLOOR = 16  # offset of recv_floor inside a session
+PEER_RECORD_SIZE = (_HEAD_SIZE + 3 * KEYPAIR_SIZE + 63) // 64 * 64
+_PAD = PEER_RECORD_SIZE - _HEAD_SIZE - 3 * KEYPAIR_SIZE
+_RECORD = struct.Struct("<" + _HEAD_FMT + 3 * _KP_FMT + f"{_PAD}x")
+_COUNTERS = struct.Struct("<QQ")
+_ZERO = bytes(PEER_RECORD_SIZE)
+_HAS = (1, 2, 4)
+_KP_FIELDS = 8
+_HEAD_FIELDS = 14
+
+assert _HEAD_SIZE == 112 and KEYPAIR_SIZE == 104 and _RECORD.size == PEER_RECORD_SIZE <= 512
+
+
+@dataclass(slots=True)
+class KeypairRecord:
+    """One published session; `created` is CLOCK_MONOTONIC (system-wide, same in every process)."""
+
+    local_index: int
+    remote_index: int
+    is_initiator: bool
+    created: float
+    send_key: bytes
+    recv_key: bytes
+    send_reserved: int  # every send counter below this may already have been used
+    recv_floor: int  # every receive counter below this may already have been accepted
+
+
+@dataclass(slots=True)
+class PeerRecord:
+    """One peer as its owner publishes it. `generation` (u32) is bumped on every change."""
+
+    public_key: bytes
+    owner: int
+    generation: int
+    endpoint: tuple[Any, ...] | None = None
+    last_handshake_wall: float = 0.0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    last_timestamp: bytes = bytes(12)
+    current: KeypairRecord | None = None
+    previous: KeypairRecord | None = None
+    next: KeypairRecord | None = None
+
+
+def _check_len(name: str, value: bytes, n: int) -> None:
+    if len(value) != n:  # struct would silently pad or truncate
+        raise ValueError(f"{name} must be {n} bytes, got {len(value)}")
+
+
+def _kp_values(kp: KeypairRecord | None) -> tuple[Any, ...]:
+    if kp is None:
+        return (0.0, 0, 0, 0, 0, b"", b"", 0)
+    _check_len("send_key", kp.send_key, 32)
+    _check_len("recv_key", kp.recv_key, 32)
+    return (
+        kp.created,
+        kp.send_reserved,
+        kp.recv_floor,
+        kp.local_index,
+        kp.remote_index,
+        kp.send_key,
+        kp.recv_key,
+        1 if kp.is_initiator else 0,
+    )
+
+
+def encode_peer(rec: PeerRecord, out: bytearray | memoryview) -> None:
+    """Write `rec` into out[:PEER_RECORD_SIZE] (e.g. inside `SeqlockSlot.write_fields`).
+
+    ValueError (before anything is written) on a field that does not fit.
+    """
+    _check_len("public_key", rec.public_key, 32)
+    _check_len("last_timestamp", rec.last_timestamp, 12)
+    sessions = (rec.current, rec.previous, rec.next)
+    flags = sum(bit for bit, kp in zip(_HAS, sessions, strict=True) if kp is not None)
+    values = [
+        MAGIC,
+        VERSION,
+        flags,
+        rec.owner,
+        rec.generation,
+        rec.last_handshake_wall,
+        rec.rx_bytes,
+        rec.tx_bytes,
+        rec.public_key,
+        rec.last_timestamp,
+        *addr_fields(rec.endpoint),
+    ]
+    for kp in sessions:
+        values.extend(_kp_values(kp))
+    try:
+        packed = _RECORD.pack(*values)  # validate every field before touching `out`
+    except struct.error as exc:
+        raise ValueError(f"peer record field out of range: {exc}") from exc
+    out[:PEER_RECORD_SIZE] = packed
+
+
+def decode_peer(data: bytes | bytearray | memoryview) -> PeerRecord | None:
+    """The record in data[:PEER_RECORD_SIZE]; None for a free (all-zero) slot.
+
+    ValueError on a short buffer, bad magic/version/flags, or a bad field.
+    """
+    if len(data) < PEER_RECORD_SIZE:
+        raise ValueError(f"peer record needs {PEER_RECORD_SIZE} bytes, got {len(data)}")
+    if data[:PEER_RECORD_SIZE] == _ZERO:
+        return None
+    v = _RECORD.unpack_from(data, 0)
+    magic, version, flags = v[0], v[1], v[2]
+    if magic != MAGIC or version != VERSION:
+        raise ValueError(f"not a v{VERSION} peer record (magic {magic!r}, version {version})")
+    if flags & ~7:
+        raise ValueError(f"bad peer record flags {flags:#x}")
+    sessions: list[KeypairRecord | None] = []
+    for i, bit in enumerate(_HAS):
+        f = v[_HEAD_FIELDS + i * _KP_FIELDS : _HEAD_FIELDS + (i + 1) * _KP_FIELDS]
+        if not flags & bit:
+            sessions.append(None)
+            continue
+        if f[7] > 1:
+            raise ValueError(f"bad is_initiator byte {f[7]}")
+        sessions.append(KeypairRecord(f[3], f[4], bool(f[7]), f[0], f[5], f[6], f[1], f[2]))
+    return PeerRecord(
+        public_key=v[8],
+        owner=v[3],
+        generation=v[4],
+        endpoint=addr_from_fields(v[10], v[11], v[12], v[13]),
+        last_handshake_wall=v[5],
+        rx_bytes=v[6],
+        tx_bytes=v[7],
+        last_timestamp=v[9],
+        current=sessions[0],
+        previous=sessions[1],
+        next=sessions[2],
+    )
+
+
+def encode_counters(
+    out: bytearray | memoryview, which: int, send_reserved: int, recv_floor: int
+) -> None:
+    """Update only session `which`'s (0 current, 1 previous, 2 next) two counter words.
+
+    For the per-block publish inside `SeqlockSlot.write_fields`: 16 bytes, not a whole record.
+    """
+    _COUNTERS.pack_into(out, KEYPAIR_OFFSETS[which] + KP_SEND_RESERVED, send_reserved, recv_floor)
+
+
+assert KP_RECV_FLOOR == KP_SEND_RESERVED + 8  # encode_counters writes both as one pair
+
+
+def keypair_record(kp: Keypair, send_reserved: int, recv_floor: int) -> KeypairRecord:
+    """What to publish for `kp`, with the caller's reservation and floor."""
+    return KeypairRecord(
+        kp.local_index,
+        kp.remote_index,
+        kp.is_initiator,
+        kp.created,
+        kp.send_key,
+        kp.recv_key,
+        send_reserved,
+        recv_floor,
+    )
+
+
+def floor_window(recv_floor: int) -> ReplayWindow:
+    """A replay window that rejects every counter < recv_floor and accepts the rest.
+
+    replay.py has no floor setter, so this goes through its public snapshot format:
+    highest = recv_floor - 1 with every ring bit set. Counters at most the window
+    behind `highest` hit a set bit, older ones are out of the window, and
+    recv_floor and above are ahead of `highest`, so fresh.
+    """
+    if recv_floor <= 0:
+        return ReplayWindow()  # a fresh window already accepts 0 and up
+    highest = min(recv_floor, REJECT_AFTER_MESSAGES) - 1
+    ring_bytes = ReplayWindow.SNAPSHOT_SIZE - 8
+    return ReplayWindow.restore(highest.to_bytes(8, "little") + b"\xff" * ring_bytes)
+
+
+def restore_keypair(rec: KeypairRecord) -> Keypair:
+    """Rebuild a session in a replacement worker: sends from send_reserved, floor on receive."""
+    kp = Keypair(
+        rec.send_key, rec.recv_key, rec.local_index, rec.remote_index, rec.is_initiator, rec.created
+    )
+    kp.send_counter = rec.send_reserved
+    kp.replay = floor_window(rec.recv_floor)
+    # Counters from send_reserved on were never published: the first send publishes a block.
+    kp.send_reserved = rec.send_reserved
+    return kp
