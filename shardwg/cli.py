@@ -89,6 +89,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("interface %s removed, exiting", ifname)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from shardwg.show import running_interfaces, show
+    from shardwg.status import StatusError
+
+    names = [args.interface] if args.interface else running_interfaces()
+    if not names:
+        print("no shardwg gateway is running", file=sys.stderr)
+        return 1
+    rc = 0
+    for i, name in enumerate(names):
+        try:
+            out = show(name, args.json, args.interval)
+        except (StatusError, ValueError) as exc:
+            print(f"shardwg show: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        if i and not args.json:
+            print()
+        print(out)
+    return rc
+
+
 def cmd_genkey(_args: argparse.Namespace) -> int:
     print(keys.generate_private_key())
     return 0
@@ -123,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show", help="status of running gateways, per peer and per worker")
+    show.add_argument("interface", nargs="?", help="interface (default: every running one)")
+    show.add_argument("--json", action="store_true", help="machine-readable (docs/show-json.md)")
+    show.add_argument("--interval", type=float, default=0.5, help="seconds between rate samples")
+    show.set_defaults(func=cmd_show)
 
     for name, fn, text in (
         ("genkey", cmd_genkey, "print a new private key"),

@@ -101,6 +101,8 @@ class Worker:
         self.running = True
         self.handshake_queue: deque[tuple[bytes, Any, bool]] = deque()
         self.on_tick: Callable[[Worker, float, float], None] | None = None
+        # Control messages from the supervisor; returns False to stop the worker.
+        self.on_control: Callable[[bytes, float, float], bool] | None = None
         self.parent_pid = os.getppid()
 
         if mesh is not None:
@@ -367,8 +369,8 @@ class Worker:
                     elif tag == HANDOFF and self.mesh is not None:
                         self.mesh.clear_wake(self.worker_id)
                         self.read_handoffs(now, wall)
-                    elif tag == CONTROL:
-                        self.running = False
+                    elif tag == CONTROL and control_fd is not None:
+                        self._read_control(control_fd, now, wall)
                 self.process_handshakes(now, wall)
                 if now >= next_tick:
                     if self._in_rings:
@@ -389,6 +391,21 @@ class Worker:
         finally:
             counters.flush()
             ep.close()
+
+    def _read_control(self, fd: int, now: float, wall: float) -> None:
+        for _ in range(64):
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the supervisor closed our end: stop
+                self.running = False
+                return
+            if self.on_control is None or not self.on_control(data, now, wall):
+                self.running = False
+                return
 
     def stop(self) -> None:
         self.running = False

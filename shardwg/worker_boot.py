@@ -15,6 +15,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from shardwg import control
 from shardwg.endpoints import EndpointError, resolve
 from shardwg.proto.device import Device
 from shardwg.proto.ownership import owner_of
@@ -98,6 +99,7 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
     )
     sync = GlobalSync(layout, buf)
     worker.on_tick = sync.on_tick
+    worker.on_control = ShardControl(worker, publisher, n, index).handle
     sync.on_tick(worker, now, wall)
 
     def on_term(_signum: int, _frame: Any) -> None:
@@ -111,8 +113,73 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
         if peer.endpoint is not None and peer.persistent_keepalive and peer.current is None:
             peer.send_keepalive(now, wall)
     counters.beat(now)
+    control.setblocking(False)
     worker.run(control.fileno())
     return 0
+
+
+class ShardControl:
+    """Applies the supervisor's live configuration changes to this worker's shard."""
+
+    def __init__(self, worker: Worker, publisher: SessionPublisher, workers: int, index: int):
+        self.worker = worker
+        self.device = worker.device
+        self.publisher = publisher
+        self.workers = workers
+        self.index = index
+
+    def handle(self, data: bytes, now: float, wall: float) -> bool:
+        try:
+            msg = control.decode(data)
+        except Exception:
+            log.error("worker %d: undecodable control message ignored", self.index)
+            return True
+        if isinstance(msg, control.Stop):
+            return False
+        try:
+            if isinstance(msg, control.RemovePeer):
+                self.device.remove_peer(msg.public_key)
+                self.publisher.forget(msg.public_key)
+            elif isinstance(msg, control.AddPeer):
+                self._add(msg.peer, now, wall)
+            elif isinstance(msg, control.UpdatePeer):
+                self._update(msg.peer, msg.endpoint_changed)
+        except ValueError as exc:
+            log.error("worker %d: control change not applied: %s", self.index, exc)
+        self.worker.counters.set(C.PEERS_OWNED, len(self.device.peers))
+        return True
+
+    def _add(self, spec: control.PeerSpec, now: float, wall: float) -> None:
+        owner = owner_of(spec.public_key, self.workers)
+        if owner != self.index:
+            self.device.add_remote_peer(spec.public_key, list(spec.allowed_ips), owner)
+            return
+        peer = self.device.add_peer(
+            spec.public_key,
+            preshared_key=spec.preshared_key,
+            allowed_ips=list(spec.allowed_ips),
+            endpoint=spec.endpoint_tuple(),
+            persistent_keepalive=spec.persistent_keepalive,
+        )
+        self.publisher.track(peer)
+        if peer.endpoint is not None and peer.persistent_keepalive:
+            peer.send_keepalive(now, wall)
+
+    def _update(self, spec: control.PeerSpec, endpoint_changed: bool) -> None:
+        key = spec.public_key
+        remote = self.device.remote.get(key)
+        if remote is not None:
+            self.device.set_allowed_ips(remote, list(spec.allowed_ips))
+            return
+        peer = self.device.peers.get(key)
+        if peer is None:
+            return
+        self.device.set_allowed_ips(peer, list(spec.allowed_ips))
+        self.device.set_preshared_key(peer, spec.preshared_key)
+        if endpoint_changed:
+            peer.endpoint = spec.endpoint_tuple()
+        peer.persistent_keepalive = spec.persistent_keepalive
+        self.publisher.publish(peer)
 
 
 class GlobalSync:

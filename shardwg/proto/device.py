@@ -132,6 +132,17 @@ class Device:
         peer.zero_keys()
         peer.staged.clear()
 
+    def set_allowed_ips(self, peer: Peer | RemotePeer, allowed_ips: list[str]) -> None:
+        """Replace a peer's prefixes (a prefix another peer held moves to this one)."""
+        self.allowed.remove_value(peer)
+        for prefix in allowed_ips:
+            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), peer)
+
+    def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> None:
+        """A new PSK applies from the next handshake; current sessions keep their keys."""
+        if (preshared_key or bytes(32)) != peer.crypto.preshared:
+            peer.crypto = noise.PeerCrypto.build(self.local, peer.public_key, preshared_key)
+
     def _find_crypto(self, static: bytes) -> noise.PeerCrypto | None:
         peer = self.peers.get(static)
         if peer is not None:

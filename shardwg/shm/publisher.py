@@ -113,6 +113,12 @@ class SessionPublisher:
             if self._seen.get(key) != (peer.rx_bytes, peer.tx_bytes, peer.endpoint):
                 self.publish(peer)
 
+    def forget(self, public_key: bytes) -> None:
+        """The peer was removed: stop publishing it (the supervisor frees its slot)."""
+        self.peers.pop(public_key, None)
+        self._seen.pop(public_key, None)
+        self._generation.pop(public_key, None)
+
     def track(self, peer: Peer) -> None:
         """Publish a peer even before it has a session (so show/UAPI see its endpoint)."""
         self.publish(peer)
