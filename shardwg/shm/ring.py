@@ -15,7 +15,11 @@ Layout at `offset` (8-aligned; 64 keeps the indices on their own cache lines):
 
 All words are little-endian (x86-64 native). Every 8-byte word (head, tail and a
 record's header) is written with one aligned store through a `cast("Q")` view,
-which measured ~3x cheaper than `struct.pack_into` per record.
+about half the cost of `struct.pack_into` per record.
+
+Measured on the 2-core dev VM (CPython 3.11, 1400-byte payloads): push ~0.38 us,
+pop_into ~0.35 us, pop_batch(64) ~0.3 us per item in one process; producer and
+consumer in two processes move ~1.2 M items/s (~0.85 us per item, producer-bound).
 
 `head` and `tail` run free (never masked; a u64 does not wrap in practice): the
 ring is empty when head == tail and full when head - tail == slots.
