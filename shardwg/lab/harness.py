@@ -1,0 +1,64 @@
+"""One owner for everything a test or script builds, so one close() removes all of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardwg.lab.gateway_proc import ShardwgGateway
+from shardwg.lab.netns import Namespace, make_namespaces
+from shardwg.lab.wggo import WireguardGo
+
+
+class Harness:
+    """Tracks namespaces, wireguard-go peers and gateways; close() stops the processes first,
+    then deletes the namespaces, and keeps going past errors (the first is raised at the end).
+
+    `a, b = harness(2)` makes namespaces; `harness.namespace("site-a", exact=True)` one by name.
+    """
+
+    def __init__(self) -> None:
+        self.namespaces: list[Namespace] = []
+        self.peers: list[WireguardGo] = []
+        self.gateways: list[ShardwgGateway] = []
+
+    def __call__(self, n: int = 1, label: str = "") -> list[Namespace]:
+        made = make_namespaces(n, label)
+        self.namespaces += made
+        return made
+
+    def namespace(self, label: str = "", *, exact: bool = False) -> Namespace:
+        ns = Namespace(label, exact=exact)
+        self.namespaces.append(ns)
+        return ns
+
+    def wireguard_go(self, ns: Namespace, *args: Any, **kwargs: Any) -> WireguardGo:
+        wg = WireguardGo(ns, *args, **kwargs)
+        self.peers.append(wg)
+        return wg
+
+    def gateway(self, ns: Namespace, *args: Any, **kwargs: Any) -> ShardwgGateway:
+        gw = ShardwgGateway(ns, *args, **kwargs)
+        self.gateways.append(gw)
+        return gw
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        closers: list[ShardwgGateway | WireguardGo | Namespace] = [
+            *self.gateways, *self.peers, *reversed(self.namespaces)
+        ]
+        for obj in closers:
+            try:
+                obj.close()
+            except Exception as e:  # noqa: BLE001 - keep cleaning, report after
+                errors.append(e)
+        self.gateways.clear()
+        self.peers.clear()
+        self.namespaces.clear()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
