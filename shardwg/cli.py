@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 1 <= workers <= 256:
         log.error("--workers must be between 1 and 256")
         return 2
-    sup = Supervisor(cfg, ifname, workers)
+    sup = Supervisor(cfg, ifname, workers, config_path=args.config)
     try:
         sup.start()
     except (GatewayError, SupervisorError) as exc:

@@ -73,6 +73,14 @@ class Gateway:
             len(self.config.peers),
         )
 
+    def rebind_udp(self, port: int) -> None:
+        """Close the UDP group and open a new one on `port` (0: any free port)."""
+        for s in self.udp4 + self.udp6:
+            s.close()
+        self.udp4, self.udp6, self.port = open_udp_group(
+            port, self.workers, fwmark=self.config.interface.fwmark
+        )
+
     def close(self) -> None:
         for s in self.udp4 + self.udp6:
             s.close()

@@ -32,6 +32,7 @@ from shardwg.config import Config
 from shardwg.gateway import Gateway, GatewayError
 from shardwg.io import steering
 from shardwg.io import tun as tun_io
+from shardwg.live import LiveConfig
 from shardwg.proto.constants import (
     COOKIE_REFRESH_TIME,
     UNDER_LOAD_AFTER_TIME,
@@ -42,6 +43,7 @@ from shardwg.shm import counters as C
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
 from shardwg.shm.region import RegionError, SharedRegion, region_name
+from shardwg.uapi.server import UapiServer
 
 log = logging.getLogger("shardwg.supervisor")
 
@@ -67,6 +69,7 @@ class WorkerSlot:
     started: float = 0.0
     quick_deaths: int = 0
     restarts: int = 0
+    planned: bool = False  # stopped on purpose (reconfiguration): not a crash
     control: socket.socket | None = None
 
 
@@ -81,7 +84,10 @@ class Supervisor:
     slot_of: dict[bytes, int] = field(default_factory=dict)
     slots: list[WorkerSlot] = field(default_factory=list)
     eventfds: list[int] = field(default_factory=list)
+    config_path: str | None = None
     exit_code: int = 0
+    live: LiveConfig | None = None
+    uapi: UapiServer | None = None
     _stop: bool = False
     _wake_r: int = -1
     _wake_w: int = -1
@@ -90,6 +96,15 @@ class Supervisor:
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
         n = self.workers
+        self.live = LiveConfig(self, self.config_path)
+        self.uapi = UapiServer(self.ifname, self.live)
+        try:
+            self.uapi.start()
+        except OSError as exc:
+            self.uapi = None
+            raise SupervisorError(
+                f"UAPI socket for {self.ifname}: {exc} (is another instance running?)"
+            ) from exc
         capacity = max(256, 2 * len(self.config.peers))
         self.layout = Layout.sized(n, capacity)
         try:
@@ -108,6 +123,8 @@ class Supervisor:
         except BaseException:
             self._teardown()
             raise
+        if self.config.interface.table == "off":
+            log.info("Table = off: no routes added")
         now = time.monotonic()
         self._global = GlobalState(
             workers=n,
@@ -179,14 +196,22 @@ class Supervisor:
                 self.gateway.port if self.gateway else 0,
             )
             next_foreign = time.monotonic() + FOREIGN_CHECK_INTERVAL
+            watch = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
             while not self._stop:
                 with contextlib.suppress(InterruptedError):
-                    select.select([self._wake_r], [], [], LOOP_INTERVAL)
+                    select.select(watch, [], [], LOOP_INTERVAL)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
                 while pending:
                     self._handle_signal(pending.pop(0))
+                if self.uapi is not None:
+                    try:
+                        self.uapi.poll(0.0)
+                    except Exception:  # the UAPI must never take the gateway down
+                        log.exception("uapi error")
                 now = time.monotonic()
+                if self.live is not None:
+                    self.live.tick(now)
                 self._reap(now)
                 self._check_heartbeats(now)
                 self._maintain_global(now)
@@ -201,8 +226,9 @@ class Supervisor:
         if signum in (signal.SIGTERM, signal.SIGINT):
             log.info("signal %s: shutting down", signal.Signals(signum).name)
             self._stop = True
-        elif signum == signal.SIGHUP:
-            log.info("SIGHUP: live reload is not supported yet; configuration unchanged")
+        elif signum == signal.SIGHUP and self.live is not None:
+            log.info("SIGHUP: reloading %s", self.config_path)
+            self.live.reload()
 
     def _reap(self, now: float) -> None:
         while True:
@@ -225,6 +251,9 @@ class Supervisor:
                 return
             lived = now - slot.started
             slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH else 0
+            if slot.planned:
+                slot.planned = False
+                slot.quick_deaths = 0
             if slot.quick_deaths >= STORM_LIMIT:
                 log.error(
                     "worker %d died %d times within %.0f s of starting; stopping the gateway",
@@ -290,9 +319,61 @@ class Supervisor:
             )  # fmt: skip
             self._fail(EXIT_FOREIGN_QUEUE)
 
+    # ------------------------------------------------------------------ reconfiguration
+    def _stop_workers(self) -> None:
+        """Stop every worker and wait (at most 3 s, then SIGKILL); slots stay assigned."""
+        live = [s for s in self.slots if s.pid]
+        for s in live:
+            _signal(s.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while any(s.pid for s in live) and time.monotonic() < deadline:
+            for s in live:
+                if s.pid and _reaped(s.pid):
+                    s.pid = 0
+            time.sleep(0.02)
+        for s in live:
+            if s.pid:
+                _kill(s.pid)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(s.pid, 0)
+                s.pid = 0
+
+    def restart_workers(self, keep_sessions: bool) -> None:
+        """Replace every worker (new key or port); sessions resume if `keep_sessions`."""
+        self._stop_workers()
+        if not keep_sessions and self.layout is not None and self.region is not None:
+            self.region.zero(
+                self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
+            )
+        for s in self.slots:
+            s.restarts += 1
+            self.spawn(s)
+
+    def rebind(self, port: int) -> None:
+        """Move the UDP group to a new port: sockets are recreated in join order."""
+        assert self.gateway is not None
+        self._stop_workers()
+        try:
+            self.gateway.rebind_udp(port)
+            for group in (self.gateway.udp4, self.gateway.udp6):
+                if group:
+                    steering.attach(group[0], self.workers)
+            if self._global is not None:
+                self._global.listen_port = self.gateway.port
+                self._write_global()
+        except OSError as exc:
+            log.error("cannot rebind to port %d: %s; stopping", port, exc)
+            self._fail(1)
+            return
+        for s in self.slots:
+            s.restarts += 1
+            self.spawn(s)
+
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
         self._stop = True
+        if self.live is not None:
+            self.live.save()
         live = [s for s in self.slots if s.pid]
         for s in live:
             _signal(s.pid, signal.SIGTERM)
@@ -311,6 +392,9 @@ class Supervisor:
         self._teardown()
 
     def _teardown(self) -> None:
+        if self.uapi is not None:
+            self.uapi.close()
+            self.uapi = None
         for s in self.slots:
             if s.control is not None:
                 s.control.close()

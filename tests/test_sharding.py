@@ -35,6 +35,7 @@ class Site:
     gw: ShardwgGateway
     gw_keys: tuple[str, str]
     peers: list[tuple[Namespace, Any, tuple[str, str]]]  # (namespace, WireguardGo, keys)
+    peer_conf: list[dict[str, Any]]  # each peer as the gateway's config would list it
 
     def tunnel_ip(self, i: int) -> str:
         return f"10.0.0.{10 + i}"
@@ -62,7 +63,15 @@ def peer_keys(n: int, workers: int, spread: bool) -> list[tuple[str, str]]:
     return keys
 
 
-def build_site(harness: Harness, n_peers: int, workers: int, gw_initiates: bool = False) -> Site:
+def build_site(
+    harness: Harness,
+    n_peers: int,
+    workers: int,
+    gw_initiates: bool = False,
+    gw_knows: list[int] | None = None,
+    extra_interface: str = "",
+) -> Site:
+    """`gw_knows`: which peers the gateway's config lists (default: all)."""
     gw_ns = harness(1, "gw")[0]
     gw_keys = keypair()
     keys = peer_keys(n_peers, workers, spread=True)
@@ -90,11 +99,12 @@ def build_site(harness: Harness, n_peers: int, workers: int, gw_initiates: bool 
             "allowed_ips": [f"10.0.0.{10 + i}/32"],
             "endpoint": f"10.99.{i}.2:51821" if gw_initiates else None,
         })  # fmt: skip
+    known = [gw_peer_conf[i] for i in (gw_knows if gw_knows is not None else range(n_peers))]
     gw = ShardwgGateway(
-        gw_ns, unique_ifname("swg"), gw_keys[0], GW_PORT, gw_peer_conf, ["10.0.0.1/24"],
-        workers=workers,
+        gw_ns, unique_ifname("swg"), gw_keys[0], GW_PORT, known, ["10.0.0.1/24"],
+        workers=workers, extra_interface=extra_interface,
     )  # fmt: skip
-    return Site(gw_ns, gw, gw_keys, peers)
+    return Site(gw_ns, gw, gw_keys, peers, gw_peer_conf)
 
 
 class ShmView:
