@@ -74,7 +74,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 1 <= workers <= 256:
         log.error("--workers must be between 1 and 256")
         return 2
-    sup = Supervisor(cfg, ifname, workers, config_path=args.config)
+    metrics_addr = None
+    if args.metrics:
+        from shardwg.metrics import parse_addr
+
+        try:
+            metrics_addr = parse_addr(args.metrics)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+    sup = Supervisor(cfg, ifname, workers, config_path=args.config, metrics_addr=metrics_addr)
     try:
         sup.start()
     except (GatewayError, SupervisorError) as exc:
@@ -143,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--interface", "-i", help="interface name (default: config file stem)")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--metrics", metavar="ADDR:PORT", help="serve /metrics and /healthz (e.g. 127.0.0.1:9586)"
+    )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)
 

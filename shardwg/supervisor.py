@@ -30,9 +30,10 @@ from typing import Any
 
 from shardwg.config import Config
 from shardwg.gateway import Gateway, GatewayError
-from shardwg.io import steering
+from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.live import LiveConfig
+from shardwg.metrics import HEALTHY_BEAT, MetricsServer
 from shardwg.proto.constants import (
     COOKIE_REFRESH_TIME,
     UNDER_LOAD_AFTER_TIME,
@@ -43,6 +44,7 @@ from shardwg.shm import counters as C
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
 from shardwg.shm.region import RegionError, SharedRegion, region_name
+from shardwg.status import GatewayStatus, read_status
 from shardwg.uapi.server import UapiServer
 
 log = logging.getLogger("shardwg.supervisor")
@@ -88,6 +90,8 @@ class Supervisor:
     exit_code: int = 0
     live: LiveConfig | None = None
     uapi: UapiServer | None = None
+    metrics_addr: tuple[str, int] | None = None
+    metrics: MetricsServer | None = None
     _stop: bool = False
     _wake_r: int = -1
     _wake_w: int = -1
@@ -139,6 +143,13 @@ class Supervisor:
         self._write_global()
         self.eventfds = HandoffMesh.make_eventfds(n)
         self.slots = [WorkerSlot(i) for i in range(n)]
+        if self.metrics_addr is not None:
+            try:
+                self.metrics = MetricsServer(self.metrics_addr, self._status, self._ready)
+            except OSError as exc:
+                self._teardown()
+                raise SupervisorError(f"--metrics {self.metrics_addr}: {exc}") from exc
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)
 
     def _write_global(self) -> None:
         assert self.layout is not None and self.region is not None and self._global is not None
@@ -196,10 +207,13 @@ class Supervisor:
                 self.gateway.port if self.gateway else 0,
             )
             next_foreign = time.monotonic() + FOREIGN_CHECK_INTERVAL
-            watch = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
+            watch: list[Any] = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
             while not self._stop:
+                fds = watch + (self.metrics.fds() if self.metrics else [])
                 with contextlib.suppress(InterruptedError):
-                    select.select(watch, [], [], LOOP_INTERVAL)
+                    select.select(fds, [], [], LOOP_INTERVAL)
+                if self.metrics is not None:
+                    self.metrics.poll()
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
                 while pending:
@@ -392,6 +406,9 @@ class Supervisor:
         self._teardown()
 
     def _teardown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.uapi is not None:
             self.uapi.close()
             self.uapi = None
@@ -415,6 +432,17 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wake_r = self._wake_w = -1
+
+    def _status(self) -> GatewayStatus:
+        return read_status(self.ifname, interval=0)
+
+    def _ready(self, st: GatewayStatus) -> tuple[bool, str]:
+        if not netlink.link_exists(self.ifname):
+            return False, f"interface {self.ifname} is missing"
+        bad = [w.worker for w in st.worker_stats if not w.alive or w.heartbeat_age > HEALTHY_BEAT]
+        if bad:
+            return False, f"worker(s) {', '.join(map(str, bad))} not beating"
+        return True, f"ok: {self.ifname} up, {len(st.worker_stats)} worker(s) beating"
 
     def read_global(self) -> GlobalState | None:
         assert self.layout is not None and self.region is not None
