@@ -1,0 +1,89 @@
+"""Supervisor duties against a real gateway: one instance per interface, foreign TUN
+queues refused, restart storms stopped, shared memory and sockets owner-only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from netns import Harness, ping, wait_for
+from test_sharding import ShmView, build_site
+
+pytestmark = [pytest.mark.interop, pytest.mark.netns]
+
+ATTACH_QUEUE = r"""
+import fcntl, os, struct, sys, time
+fd = os.open("/dev/net/tun", os.O_RDWR)
+IFF_TUN, IFF_NO_PI, IFF_MULTI_QUEUE = 0x0001, 0x1000, 0x0100
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE))
+print("attached", flush=True)
+time.sleep(30)
+"""
+
+
+def test_second_instance_refused_and_permissions(netns_factory: Harness) -> None:
+    site = build_site(netns_factory, 1, 2)
+    try:
+        assert ping(site.peers[0][0], "10.0.0.1", count=1, timeout=10)
+        second = site.gw_ns.run(
+            [sys.executable, "-m", "shardwg", "run", "--config", str(site.gw.config_path),
+             "--workers", "1"],
+            check=False, timeout=30,
+        )  # fmt: skip
+        assert second.returncode != 0
+        assert "another instance" in second.stderr or "already exists" in second.stderr
+        # the first one is untouched
+        assert ping(site.peers[0][0], "10.0.0.1", count=1, timeout=10)
+        shm = f"/dev/shm/shardwg-{site.gw.ifname}"
+        assert stat.S_IMODE(os.stat(shm).st_mode) == 0o600
+        sock = f"/var/run/wireguard/{site.gw.ifname}.sock"
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    finally:
+        assert site.gw.stop() == 0
+    assert not os.path.exists(f"/dev/shm/shardwg-{site.gw.ifname}")
+    assert not os.path.exists(f"/var/run/wireguard/{site.gw.ifname}.sock")
+
+
+def test_foreign_tun_queue_stops_the_gateway(netns_factory: Harness) -> None:
+    site = build_site(netns_factory, 1, 2)
+    try:
+        assert ping(site.peers[0][0], "10.0.0.1", count=1, timeout=10)
+        intruder = site.gw_ns.popen(
+            [sys.executable, "-c", ATTACH_QUEUE, site.gw.ifname],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert intruder.stdout is not None and "attached" in intruder.stdout.readline()
+        assert wait_for(lambda: site.gw.proc.poll() is not None, 10), "foreign queue not noticed"
+        assert site.gw.proc.returncode == 4
+        assert "refusing to run with a compromised interface" in site.gw.log_text()
+        assert str(intruder.pid) in site.gw.log_text()
+        intruder.kill()
+    finally:
+        site.gw.stop()
+
+
+def test_restart_storm_stops_the_gateway(netns_factory: Harness) -> None:
+    site = build_site(netns_factory, 1, 2)
+    try:
+        shm = ShmView(site.gw.ifname)
+        try:
+            killed: set[int] = set()
+            deadline = time.monotonic() + 30
+            while site.gw.proc.poll() is None and time.monotonic() < deadline:
+                pid = shm.workers()[0].pid
+                if pid and pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                time.sleep(0.02)
+        finally:
+            shm.close()
+        assert site.gw.proc.poll() == 1, site.gw.log_text()
+        assert "died 5 times within 2 s of starting; stopping the gateway" in site.gw.log_text()
+        assert len(killed) == 5
+    finally:
+        site.gw.stop()
