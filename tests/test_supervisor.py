@@ -20,7 +20,8 @@ ATTACH_QUEUE = r"""
 import fcntl, os, struct, sys, time
 fd = os.open("/dev/net/tun", os.O_RDWR)
 IFF_TUN, IFF_NO_PI, IFF_MULTI_QUEUE = 0x0001, 0x1000, 0x0100
-fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE))
+flags = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), flags))
 print("attached", flush=True)
 time.sleep(30)
 """
