@@ -1,0 +1,253 @@
+"""A handshake flood: initiations with a VALID mac1 from many spoofed sources, well above what
+the gateway can process, while an honest wireguard-go peer works.
+
+Topology as in test_hostile (gateway, one peer on veth0, a hostile namespace on hveth); the
+gateway routes the spoofed prefix 10.97.0.0/16 back to the hostile namespace, so its cookie
+replies travel there and an AF_PACKET counter sees them. The flood reuses 64 initiations
+(built with shardwg.proto for a key the gateway does not know) behind 20,000 prebuilt IP/UDP
+headers with random sources, sent over a raw IP_HDRINCL socket with sendmmsg.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from netns import Harness, ping
+from test_hostile import (
+    GW_PORT,
+    HOSTILE_GW,
+    Hostile,
+    Snapshot,
+    add_hostile,
+    drop_delta,
+    settle_counters,
+    snapshot,
+)
+from test_sharding import Site, build_site
+
+from shardwg.lab import hostile as H
+from shardwg.lab.iperf import IperfResult, iperf3_tcp
+from shardwg.proto.constants import RATELIMIT_BURST, RATELIMIT_PACKETS_PER_SECOND
+from shardwg.status import read_status
+
+pytestmark = [pytest.mark.interop, pytest.mark.netns]
+
+SPOOFED = "10.97.0.0/16"
+FLOOD_RATE = 20_000  # initiations/s offered; the gateway answers ~15k/s at most here
+RSS_GROWTH_LIMIT_KIB = 32 * 1024  # all gateway processes together
+
+
+def flood_site(harness: Harness) -> tuple[Site, Hostile, bytes]:
+    site = build_site(harness, 1, 2)
+    hx = add_hostile(harness, site)
+    site.gw_ns.ip("route", "add", SPOOFED, "via", "10.98.0.2")
+    assert ping(site.peers[0][0], "10.0.0.1", count=2, timeout=10), site.gw.log_text()
+    return site, hx, base64.b64decode(site.gw_keys[1])
+
+
+def flood_packets(gw_public: bytes, n: int = 20_000) -> list[bytes]:
+    rng = random.Random(77)
+    inits = H.valid_mac1_initiations(gw_public, 64, rng)
+    return H.spoofed_packets(rng, SPOOFED, HOSTILE_GW, GW_PORT, inits, n)
+
+
+def gateway_pids(site: Site) -> list[int]:
+    st = read_status(site.gw.ifname, interval=0)
+    return [st.supervisor_pid, *(w.pid for w in st.worker_stats)]
+
+
+def iperf(site: Site, seconds: float = 3) -> IperfResult:
+    return iperf3_tcp(site.gw_ns, site.peers[0][0], "10.0.0.1", seconds=seconds)
+
+
+@dataclass
+class Flood:
+    """The flood running in the hostile namespace on a thread of ours."""
+
+    hx: Hostile
+    packets: list[bytes]
+    gw_public: bytes
+    seconds: float
+    client_delay: float = 1.5
+    report: H.FloodReport | None = None
+    error: BaseException | None = None
+    started: float = 0.0
+    thread: threading.Thread | None = None
+
+    def start(self) -> Flood:
+        def run() -> None:
+            try:
+                self.report = self.hx.ns.call(
+                    H.flood_with_cookie_client, "eth0", HOSTILE_GW, GW_PORT, self.packets,
+                    int(FLOOD_RATE * self.seconds), FLOOD_RATE, self.seconds + 5,
+                    self.gw_public, 200.0, self.client_delay, timeout=self.seconds + 30,
+                )  # fmt: skip
+            except BaseException as e:  # noqa: BLE001 - re-raised by join()
+                self.error = e
+
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self) -> H.FloodReport:
+        assert self.thread is not None
+        self.thread.join(timeout=self.seconds + 40)
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None, "flood did not finish"
+        return self.report
+
+
+@dataclass
+class Sampler:
+    """under_load, backlog and RSS of every gateway process every `interval` seconds."""
+
+    site: Site
+    interval: float = 0.5
+    under_load: list[bool] = field(default_factory=list)
+    backlog: list[int] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Sampler:
+        def run() -> None:
+            while not self._stop.wait(self.interval):
+                st = read_status(self.site.gw.ifname, interval=0)
+                self.under_load.append(st.under_load)
+                self.backlog.append(max(w.handshake_backlog for w in st.worker_stats))
+                pids = [st.supervisor_pid, *(w.pid for w in st.worker_stats)]
+                self.rss.append(sum(H.pids_rss(pids).values()))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def rehandshake(site: Site, timeout: float = 20) -> float:
+    """Make the honest peer forget the gateway and come back (`wg set ... remove`, re-add):
+    its next packet needs a brand-new handshake. Returns the seconds it took, or -1."""
+    peer_ns, wg, _kp = site.peers[0]
+    gw_pub = site.gw_keys[1]
+    hs0 = wg.latest_handshake(gw_pub)
+    time.sleep(1.1)  # latest-handshake has one-second resolution
+    t0 = time.monotonic()
+    wg.set_peer(gw_pub, remove=True)
+    wg.set_peer(gw_pub, allowed_ips=["10.0.0.0/24"], endpoint=f"10.99.0.1:{GW_PORT}")
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        if ping(peer_ns, "10.0.0.1", count=1, timeout=2) and wg.latest_handshake(gw_pub) > hs0:
+            return time.monotonic() - t0
+    return -1.0
+
+
+def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
+    netns_factory: Harness,
+) -> None:
+    site, hx, gw_public = flood_site(netns_factory)
+    try:
+        packets = flood_packets(gw_public)
+        pids = gateway_pids(site)
+        rss0 = sum(H.pids_rss(pids).values())
+        unloaded = iperf(site)
+        seconds = 14.0
+        start_snap = snapshot(site)
+        sampler = Sampler(site).start()
+        flood = Flood(hx, packets, gw_public, seconds).start()
+        time.sleep(1.0)
+        before_client: Snapshot = snapshot(site)  # under load by now; the client starts at 1.5 s
+        loaded = iperf(site)
+        rehandshake_s = rehandshake(site)
+        report = flood.join()
+        end_snap = snapshot(site)
+        sampler.stop()
+        settle_counters()
+        after = snapshot(site)
+        rss1 = sum(H.pids_rss(pids).values())
+
+        drops = drop_delta(after, start_snap)
+        client_drops = drop_delta(end_snap, before_client)
+        hs = sum(w.handshakes_received for w in after.status.worker_stats) - sum(
+            w.handshakes_received for w in start_snap.status.worker_stats
+        )
+        fs = report.flood.seconds
+        limiter_bound = RATELIMIT_PACKETS_PER_SECOND * (report.client_seconds + 0.5)
+        limiter_bound += RATELIMIT_BURST
+        passed = client_drops.get("unknown_peer", 0)
+        ratio = loaded.bits_per_second / unloaded.bits_per_second
+        lines = [
+            f"offered: {report.flood.sent} valid-mac1 initiations in {fs:.1f} s "
+            f"= {report.flood.sent / fs:,.0f}/s from {len(packets)} spoofed (source, port)s",
+            f"gateway read {hs / fs:,.0f} handshake messages/s; cookie replies seen by the "
+            f"attacker {report.cookie_replies} = {report.cookie_replies / fs:,.0f}/s",
+            f"drops: {drops}",
+            f"under_load samples: {sum(sampler.under_load)}/{len(sampler.under_load)}, "
+            f"max backlog {max(sampler.backlog, default=0)}",
+            f"cookie-answering source: {report.client_sent_with_mac2} initiations with a valid "
+            f"mac2 in {report.client_seconds:.1f} s, {passed} passed the rate limiter "
+            f"(bound {limiter_bound:.0f}), {report.client_cookies} cookies received",
+            f"honest throughput: unloaded {unloaded.bits_per_second / 1e6:.0f} Mbit/s, during "
+            f"the flood {loaded.bits_per_second / 1e6:.0f} Mbit/s ({ratio:.0%})",
+            f"re-handshake during the flood: {rehandshake_s:.1f} s",
+            f"gateway RSS: {rss0 / 1024:.1f} MiB before, {rss1 / 1024:.1f} MiB after, "
+            f"max {max(sampler.rss, default=0) / 1024:.1f} MiB during",
+        ]
+        print("\n" + "\n".join(lines))
+
+        assert site.gw.proc.poll() is None, site.gw.log_text()
+        assert all(w.alive and w.restarts == 0 for w in after.status.worker_stats)
+        # under-load mode engaged and cookies went out instead of handshakes
+        assert any(sampler.under_load), sampler.under_load
+        assert drops.get("cookie_required", 0) > report.flood.sent * 0.3, drops
+        assert report.cookie_replies > report.flood.sent * 0.3, report
+        # a source that answers cookies is held to its token bucket (20/s, burst 5)
+        assert report.client_cookies >= 1 and report.client_sent_with_mac2 > 300, report
+        assert 0 < passed <= limiter_bound, (passed, limiter_bound, client_drops)
+        assert client_drops.get("rate_limited", 0) > 0, client_drops
+        # the flood does not grow memory
+        assert rss1 - rss0 < RSS_GROWTH_LIMIT_KIB, (rss0, rss1)
+        assert max(sampler.rss, default=0) - rss0 < RSS_GROWTH_LIMIT_KIB, sampler.rss
+        # the honest peer got through: a new handshake under load, and traffic
+        assert rehandshake_s > 0, "no new handshake during the flood"
+        assert loaded.bytes_received > 0
+        assert ping(site.peers[0][0], "10.0.0.1", count=3, timeout=10)
+    finally:
+        assert site.gw.stop() == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="honest throughput falls far below 80% of unloaded during a 20k/s valid-mac1 "
+    "initiation flood (measured 9-35% on the 2-core VM): each worker reads flood "
+    "initiations from the same socket as data, copies and queues them, and spends "
+    "~11 us per cookie reply (+ sendto) on them; nothing reserves CPU for transport data",
+)
+def test_honest_throughput_keeps_80_percent_under_handshake_flood(netns_factory: Harness) -> None:
+    site, hx, gw_public = flood_site(netns_factory)
+    try:
+        packets = flood_packets(gw_public)
+        first = iperf(site)
+        flood = Flood(hx, packets, gw_public, 6.0, client_delay=60).start()
+        time.sleep(1.0)
+        loaded = iperf(site)
+        flood.join()
+        second = iperf(site)
+        unloaded = (first.bits_per_second + second.bits_per_second) / 2
+        ratio = loaded.bits_per_second / unloaded
+        print(f"\nunloaded {first.bits_per_second / 1e6:.0f} and "
+              f"{second.bits_per_second / 1e6:.0f} Mbit/s, during the flood "
+              f"{loaded.bits_per_second / 1e6:.0f} Mbit/s: {ratio:.0%}")  # fmt: skip
+        assert ratio >= 0.8
+    finally:
+        assert site.gw.stop() == 0
