@@ -344,6 +344,18 @@ def test_v6_routing_header_is_refused() -> None:
     assert _split_raw(bytes(raw)) == MALFORMED
 
 
+def test_first_appends_after_earlier_segments() -> None:
+    outs = [memoryview(bytearray(1600)) for _ in range(8)]
+    sizes = [0] * 8
+    assert split(memoryview(bytearray(GOOD4)), len(GOOD4), outs, sizes, 3) == 4
+    assert sizes[:3] == [0, 0, 0] and all(sizes[3:7])
+    assert split(memoryview(bytearray(GOOD4)), len(GOOD4), outs, sizes, 5) == NO_ROOM
+    plain = vnet.ZERO_HDR + udp_packet(False, b"abc")
+    assert split(memoryview(bytearray(plain)), len(plain), outs, sizes, 7) == 1
+    assert bytes(outs[7][: sizes[7]]) == plain[10:]
+    assert split(memoryview(bytearray(plain)), len(plain), outs, sizes, 8) == NO_ROOM
+
+
 def test_no_room() -> None:
     assert _split_raw(GOOD4, nbuf=3) == NO_ROOM  # 4 segments, 3 buffers
     assert _split_raw(GOOD4, bufsize=1000) == NO_ROOM

@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -151,6 +152,79 @@ def test_drop_errnos_are_counted_not_raised() -> None:
     assert stats.send_errors == 3 and stats.last_send_errno == errno.ENOBUFS
     with pytest.raises(OSError):
         udpgso.send_gso(FakeSock(errno.EBADF), b"x" * 300, 100, 3, ("x", 1))  # type: ignore[arg-type]
+
+
+class RecordingSock(FakeSock):
+    """Records each sendmsg as (segment size, datagram sizes, address)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.calls: list[tuple[int, list[int], Any]] = []
+
+    def sendmsg(self, bufs: Any, anc: Any, flags: int, addr: Any) -> int:
+        seg = int.from_bytes(anc[0][2], sys.byteorder)
+        data = b"".join(bytes(b) for b in bufs)
+        self.calls.append((seg, [len(data[i : i + seg]) for i in range(0, len(data), seg)], addr))
+        self.sent += [data[i : i + seg] for i in range(0, len(data), seg)]
+        return len(data)
+
+    def sendto(self, data: Any, addr: Any) -> int:
+        self.calls.append((0, [len(data)], addr))  # seg 0: a plain sendto
+        return super().sendto(data, addr)
+
+
+def test_batcher_runs_per_destination_and_size() -> None:
+    s = RecordingSock()
+    b = udpgso.GsoBatcher(capacity=20000)
+    A, B = ("a", 1), ("b", 2)
+    plan = [(A, 100), (A, 100), (A, 60), (A, 100), (B, 100), (B, 100), (A, 100), (A, 200)]
+    want = []
+    for i, (addr, size) in enumerate(plan):
+        out = b.room(1500)
+        data = bytes([i]) * size
+        out[:size] = data
+        want.append(data)
+        assert b.add(s, size, addr) == 0  # type: ignore[arg-type]
+    assert b.flush() == 0 and b.flush() == 0
+    assert s.calls == [
+        (100, [100, 100, 60], A),  # a shorter one ends the run
+        (0, [100], A),  # a run of one goes out with sendto
+        (100, [100, 100], B),  # another destination: its own run
+        (0, [100], A),
+        (0, [200], A),  # larger than the run's size: its own run
+    ]
+    assert s.sent == want and b.sent == len(plan)
+
+
+def test_batcher_wraps_and_caps() -> None:
+    s = RecordingSock()
+    b = udpgso.GsoBatcher(capacity=1000)
+    for i in range(30):
+        out = b.room(100)
+        out[:100] = bytes([i]) * 100
+        b.add(s, 100, ("a", 1))  # type: ignore[arg-type]
+    b.flush()
+    assert [len(c[1]) for c in s.calls] == [10, 10, 10]  # the buffer holds 10 at a time
+    assert s.sent == [bytes([i]) * 100 for i in range(30)]
+    s2 = RecordingSock()
+    b = udpgso.GsoBatcher(capacity=1 << 17)
+    for _ in range(100):
+        b.room(1000)
+        b.add(s2, 1000, ("a", 1))  # type: ignore[arg-type]
+    b.flush()
+    assert [len(c[1]) for c in s2.calls] == [64, 36]  # the kernel's per-send segment cap
+
+
+def test_batcher_on_loopback() -> None:
+    tx, rx, addr = _pair()
+    with tx, rx:
+        b = udpgso.GsoBatcher()
+        want = _datagrams(30, SIZE, 333)
+        for d in want:
+            b.room(SIZE)[: len(d)] = d
+            b.add(tx, len(d), addr)
+        assert b.flush() == 0
+        assert _drain(rx, 30) == want
 
 
 def _eio_through_plain_tun() -> dict[str, Any]:

@@ -60,22 +60,24 @@ assert _B == VNET_HDR_LEN
 
 
 def split(
-    pkt: memoryview, n: int, outs: Sequence[memoryview], sizes: list[int]
+    pkt: memoryview, n: int, outs: Sequence[memoryview], sizes: list[int], first: int = 0
 ) -> int:
-    """Split pkt[:n] (virtio_net_hdr + IP packet, as read from the TUN) into outs[i] / sizes[i].
+    """Split pkt[:n] (virtio_net_hdr + IP packet, as read from the TUN) into outs[first + i]
+    and sizes[first + i].
 
     Returns the number of IP packets written, or MALFORMED / NO_ROOM (never raises for any
-    input bytes). Each out buffer needs room for one segment plus the 15 bytes of padding
-    seal_into adds in place.
+    input bytes): NO_ROOM when fewer than the needed buffers are left after `first` (flush and
+    retry with first=0) or a buffer is too small. Each out buffer needs room for one segment
+    plus the 15 bytes of padding seal_into adds in place.
     """
     if n < _B + 20 or n > len(pkt):
         return MALFORMED
     flags, gso_type, hdr_len, gso_size, cs, co = VNET.unpack_from(pkt, 0)
     length = n - _B
     if gso_type == GSO_NONE:
-        if not outs or len(outs[0]) < length:
+        if first >= len(outs) or first >= len(sizes) or len(outs[first]) < length:
             return NO_ROOM
-        out = outs[0]
+        out = outs[first]
         out[:length] = pkt[_B:n]
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             at = cs + co
@@ -83,7 +85,7 @@ def split(
                 return MALFORMED
             # The field holds the pseudo-header sum: summing over it in place adds it in.
             _H.pack_into(out, at, finish(sum16(out[cs:length])))
-        sizes[0] = length
+        sizes[first] = length
         return 1
     proto = _GSO_TYPES.get(gso_type)
     if proto is None:
@@ -121,11 +123,10 @@ def split(
     if gso_size == 0:
         return MALFORMED
     count = (length - hl + gso_size - 1) // gso_size
-    if count > len(outs) or count > len(sizes):
+    if first + count > len(outs) or first + count > len(sizes):
         return NO_ROOM
-    if tcp:
-        return _split_tcp(pkt, length, version, cs, hl, gso_size, count, addrs, outs, sizes)
-    return _split_udp(pkt, length, version, cs, hl, gso_size, count, addrs, outs, sizes)
+    split_l4 = _split_tcp if tcp else _split_udp
+    return split_l4(pkt, length, version, cs, hl, gso_size, count, addrs, outs, sizes, first)
 
 
 def _v6_transport(pkt: memoryview, length: int) -> tuple[int, int]:
@@ -163,6 +164,7 @@ def _split_tcp(
     addrs: memoryview,
     outs: Sequence[memoryview],
     sizes: list[int],
+    first: int,
 ) -> int:
     th = _B + cs
     seq0 = _I.unpack_from(pkt, th + 4)[0]
@@ -180,9 +182,9 @@ def _split_tcp(
         + IPPROTO_TCP
     )
     ip_fixed, ident = _ip_fixed(pkt, version, cs)
-    first = fl & ~(_TCP_FIN | _TCP_PSH) if count > 1 else fl
-    middle = fl & ~(_TCP_FIN | _TCP_PSH | _TCP_CWR)
-    last = fl & ~_TCP_CWR
+    fl_first = fl & ~(_TCP_FIN | _TCP_PSH) if count > 1 else fl
+    fl_middle = fl & ~(_TCP_FIN | _TCP_PSH | _TCP_CWR)
+    fl_last = fl & ~_TCP_CWR
     template = pkt[_B : _B + hl]
     pack_h, pack_i = _H.pack_into, _I.pack_into
     start = _B + hl
@@ -190,7 +192,7 @@ def _split_tcp(
     for i in range(count):
         end = min(start + mss, end_all)
         total = hl + end - start
-        out = outs[i]
+        out = outs[first + i]
         if len(out) < total:
             return NO_ROOM
         chunk = pkt[start:end]
@@ -210,12 +212,12 @@ def _split_tcp(
         else:
             pack_h(out, 4, total - 40)
         seq = (seq0 + i * mss) & 0xFFFFFFFF
-        f = first if i == 0 else (last if i == count - 1 else middle)
+        f = fl_first if i == 0 else (fl_last if i == count - 1 else fl_middle)
         pack_i(out, cs + 4, seq)
         out[cs + 13] = f
         csum = finish(tcp_fixed + total - cs + (seq >> 16) + (seq & 0xFFFF) + (offbyte | f) + data)
         pack_h(out, cs + 16, csum)
-        sizes[i] = total
+        sizes[first + i] = total
         start = end
     return count
 
@@ -231,6 +233,7 @@ def _split_udp(
     addrs: memoryview,
     outs: Sequence[memoryview],
     sizes: list[int],
+    first: int,
 ) -> int:
     uh = _B + cs
     # Ports and pseudo-header addresses/protocol; length (twice) and data are per segment.
@@ -246,7 +249,7 @@ def _split_udp(
     for i in range(count):
         end = min(start + size, end_all)
         total = hl + end - start
-        out = outs[i]
+        out = outs[first + i]
         if len(out) < total:
             return NO_ROOM
         chunk = pkt[start:end]
@@ -268,6 +271,6 @@ def _split_udp(
         ulen = total - cs
         pack_h(out, cs + 4, ulen)
         pack_h(out, cs + 6, finish(udp_fixed + 2 * ulen + data))
-        sizes[i] = total
+        sizes[first + i] = total
         start = end
     return count

@@ -172,3 +172,68 @@ def recv_gro(
         return n, (seg if 0 < seg < n else n), addr
     return None
 
+
+
+class GsoBatcher:
+    """Seal datagrams straight into one contiguous buffer and send each run of them that goes
+    to one address in one size (the last may be shorter) with one send_gso.
+
+    Use: `out = b.room(max_size)`, seal into out, `b.add(sock, size, addr)`; `b.flush()` at
+    the end of the batch. A datagram that cannot join the open run flushes it first, so order
+    per destination is kept. add/flush return how many datagrams the kernel refused.
+    """
+
+    def __init__(self, capacity: int = 1 << 17, stats: UdpStats = STATS) -> None:
+        self.buf = memoryview(bytearray(capacity))
+        self.stats = stats
+        self.used = 0  # bytes sealed into buf
+        self.start = 0  # where the open run begins
+        self.count = 0  # datagrams in the open run
+        self.size = 0  # the open run's segment size
+        self.closed = False  # a shorter datagram ended the open run
+        self.sock: socket.socket | None = None
+        self.addr: Any = None
+        self.sent = 0
+        self.sent_bytes = 0
+
+    def room(self, need: int) -> memoryview:
+        """Where to seal the next datagram (need bytes at most); sends everything first when
+        the buffer is too full."""
+        if self.used + need > len(self.buf):
+            self.flush()
+            self.used = self.start = 0
+        return self.buf[self.used :]
+
+    def add(self, sock: socket.socket, size: int, addr: Any) -> int:
+        """Count the size bytes just sealed at room() into the batch; returns drops."""
+        dropped = 0
+        if self.count and not (
+            sock is self.sock
+            and addr == self.addr
+            and not self.closed
+            and size <= self.size
+            and self.count < MAX_SEGMENTS
+            and self.used - self.start + size <= MAX_GSO_BYTES
+        ):
+            dropped = self.flush()
+        if not self.count:
+            self.start, self.size, self.closed = self.used, size, False
+            self.sock, self.addr = sock, addr
+        elif size < self.size:
+            self.closed = True
+        self.count += 1
+        self.used += size
+        return dropped
+
+    def flush(self) -> int:
+        """Send the open run; returns how many of its datagrams were refused."""
+        count = self.count
+        if not count or self.sock is None:
+            return 0
+        self.count = 0
+        data = self.buf[self.start : self.used]
+        sent = send_gso(self.sock, data, self.size, count, self.addr, self.stats)
+        self.sent += sent
+        self.sent_bytes += len(data) if sent == count else sent * self.size
+        self.start = self.used
+        return count - sent
