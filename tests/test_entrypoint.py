@@ -198,7 +198,6 @@ def test_environment_only_config_as_pid1(netns_factory: Harness) -> None:
         # the stock wg tool sees the gateway through its UAPI socket
         out = gw_ns.run(["wg", "show", ifname]).stdout
         assert peer_keys[1] in out and "latest handshake" in out and "preshared key" in out
-        assert gw_ns.run(["wg", "show", ifname, "mtu"], check=False).returncode in (0, 1)
 
         # the config it wrote: owner-only, in the runtime dir, named after the interface
         written = Path(runtime) / "run" / f"{ifname}.conf"
