@@ -49,7 +49,13 @@ class Gateway:
             raise GatewayError(f"interface {self.ifname} already exists (another instance?)")
         cfg = self.config.interface
         try:
-            self.tun = TunDevice.create(self.ifname, queues=self.workers, multi_queue=True)
+            # IFF_VNET_HDR with every offload off: reads are plain packets whose checksums
+            # the kernel finished (cheaper than finishing them in Python), while writes
+            # may be coalesced TCP super-packets (one write instead of dozens).
+            self.tun = TunDevice.create(
+                self.ifname, queues=self.workers, multi_queue=True, vnet_hdr=True
+            )
+            self.tun.set_offload(0)
         except OSError as exc:
             raise GatewayError(f"cannot create TUN {self.ifname}: {exc}") from exc
         try:
