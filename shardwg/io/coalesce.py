@@ -43,6 +43,7 @@ from shardwg.io.vnet import (
 MAX_SEGMENTS = 64
 MAX_SIZE = 65535  # an IPv4 total length; also keeps IPv6 clear of jumbograms
 _IP4 = struct.Struct("!BBHHHBB")  # ver/ihl, tos, total length, id, frag, ttl, protocol
+_V4TCP = struct.Struct("!BBHHHBB10x4xIIBBH")  # _IP4, then TCP seq, ack, offset, flags, window
 _TCP = struct.Struct("!4xIIBBH")  # seq, ack, data offset, flags, window
 _H = struct.Struct("!H")
 _ACK = 0x10
@@ -119,18 +120,19 @@ class Coalescer:
         groups: dict[bytes, _Group] = {}
         used = 0  # arenas handed out this call
         verify = self.verify
+        b = offset
+        h = offset - VNET_HDR_LEN
         for i in range(count):
             p = views[i]
             n = sizes[i]
-            b = offset
-            p[b - VNET_HDR_LEN : b] = ZERO_HDR  # as a single; a merge gets an arena's header
-            out.append((p[b - VNET_HDR_LEN : b + n], n + VNET_HDR_LEN))
             parsed = self._candidate(p, b, n)
             if parsed is None:
                 key = _flow_key(p, b, n)
                 g = groups.pop(key, None) if key is not None else None
                 if g is not None:
-                    self._finish(g)
+                    self._finish(g)  # keeps this packet behind the flow's earlier ones
+                p[h:b] = ZERO_HDR
+                out.append((p[h : b + n], n + VNET_HDR_LEN))
                 continue
             key, proto, iph, hl, seq, flags, sig = parsed
             plen = n - hl
@@ -138,10 +140,10 @@ class Coalescer:
             if g is not None:
                 if (
                     g.closed
-                    or g.sig != sig
-                    or g.proto != proto
                     or seq != g.next_seq
                     or plen > g.mss
+                    or g.sig != sig
+                    or g.proto != proto
                     or g.nseg >= self.max_segments
                     or g.total + plen > self.max_size
                 ):
@@ -154,22 +156,26 @@ class Coalescer:
                 elif verify and not _csum_ok(p, b, n, iph, proto):
                     self._finish(g)  # p goes single and ends the flow's run
                     del groups[key]
+                    p[h:b] = ZERO_HDR
+                    out.append((p[h : b + n], n + VNET_HDR_LEN))
                     continue
                 else:
-                    if g.arena is None:
-                        g.arena = self._arena(used)
+                    arena = g.arena
+                    if arena is None:
+                        arena = g.arena = self._arena(used)
                         used += 1
-                        g.arena[VNET_HDR_LEN : VNET_HDR_LEN + g.size] = g.view[b : b + g.size]
+                        arena[VNET_HDR_LEN : VNET_HDR_LEN + g.size] = g.view[b : b + g.size]
                     at = VNET_HDR_LEN + g.total
-                    g.arena[at : at + plen] = p[b + hl : b + n]
+                    arena[at : at + plen] = p[b + hl : b + n]
                     g.total += plen
                     g.nseg += 1
                     g.next_seq = (seq + plen) & 0xFFFFFFFF if proto == IPPROTO_TCP else 0
                     if flags & _PSH or plen < g.mss:
                         g.closed = True
                         g.psh = bool(flags & _PSH)
-                    out.pop()
                     continue
+            p[h:b] = ZERO_HDR  # a single unless others join it (then an arena takes over)
+            out.append((p[h : b + n], n + VNET_HDR_LEN))
             groups[key] = _Group(
                 len(out) - 1, p, n, hl, iph, plen,
                 (seq + plen) & 0xFFFFFFFF if proto == IPPROTO_TCP else 0,
@@ -189,6 +195,17 @@ class Coalescer:
     ) -> tuple[bytes, int, int, int, int, int, tuple[object, ...]] | None:
         """(flow key, protocol, IP header length, headers length, seq, TCP flags, what must
         match across the group) for a packet that may be merged; None otherwise."""
+        if p[b] == 0x45 and n >= 40 and p[b + 9] == IPPROTO_TCP:  # the bulk case, unpacked once
+            _, tos, total, _, frag, ttl, _, seq, ack, doff, flags, window = _V4TCP.unpack_from(
+                p, b
+            )
+            thl = (doff >> 4) * 4
+            hl = 20 + thl
+            if total != n or frag & 0x3FFF or flags not in _MERGEABLE_FLAGS or thl < 20 or hl >= n:
+                return None
+            opts = p[b + 40 : b + hl].tobytes() if thl > 20 else b""
+            sig = (tos, ttl, frag, ack, window, doff, opts)
+            return p[b + 12 : b + 24].tobytes(), IPPROTO_TCP, 20, hl, seq, flags, sig
         v = p[b] >> 4
         if v == 4:
             if n < 28:
@@ -198,7 +215,8 @@ class Coalescer:
                 return None
             iph = 20
             key = p[b + 12 : b + 24].tobytes()
-            ipsig: object = (tos, ttl, frag)
+            ip_a: object = tos
+            ip_b: object = (ttl, frag)
         elif v == 6:
             if n < 48:
                 return None
@@ -207,7 +225,8 @@ class Coalescer:
                 return None
             iph = 40
             key = p[b + 8 : b + 44].tobytes()
-            ipsig = (p[b : b + 4].tobytes(), p[b + 7])
+            ip_a = p[b : b + 4].tobytes()  # version, traffic class, flow label
+            ip_b = p[b + 7]  # hop limit
         else:
             return None
         t = b + iph
@@ -220,14 +239,14 @@ class Coalescer:
             if thl < 20 or hl >= n or flags not in _MERGEABLE_FLAGS:
                 return None
             opts = p[t + 20 : t + thl].tobytes() if thl > 20 else b""
-            return key, proto, iph, hl, seq, flags, (ipsig, ack, window, doff, opts)
+            return key, proto, iph, hl, seq, flags, (ip_a, ip_b, ack, window, doff, opts)
         if proto == IPPROTO_UDP and self.udp:
             hl = iph + 8
             if hl >= n or _H.unpack_from(p, t + 4)[0] != n - iph:
                 return None
             if v == 4 and _H.unpack_from(p, t + 6)[0] == 0:
                 return None  # no checksum to vouch for the data
-            return key, proto, iph, hl, 0, _ACK, (ipsig,)
+            return key, proto, iph, hl, 0, _ACK, (ip_a, ip_b)
         return None
 
     def _finish(self, g: _Group) -> None:
