@@ -47,10 +47,19 @@ def default_interface(config_path: str) -> str:
 
 
 def default_workers() -> int:
+    """Usable cores: CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def cmd_run(args: argparse.Namespace) -> int:

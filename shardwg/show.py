@@ -54,6 +54,9 @@ def render(st: GatewayStatus) -> str:
         f"  workers: {st.workers} (supervisor pid {st.supervisor_pid}, up {st.uptime:.0f} s)"
         + ("  UNDER LOAD (cookies required)" if st.under_load else ""),
     ]
+    if not st.running:
+        lines.insert(1, "  NOT RUNNING: the supervisor is gone; this is a stale region "
+                        "(removed at the next start on this interface)")  # fmt: skip
     for p in st.peers:
         lines += ["", f"peer: {p.public_key}", f"  worker: {p.owner}"]
         if p.endpoint:

@@ -68,6 +68,7 @@ class GatewayStatus(msgspec.Struct):
     workers: int
     supervisor_pid: int
     uptime: float
+    running: bool  # the supervisor is alive (False: a crashed gateway's leftover region)
     under_load: bool
     peers: list[PeerStatus]
     worker_stats: list[WorkerStatus]
@@ -182,6 +183,7 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         workers=len(workers),
         supervisor_pid=g.supervisor_pid if g else 0,
         uptime=round(time.time() - g.started_wall, 1) if g else 0.0,
+        running=bool(g and _alive(g.supervisor_pid)),
         under_load=bool(g and g.under_load_until > now),
         peers=peers,
         worker_stats=workers,

@@ -105,6 +105,13 @@ def _enable_ipv6(name: str) -> None:
             f.write("0")
     except FileNotFoundError:
         return  # IPv6 is off in this kernel: the address add reports it
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"IPv6 is disabled on {name} and {path} cannot be written ({exc.strerror}); "
+            "set net.ipv6.conf.default.disable_ipv6=0 (e.g. a container sysctl) "
+            "or remove the IPv6 Address",
+        ) from exc
 
 
 def add_addresses(name: str, addresses: list[str]) -> None:
