@@ -45,7 +45,6 @@ _I = struct.Struct("!I")
 _TCP_FIN = 0x01
 _TCP_PSH = 0x08
 _TCP_CWR = 0x80
-_FOLD_FROM = 2048  # payloads this long go through sum16's folding
 _GSO_TYPES = {
     GSO_TCPV4: IPPROTO_TCP,
     GSO_TCPV4 | GSO_ECN: IPPROTO_TCP,
@@ -198,12 +197,7 @@ def _split_tcp(
         chunk = pkt[start:end]
         out[:hl] = template
         out[hl:total] = chunk
-        if end - start >= _FOLD_FROM:
-            data = sum16(chunk)
-        elif (end - start) & 1:
-            data = _from(chunk, "big") << 8
-        else:
-            data = _from(chunk, "big")
+        data = sum16(chunk)
         if version == 4:
             ident_i = (ident + i) & 0xFFFF
             pack_h(out, 2, total)
@@ -255,12 +249,7 @@ def _split_udp(
         chunk = pkt[start:end]
         out[:hl] = template
         out[hl:total] = chunk
-        if end - start >= _FOLD_FROM:
-            data = sum16(chunk)
-        elif (end - start) & 1:
-            data = _from(chunk, "big") << 8
-        else:
-            data = _from(chunk, "big")
+        data = sum16(chunk)
         if version == 4:
             ident_i = (ident + i) & 0xFFFF
             pack_h(out, 2, total)
