@@ -219,6 +219,7 @@ class Bench:
             return
         r.add(sec, key, "gbit_s", out["gbit_s"], "Gbit/s")
         r.add(sec, key, "retransmits", out["retransmits"], "segments")
+        r.add(sec, key, "machine_busy", out["machine_busy"], "fraction of all CPUs")
         cpu = ""
         for side in "ab":
             if f"cores_{side}" in out:
@@ -227,7 +228,8 @@ class Bench:
                       "cores per Gbit/s")  # fmt: skip
                 cpu += f", end {side.upper()} {out[f'cores_{side}']:.2f} cores"
         self.log(f"tcp {streams} stream(s): {out['gbit_s']:.3f} Gbit/s, "
-                 f"{out['retransmits']:.0f} retransmits{cpu}")  # fmt: skip
+                 f"{out['retransmits']:.0f} retransmits{cpu}; machine "
+                 f"{100 * out['machine_busy']:.0f}% busy")  # fmt: skip
 
     def handshakes(self, tag: str, cfg: str) -> None:
         kind, workers = HANDSHAKE_CONFIGS[cfg]
@@ -262,10 +264,13 @@ class Bench:
             self.log("tearing down")
         if out is None:
             return
-        for m, unit in (("gbit_s", "Gbit/s"), ("cores", "cores"), ("min_peer_gbit_s", "Gbit/s")):
+        units = {"gbit_s": "Gbit/s", "cores": "cores", "peer_cores": "cores",
+                 "machine_busy": "fraction of all CPUs", "min_peer_gbit_s": "Gbit/s"}  # fmt: skip
+        for m, unit in units.items():
             self.results.add("scaling", cfg, m, out[m], unit)
         self.log(f"4 peers x 1 TCP stream: {out['gbit_s']:.3f} Gbit/s in all, gateway "
-                 f"{out['cores']:.2f} cores")  # fmt: skip
+                 f"{out['cores']:.2f} cores, the 4 wireguard-go peers {out['peer_cores']:.2f} "
+                 f"cores, machine {100 * out['machine_busy']:.0f}% busy")  # fmt: skip
 
     # ---- output ---------------------------------------------------------------------------
 

@@ -84,6 +84,21 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in after.items())
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat; busy counts steal too (lost to us)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    total = sum(v[:8])  # user..steal; guest time is already inside user
+    return total - idle, total
+
+
+def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Fraction (0..1) of the whole machine's CPU busy between two machine_ticks()."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def _status_kib(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -24,6 +24,8 @@ from shardwg.lab.bench_measure import (
     children,
     cpu_delta,
     cpu_snapshot,
+    machine_busy,
+    machine_ticks,
     memory,
 )
 from shardwg.lab.harness import Harness
@@ -133,9 +135,12 @@ class Pair:
     def tcp(self, streams: int, seconds: float) -> dict[str, float]:
         """One iperf3 TCP run B -> A; throughput and each end's CPU cost of it."""
         job = IperfJob(self.a_ns, self.b_ns, self.addr_a, IPERF_PORT, seconds, streams)
+        job.start_server()
         snaps = [cpu_snapshot(e.tracked()) for e in self.ends]
-        run = job.run()
-        out: dict[str, float] = {"gbit_s": run.gbit_s, "retransmits": float(run.retransmits)}
+        ticks = machine_ticks()
+        run = job.start_client().finish()
+        out: dict[str, float] = {"gbit_s": run.gbit_s, "retransmits": float(run.retransmits),
+                                 "machine_busy": machine_busy(ticks, machine_ticks())}  # fmt: skip
         for e, before, side in zip(self.ends, snaps, "ab"[: len(self.ends)], strict=True):
             cores = cpu_delta(before, cpu_snapshot(e.tracked())) / max(run.seconds, 1e-9)
             out[f"cores_{side}"] = cores
@@ -151,8 +156,8 @@ class Pair:
         self, seconds: float, start_mbit: float = 50, max_mbit: float = 6400, say: Any = None
     ) -> dict[str, Any]:
         """Double the offered UDP rate until loss exceeds 1% (or iperf3 cannot offer more),
-        then one step between the last good and the first bad rate. Best = the highest received
-        packet rate among steps with <= 1% loss."""
+        then two bisection steps between the last good and the first bad rate. Best = the
+        highest received packet rate among steps with <= 1% loss."""
         steps: list[dict[str, float]] = []
 
         def step(mbit: float) -> dict[str, float]:
@@ -183,8 +188,14 @@ class Pair:
         if bad is not None and good is None:
             s = step(bad / 4)
             good = bad / 4 if s["loss_percent"] <= LOSS_LIMIT else None
-        if bad is not None and good is not None and bad / good > 1.3:
-            step(math.sqrt(bad * good))
+        for _ in range(2):  # bisect (geometrically) to within ~19% of the limit
+            if bad is None or good is None or bad / good <= 1.2:
+                break
+            mid = math.sqrt(bad * good)
+            if step(mid)["loss_percent"] <= LOSS_LIMIT:
+                good = mid
+            else:
+                bad = mid
         ok = [s for s in steps if s["loss_percent"] <= LOSS_LIMIT]
         best = max(ok, key=lambda s: s["received_pps"]) if ok else None
         return {"steps": steps, "best": best}
@@ -236,12 +247,17 @@ def scaling_run(
         if not ping_rtts(p.ns, star.gw_tunnel4, count=1, timeout=15):
             raise LabError(f"scaling: {p.name} got no reply through the tunnel")
     end = TunnelEnd("shardwg", gw_ns, gw.proc.pid)
+    peer_ends = [TunnelEnd("wggo", p.ns, p.wg.proc.pid) for p in star.peers
+                 if p.wg is not None and p.wg.proc is not None]  # fmt: skip
+    peer_procs = [t for e in peer_ends for t in e.tracked()]
     jobs = [IperfJob(gw_ns, p.ns, star.gw_tunnel4, IPERF_PORT + i, seconds)
             for i, p in enumerate(star.peers)]  # fmt: skip
     try:
         for j in jobs:
             j.start_server()
         before = cpu_snapshot(end.tracked())
+        peers_before = cpu_snapshot(peer_procs)
+        ticks = machine_ticks()
         t0 = time.monotonic()
         for j in jobs:
             j.start_client()
@@ -250,7 +266,8 @@ def scaling_run(
         for j in jobs:
             j.stop()
     wall = time.monotonic() - t0
+    busy = machine_busy(ticks, machine_ticks())
     cores = cpu_delta(before, cpu_snapshot(end.tracked())) / max(wall, 1e-9)
-    total = sum(r.gbit_s for r in runs)
-    out = {"gbit_s": total, "cores": cores, "min_peer_gbit_s": min(r.gbit_s for r in runs)}
-    return out
+    peer_cores = cpu_delta(peers_before, cpu_snapshot(peer_procs)) / max(wall, 1e-9)
+    return {"gbit_s": sum(r.gbit_s for r in runs), "cores": cores, "peer_cores": peer_cores,
+            "machine_busy": busy, "min_peer_gbit_s": min(r.gbit_s for r in runs)}  # fmt: skip

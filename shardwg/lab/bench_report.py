@@ -21,7 +21,11 @@ HS_LABELS = {"wggo": "wireguard-go", "shardwg-1w": "shardwg, 1 worker",
 
 
 def med(doc: Doc, section: str, config: str, metric: str) -> float | None:
-    """The median of a metric, or None when it was not measured (or is not finite)."""
+    """The median of a metric, or None when it was not measured (or is not finite).
+    A "_pct" suffix reads the fraction metric without it, times 100."""
+    if metric.endswith("_pct"):
+        v = med(doc, section, config, metric[: -len("_pct")])
+        return None if v is None else 100 * v
     try:
         v = doc["sections"][section][config][metric]["median"]
     except (KeyError, TypeError):
@@ -59,6 +63,7 @@ PAIR_ROWS: list[tuple[str, str, str, int]] = [
     ("CPU, end A (receiver), cores per Gbit/s, TCP 1", "cpu", "tcp1_cores_per_gbit_a", 2),
     ("CPU, end B (sender), cores per Gbit/s, TCP 1", "cpu", "tcp1_cores_per_gbit_b", 2),
     ("CPU, end A, cores per Gbit/s, TCP 4", "cpu", "tcp4_cores_per_gbit_a", 2),
+    ("machine busy during TCP 1 (% of all CPUs)", "tcp1", "machine_busy_pct", 0),
     ("RSS, end A, all processes (MiB)", "rss", "rss_mib_a", 1),
     ("PSS, end A, all processes (MiB)", "rss", "pss_mib_a", 1),
     ("RSS, end B, all processes (MiB)", "rss", "rss_mib_b", 1),
@@ -106,7 +111,8 @@ def scaling_table(doc: Doc) -> str:
     if not sec:
         return ""
     head = ["shardwg workers", "aggregate Gbit/s (4 peers × 1 TCP stream)", "slowest peer Gbit/s",
-            "gateway cores", "vs 1 worker"]  # fmt: skip
+            "gateway cores", "wireguard-go peers' cores", "machine busy",
+            "vs 1 worker"]  # fmt: skip
     lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
     one = med(doc, "scaling", "shardwg-1w", "gbit_s")
     for cfg, n in (("shardwg-1w", "1"), ("shardwg-2w", "2")):
@@ -114,7 +120,11 @@ def scaling_table(doc: Doc) -> str:
             g = med(doc, "scaling", cfg, "gbit_s")
             slowest = med(doc, "scaling", cfg, "min_peer_gbit_s")
             cores = med(doc, "scaling", cfg, "cores")
-            lines.append(_row([n, fmt(g, 3), fmt(slowest, 3), fmt(cores), fx(ratio(g, one))]))
+            peers = med(doc, "scaling", cfg, "peer_cores")
+            busy = med(doc, "scaling", cfg, "machine_busy_pct")
+            busy_text = "—" if busy is None else f"{busy:.0f}%"
+            lines.append(_row([n, fmt(g, 3), fmt(slowest, 3), fmt(cores), fmt(peers), busy_text,
+                               fx(ratio(g, one))]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -166,7 +176,7 @@ def footnotes(doc: Doc) -> list[str]:
     if x:
         per_hs = 3 * x["dh_us"] + x["base_us"]  # es, ee, se + the responder's ephemeral
         notes.append(
-            f"X25519 with the bindings shardwg uses (timeit, best of 3): {x['dh_us']:.1f} µs per "
+            f"X25519 with the bindings shardwg uses (timeit, best of 5): {x['dh_us']:.1f} µs per "
             f"DH, {x['base_us']:.1f} µs per public key. A responder does 3 DH + 1 public key per "
             f"handshake ({per_hs:.0f} µs): at most {1e6 / per_hs:,.0f} handshakes per "
             f"core-second before any hashing, AEAD or Python. The generator makes one initiation "
@@ -177,8 +187,8 @@ def footnotes(doc: Doc) -> list[str]:
         f"Medians of {reps} repetition(s), configurations alternating within each repetition; "
         "end A receives (iperf3 server), end B sends. CPU is utime+stime from /proc of the "
         "tunnel processes (wireguard-go; shardwg supervisor + its worker children). UDP: "
-        f"iperf3 -u -l 1392 -w 4M, offered rate doubled from 50 Mbit/s until loss > 1%, then one "
-        "step between. `veth, no tunnel` is the same test without WireGuard: the ceiling of "
+        f"iperf3 -u -l 1392 -w 4M, offered rate doubled from 50 Mbit/s until loss > 1%, then two "
+        "bisection steps. `veth, no tunnel` is the same test without WireGuard: the ceiling of "
         "this machine and of iperf3 itself."
     )
     errs = doc.get("errors") or []

@@ -278,7 +278,7 @@ def _own_cpu() -> float:
 
 
 def x25519_cost_us(number: int = 2000) -> dict[str, float]:
-    """Microseconds per X25519 operation with the bindings shardwg uses (timeit, best of 3),
+    """Microseconds per X25519 operation with the bindings shardwg uses (timeit, best of 5),
     and per complete initiation as this generator makes it."""
     priv = crypto.generate_private_key(os.urandom(32))
     pub = crypto.public_key(crypto.generate_private_key(os.urandom(32)))
@@ -288,7 +288,7 @@ def x25519_cost_us(number: int = 2000) -> dict[str, float]:
                CookieGenerator(b"\0" * 32, b"\0" * 32), 0)  # fmt: skip
 
     def best(fn: Callable[[], object], n: int) -> float:
-        return min(timeit.repeat(fn, number=n, repeat=3)) / n * 1e6
+        return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
 
     return {
         "dh_us": best(lambda: crypto.dh(priv, pub), number),
