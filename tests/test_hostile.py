@@ -23,6 +23,7 @@ from transfer import Transfer
 
 from shardwg.lab import hostile as H
 from shardwg.lab.ping import icmp_echo
+from shardwg.proto.constants import INITIATION_SIZE, MessageType
 from shardwg.status import GatewayStatus, read_status
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -83,15 +84,22 @@ def settle_counters() -> None:
     time.sleep(1.0)
 
 
-def capture_during(site: Site, count: int, traffic: Any, seconds: float = 15) -> list[bytes]:
+def capture_during(
+    site: Site, count: int, traffic: Any, seconds: float = 15, initiations: bool = False
+) -> list[bytes]:
     """Run traffic() while an AF_PACKET socket on the gateway's veth0 captures up to `count`
-    transport datagrams (data only, no keepalives) arriving from the peer."""
+    transport datagrams (data only, no keepalives), or handshake initiations, arriving from
+    the peer."""
     box: dict[str, Any] = {}
+    if initiations:
+        what: tuple[Any, ...] = (H.capture_messages, "veth0", GW_PORT, MessageType.INITIATION,
+                                 count, seconds, INITIATION_SIZE)  # fmt: skip
+    else:
+        what = (H.capture_transports, "veth0", GW_PORT, count, seconds)
 
     def cap() -> None:
         try:
-            box["got"] = site.gw_ns.call(H.capture_transports, "veth0", GW_PORT, count, seconds,
-                                         timeout=seconds + 10)  # fmt: skip
+            box["got"] = site.gw_ns.call(*what, timeout=seconds + 10)
         except BaseException as e:  # noqa: BLE001 - reported below
             box["err"] = e
 
@@ -134,7 +142,9 @@ def test_million_hostile_datagrams_during_honest_transfer(netns_factory: Harness
         captured = capture_during(site, 300, warmup)
         assert len(captured) >= 100, f"captured only {len(captured)} transport datagrams"
         kinds = hostile_payloads(random.Random(20240601), captured)
-        payloads = [p for ps in kinds.values() for p in ps]
+        # zero-length datagrams are left out here: the gateway does not count them at all
+        # (test_empty_datagrams_are_counted), which would unbalance the books below
+        payloads = [p for ps in kinds.values() for p in ps if p]
         random.Random(5).shuffle(payloads)
         target = 1_000_000
         before = snapshot(site)
@@ -179,6 +189,7 @@ def test_million_hostile_datagrams_during_honest_transfer(netns_factory: Harness
             f"{'ok' if result.ok else 'MISMATCH'}; honest bytes lost {lost}",
             f"payload kinds: {', '.join(f'{k} {len(v)}' for k, v in kinds.items())}",
             f"wall time {elapsed:.1f} s",
+            "kernel: " + ", ".join(f"{k} {v}" for k, v in sorted(net.items()) if v),
         ]
         print("\n" + "\n".join(lines))
 
@@ -259,7 +270,9 @@ def test_replayed_transport_is_never_delivered(netns_factory: Harness) -> None:
         settle_counters()
         m_drops = drop_delta(snapshot(site), before)
         assert sum(m_drops.values()) == len(mutated), m_drops
-        assert m_drops.get("replayed", 0) == 0 or m_drops.get("decrypt_failed", 0) > 0
+        # each original gave one counter-ahead forgery: it fails authentication (and the
+        # "after 50 newer packets" phase below shows the window did not jump ahead)
+        assert m_drops.get("decrypt_failed", 0) == 5, m_drops
         rows.append(("mutated", len(mutated), m_drops, len(mutated), 0))
         # the session moves on: 50 more echoes, then the old datagrams again
         assert peer_ns.call(icmp_echo, "10.0.0.1", 50, 10, 0.02, timeout=20) == 50
@@ -267,17 +280,54 @@ def test_replayed_transport_is_never_delivered(netns_factory: Harness) -> None:
         # a new handshake: the captured datagrams belong to an older session now
         hs0 = peer_wg.latest_handshake(site.gw_keys[1])
         time.sleep(1.1)  # latest-handshake has one-second resolution
-        peer_wg.set_peer(site.gw_keys[1], remove=True)
-        peer_wg.set_peer(site.gw_keys[1], allowed_ips=["10.0.0.0/24"],
-                         endpoint=f"10.99.0.1:{GW_PORT}")  # fmt: skip
-        assert ping(peer_ns, "10.0.0.1", count=2, timeout=10)
+
+        def new_handshake() -> None:
+            peer_wg.set_peer(site.gw_keys[1], remove=True)
+            peer_wg.set_peer(site.gw_keys[1], allowed_ips=["10.0.0.0/24"],
+                             endpoint=f"10.99.0.1:{GW_PORT}")  # fmt: skip
+            assert ping(peer_ns, "10.0.0.1", count=2, timeout=10)
+
+        initiation = capture_during(site, 1, new_handshake, seconds=10, initiations=True)
         assert peer_wg.latest_handshake(site.gw_keys[1]) > hs0
+        assert len(initiation) == 1, initiation
         phase("after a new handshake", shuffled, ("replayed", "unknown_index", "key_expired"))
+        # the honest initiation itself, replayed: its timestamp is not newer, so no response
+        # goes to the attacker, and the session and the endpoint stay
+        hs1 = peer_wg.latest_handshake(site.gw_keys[1])
+        phase("initiation, 5 copies", initiation * 5, ("stale_timestamp", "initiation_flood"))
+        assert ping(peer_ns, "10.0.0.1", count=2, timeout=10)
+        assert peer_wg.latest_handshake(site.gw_keys[1]) == hs1
         status = read_status(site.gw.ifname, interval=0)
         assert status.peers[0].endpoint == "10.99.0.2:51821", status.peers[0].endpoint
         assert ping(peer_ns, "10.0.0.1", count=3, timeout=10)
         print("\nreplay phase             sent  gateway rx  echo requests delivered  drops")
         for name, sent, drops, rx, echoes in rows:
             print(f"  {name:<24}{sent:>4}{rx:>12}{echoes:>25}  {drops}")
+    finally:
+        assert site.gw.stop() == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="since 38d2ffb shardwg/worker.py Worker._datagrams loops `while off < n` over a GRO "
+    "receive; a zero-length datagram arrives as n == 0 (udpgso.recv_gro returns (0, 0, addr)), "
+    "so it is neither counted in rx_packets nor dropped as too_short: it vanishes from the "
+    "books (before 38d2ffb it was counted as too_short)",
+)
+def test_empty_datagrams_are_counted(netns_factory: Harness) -> None:
+    site = build_site(netns_factory, 1, 2)
+    hx = add_hostile(netns_factory, site)
+    try:
+        assert ping(site.peers[0][0], "10.0.0.1", count=1, timeout=10), site.gw.log_text()
+        before = snapshot(site)
+        sent = hx.ns.call(H.blast, HOSTILE_GW, GW_PORT, [b""], 1000, sources=4, rate=5000).sent
+        settle_counters()
+        after = snapshot(site)
+        drops = drop_delta(after, before)
+        rx = after.rx_packets - before.rx_packets
+        arrived = H.diff(after.net, before.net)["hveth.rx_packets"]
+        print(f"\n{sent} empty datagrams sent, {arrived} arrived, gateway rx {rx}, drops {drops}")
+        assert sent == 1000 and arrived >= 1000
+        assert drops.get("too_short", 0) == 1000 and rx >= 1000, (rx, drops)
     finally:
         assert site.gw.stop() == 0

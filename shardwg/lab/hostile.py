@@ -442,16 +442,32 @@ class Sniffer:
         self.sock.close()
 
 
-def capture_transports(ifname: str, port: int, count: int, seconds: float,
-                       min_size: int = TRANSPORT_MIN_SIZE + 1) -> list[bytes]:  # fmt: skip
-    """Transport datagrams to UDP `port` seen arriving on ifname (a gateway-side veth), at
-    least min_size long (default: skip keepalives). Call from a thread while traffic flows."""
-    sn = Sniffer(ifname, port, src_port=False, first_word=int(MessageType.TRANSPORT) << 24,
+def capture_messages(
+    ifname: str,
+    port: int,
+    mtype: int,
+    count: int,
+    seconds: float,
+    size: int | None = None,
+    min_size: int | None = None,
+) -> list[bytes]:
+    """WireGuard messages of type `mtype` to UDP `port` seen arriving on ifname (a gateway-side
+    veth), of exactly `size` or at least `min_size` bytes. Call from a thread while traffic
+    flows; returns after `count` or `seconds`."""
+    sn = Sniffer(ifname, port, src_port=False, first_word=int(mtype) << 24, size=size,
                  min_size=min_size)  # fmt: skip
     try:
         return sn.capture(count, seconds, outgoing=False)
     finally:
         sn.close()
+
+
+def capture_transports(ifname: str, port: int, count: int, seconds: float,
+                       min_size: int = TRANSPORT_MIN_SIZE + 1) -> list[bytes]:  # fmt: skip
+    """Transport datagrams at least min_size long (default: no keepalives); see
+    capture_messages."""
+    return capture_messages(ifname, port, MessageType.TRANSPORT, count, seconds,
+                            min_size=min_size)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- cookies
