@@ -64,9 +64,11 @@ from shardwg.shm.publisher import SessionPublisher
 log = logging.getLogger("shardwg.worker")
 
 BATCH = 64  # packets read from one source per turn (and decrypted per coalesced TUN write)
-GRO_READS = 8  # GRO receives per socket per turn (each up to 64 datagrams of one sender)
-HANDSHAKE_BUDGET = 16  # handshake messages processed per turn
+MAX_RECVS = 64  # receives per socket per turn (GRO: each may hold many datagrams)
+HANDSHAKE_BUDGET = 16  # handshake messages processed per turn...
+HANDSHAKE_BUDGET_BUSY = 4  # ...or this many when the turn also carried transport data
 HANDSHAKE_QUEUE_MAX = 4096  # bounded backlog; beyond it handshake messages are dropped
+PRIORITY_QUEUE_MAX = 64
 TICK_INTERVAL = 0.05  # timer resolution
 PUBLISH_INTERVAL = 1.0  # traffic counters and endpoints republished at most this often
 PLAIN_HEADROOM = 64  # spare bytes after a packet for padding
@@ -104,6 +106,10 @@ class Worker:
         self.wall_clock = wall_clock
         self.running = True
         self.handshake_queue: deque[tuple[bytes, Any, bool]] = deque()
+        # Under load, initiations with a valid mac2 (the sender answered our cookie, so its
+        # address is real) skip the flood waiting in handshake_queue.
+        self.priority_queue: deque[tuple[bytes, Any, bool]] = deque()
+        self._turn_data = 0  # transport datagrams handled this turn
         self.on_tick: Callable[[Worker, float, float], None] | None = None
         # Control messages from the supervisor; returns False to stop the worker.
         self.on_control: Callable[[bytes, float, float], bool] | None = None
@@ -191,14 +197,23 @@ class Worker:
 
     # ------------------------------------------------------------------ inbound
     def read_udp(self, sock: socket.socket, now: float, wall: float) -> int:
-        """Up to GRO_READS receives; each may hold many datagrams of one sender."""
+        """Read until BATCH datagrams (not receives: a flood from many sources gets one
+        datagram per receive, and the handshake backlog must be able to build up to
+        engage under-load mode) or the socket is empty."""
         total = 0
-        for _ in range(GRO_READS):
+        for _ in range(MAX_RECVS):
             got = udpgso.recv_gro(sock, self._gro_view)
             if got is None:
                 break
             n, seg, addr = got
-            total += self._datagrams(n, seg, addr, now, wall)
+            if n == 0:  # an empty datagram: counted like any other, dropped as too short
+                self.v[C.RX_PACKETS] += 1
+                self.v[_DROP_BASE + DropReason.TOO_SHORT] += 1
+                total += 1
+            else:
+                total += self._datagrams(n, seg, addr, now, wall)
+            if total >= BATCH:
+                break
         return total
 
     def _datagrams(self, n: int, seg: int, addr: Any, now: float, wall: float) -> int:
@@ -220,6 +235,7 @@ class Worker:
             try:
                 mtype = classify(view, size)
                 if mtype == MessageType.TRANSPORT:
+                    self._turn_data += 1
                     res = dev.receive_transport(view, size, addr, dec[k], now, wall)
                     if res > 0:
                         dec_sizes[k] = res
@@ -230,7 +246,7 @@ class Worker:
                     elif res < 0:
                         v[_DROP_BASE - 1 - res] += 1
                 elif mtype > 0:
-                    self._queue_handshake(bytes(view), addr, False)
+                    self._queue_handshake(view, addr, False, now)
                 else:
                     v[_DROP_BASE - 1 - mtype] += 1
             except Exception:  # one bad packet never drops the rest of the batch
@@ -247,20 +263,41 @@ class Worker:
             if not tun_io.write_packet(tun_fd, view[:length]):
                 self.v[_DROP_BASE + DropReason.TUN_WRITE_ERROR] += 1
 
-    def _queue_handshake(self, msg: bytes, addr: Any, screened: bool) -> None:
-        if len(self.handshake_queue) >= HANDSHAKE_QUEUE_MAX:
-            self.drop(DropReason.RATE_LIMITED)
+    def _queue_handshake(
+        self, msg: bytes | memoryview, addr: Any, screened: bool, now: float
+    ) -> None:
+        """Queue a handshake message (copied out of the receive buffer only if kept).
+
+        The priority lane takes what has proven its source: under load, initiations with a
+        valid mac2, and initiations another worker screened and handed to us (their owner).
+        """
+        intake = self.device.intake
+        if len(self.priority_queue) < PRIORITY_QUEUE_MAX and (
+            screened
+            or (
+                msg[0] == MessageType.INITIATION
+                and intake.under_load(now)
+                and intake.checker.check_mac2(msg, udp_io.sockaddr_bytes(addr), now)
+            )
+        ):
+            self.priority_queue.append((bytes(msg), addr, screened))
+        elif len(self.handshake_queue) >= HANDSHAKE_QUEUE_MAX:
+            self.drop(DropReason.HANDSHAKE_QUEUE_FULL)
         else:
-            self.handshake_queue.append((msg, addr, screened))
+            self.handshake_queue.append((bytes(msg), addr, screened))
 
     def process_handshakes(self, now: float, wall: float) -> None:
         queue = self.handshake_queue
-        if not queue:
+        prio = self.priority_queue
+        busy = self._turn_data
+        self._turn_data = 0
+        if not queue and not prio:
             return
         dev = self.device
         dev.intake.note_backlog(len(queue), now)
-        for _ in range(min(HANDSHAKE_BUDGET, len(queue))):
-            msg, addr, screened = queue.popleft()
+        budget = HANDSHAKE_BUDGET_BUSY if busy else HANDSHAKE_BUDGET
+        for _ in range(min(budget, len(queue) + len(prio))):
+            msg, addr, screened = prio.popleft() if prio else queue.popleft()
             self.v[C.HANDSHAKES_RECEIVED] += 1
             try:
                 result = dev.receive_handshake(
@@ -375,7 +412,7 @@ class Worker:
             for i in range(n):
                 if self._pk_kinds[i] == HandoffKind.INITIATION:
                     msg, addr = unpack_initiation(self._pk_pkt[i][: self._pk_sizes[i]])
-                    self._queue_handshake(msg, addr, True)
+                    self._queue_handshake(msg, addr, True, now)
                 else:
                     packets += 1
             if packets == n:
@@ -430,7 +467,8 @@ class Worker:
         counters = self.counters
         try:
             while self.running:
-                timeout = 0.0 if self.handshake_queue else max(0.0, next_tick - self.clock())
+                pending = self.handshake_queue or self.priority_queue
+                timeout = 0.0 if pending else max(0.0, next_tick - self.clock())
                 try:
                     ready = ep.poll(min(timeout, TICK_INTERVAL))
                 except InterruptedError:

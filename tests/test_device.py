@@ -102,3 +102,23 @@ def test_ipv6_inner_packet() -> None:
     p.send(p.a, pkt)
     p.pump()
     assert p.delivered_b == [pkt]
+
+
+def test_cookie_replies_are_budgeted_under_load() -> None:
+    """Under load an initiation without mac2 gets a cookie reply, up to a per-worker budget."""
+    p = Pair()
+    p.b.intake.forced_load = True
+    p.b.intake.cookie_rate = 10.0
+    replies = 0
+    for i in range(30):
+        p.peer_b.last_initiation_sent = -1e9
+        p.wall += 1
+        p.peer_b.send_initiation(p.now, p.wall)
+        _peer, init = p.a.outbox.pop()
+        src = bytes([192, 0, 2, 1]) + (51820).to_bytes(2, "big")
+        result = p.b.receive_handshake(init, ("192.0.2.1", 51820), src, p.now + i * 0.001, p.wall)
+        if isinstance(result, bytes):
+            replies += 1
+        else:
+            assert result == DropReason.COOKIE_REQUIRED
+    assert 9 <= replies <= 12  # the bucket's burst, plus what 30 ms refill

@@ -108,6 +108,7 @@ class DropReason(IntEnum):
     BAD_COOKIE_REPLY = 22
     UNEXPECTED_RESPONSE = 23
     INTERNAL_ERROR = 24
+    HANDSHAKE_QUEUE_FULL = 25  # handshake backlog at its bound: dropped before any work
 
 
 DROP_REASON_COUNT = len(DropReason)

@@ -19,6 +19,7 @@ from shardwg.proto.noise import LocalIdentity
 from shardwg.proto.ratelimiter import RateLimiter
 
 RandomBytes = Callable[[int], bytes]
+COOKIE_REPLIES_PER_SECOND = 3000.0  # per intake (worker): a flood cannot buy more of our CPU
 
 
 class HandshakeIntake:
@@ -29,6 +30,9 @@ class HandshakeIntake:
         self.limiter = RateLimiter()
         self.under_load_until = -1.0
         self.forced_load = False  # set from outside (shared under-load flag, tests)
+        self.cookie_rate = COOKIE_REPLIES_PER_SECOND
+        self._cookie_tokens = COOKIE_REPLIES_PER_SECOND
+        self._cookie_time = 0.0
 
     def note_backlog(self, backlog: int, now: float) -> None:
         """Enter under-load mode for a second when the handshake backlog is deep."""
@@ -47,7 +51,21 @@ class HandshakeIntake:
             return DropReason.BAD_MAC1
         if self.under_load(now):
             if not self.checker.check_mac2(msg, source, now):
+                if not self._cookie_budget(now):
+                    return DropReason.COOKIE_REQUIRED  # over budget: dropped without a reply
                 return self.checker.create_reply(msg, source, now)
             if not self.limiter.allow(source[:-2], now):
                 return DropReason.RATE_LIMITED
         return None
+
+    def _cookie_budget(self, now: float) -> bool:
+        """Token bucket on cookie replies: each costs an XChaCha20 seal and a send, and a
+        spoofed flood never uses them; honest peers retry every 5 s and get one in time."""
+        rate = self.cookie_rate
+        tokens = min(rate, self._cookie_tokens + (now - self._cookie_time) * rate)
+        self._cookie_time = now
+        if tokens < 1.0:
+            self._cookie_tokens = tokens
+            return False
+        self._cookie_tokens = tokens - 1.0
+        return True
