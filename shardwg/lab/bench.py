@@ -139,6 +139,11 @@ class Bench:
 
     def run(self) -> None:
         a = self.args
+        self.meta["loadavg_start"] = os.getloadavg()
+        if self.meta["loadavg_start"][0] > 0.5:
+            self.log(f"WARNING: load average {self.meta['loadavg_start'][0]:.2f} before the "
+                     "start: other work shares these CPUs, numbers will be lower and "
+                     "noisier")  # fmt: skip
         self.log(f"sections {','.join(s for s in SECTIONS if s in self.only)}; {a.reps} "
                  f"repetition(s), {a.seconds:g} s per iperf3 run, {a.udp_seconds:g} s per UDP "
                  f"step, {a.hs_seconds:g} s per handshake run; about "
@@ -288,6 +293,7 @@ class Bench:
                 "pair_workers": self.args.workers,
                 "sections": [s for s in SECTIONS if s in self.only],
                 "runtime_s": round(time.monotonic() - self.started, 1),
+                "loadavg_end": os.getloadavg(),
                 "status": status,
             },
             "sections": self.results.sections(),

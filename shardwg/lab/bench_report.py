@@ -191,6 +191,10 @@ def footnotes(doc: Doc) -> list[str]:
         "bisection steps. `veth, no tunnel` is the same test without WireGuard: the ceiling of "
         "this machine and of iperf3 itself."
     )
+    la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
+    if la0 and la1:
+        notes.append(f"Load average (1 min) {la0[0]:.2f} at the start, {la1[0]:.2f} at the end; "
+                     "above ~0.5 at the start means something else was running.")  # fmt: skip
     errs = doc.get("errors") or []
     if errs:
         notes.append(f"{len(errs)} measurement(s) failed and are left out: see `errors` in the "
@@ -261,7 +265,7 @@ def chart(doc: Doc, path: Path) -> Path:
                        color="black", zorder=3)  # fmt: skip
         for x, m in zip(xs, meds, strict=True):
             text = f"{m:,.0f}" if m >= 100 else f"{m:.3g}"
-            ax.annotate(text, (x, m), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+            ax.annotate(text, (x, m), ha="left", va="bottom", fontsize=8, xytext=(4, 1),
                         textcoords="offset points")  # fmt: skip
         ax.set_xticks(xs, [SHORT[c] for c, _s in shown], fontsize=8)
         ax.margins(y=0.15)
