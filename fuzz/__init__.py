@@ -1,0 +1,1 @@
+"""Fuzz targets, seed corpus and runner for shardwg's attacker-facing parsers (see README)."""
