@@ -152,10 +152,6 @@ def test_mutate_reaches_every_edit() -> None:
 # strict xfail until the owner fixes them (then the xfail turns into a failure: delete it).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RateLimiter.gc is never called (shardwg/proto/ratelimiter.py, device.py, worker.py)",
-)
 def test_rate_limiter_table_recovers_after_idle() -> None:
     """Found while reviewing the handshake DoS path for SECURITY.md (not by the fuzzer).
 

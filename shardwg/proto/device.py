@@ -81,6 +81,7 @@ class Device:
         self.intake = HandshakeIntake(self.local, random_bytes)
         self.outbox: list[tuple[Peer, bytes]] = []
         self.events: list[tuple[Peer, PeerEvent]] = []
+        self._next_gc = 0.0
 
     # ------------------------------------------------------------------ configuration
     def add_peer(
@@ -288,6 +289,11 @@ class Device:
         return result
 
     def tick(self, now: float, wall: float) -> None:
+        if now >= self._next_gc:
+            # Forget idle rate-limiter sources (as wireguard-go does every second), or a
+            # full table would refuse every new source for good.
+            self.intake.limiter.gc(now)
+            self._next_gc = now + 1.0
         for peer in self.peers.values():
             if now >= peer.next_deadline():
                 peer.tick(now, wall)
