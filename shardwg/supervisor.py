@@ -20,6 +20,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -100,6 +101,7 @@ class Supervisor:
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
         n = self.workers
+        _no_core_dumps()
         self.live = LiveConfig(self, self.config_path)
         self.uapi = UapiServer(self.ifname, self.live)
         try:
@@ -467,6 +469,21 @@ def _reaped(pid: int) -> bool:
     except ChildProcessError:
         return True
     return done == pid
+
+
+def _no_core_dumps() -> None:
+    """Keys live on the Python heap too: no core dumps, and no ptrace by other users
+    (RLIMIT_CORE=0 and PR_SET_DUMPABLE=0, inherited by every worker)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.debug("RLIMIT_CORE not set: %s", exc)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+    except (OSError, AttributeError) as exc:
+        log.debug("PR_SET_DUMPABLE not cleared: %s", exc)
 
 
 def _set_parent_death_signal() -> None:

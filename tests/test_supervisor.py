@@ -88,3 +88,21 @@ def test_restart_storm_stops_the_gateway(netns_factory: Harness) -> None:
         assert len(killed) == 5
     finally:
         site.gw.stop()
+
+
+def test_no_core_dumps_for_gateway_processes(netns_factory: Harness) -> None:
+    site = build_site(netns_factory, 1, 2)
+    try:
+        shm = ShmView(site.gw.ifname)
+        try:
+            pids = [site.gw.proc.pid] + [w.pid for w in shm.workers()]
+        finally:
+            shm.close()
+        for pid in pids:
+            limits = open(f"/proc/{pid}/limits").read()
+            core = next(line for line in limits.splitlines() if line.startswith("Max core"))
+            assert core.split()[4:6] == ["0", "0"], core
+            # PR_SET_DUMPABLE=0 makes /proc/<pid> owned by root:root
+            assert os.stat(f"/proc/{pid}").st_uid == 0
+    finally:
+        assert site.gw.stop() == 0
