@@ -95,6 +95,7 @@ def test_no_core_dumps_for_gateway_processes(netns_factory: Harness) -> None:
     try:
         shm = ShmView(site.gw.ifname)
         try:
+            assert wait_for(lambda: all(w.pid for w in shm.workers()), 5)
             pids = [site.gw.proc.pid] + [w.pid for w in shm.workers()]
         finally:
             shm.close()
