@@ -292,6 +292,13 @@ class Soak:
                     t.fail(f"workers restarted during the soak: {restarts}")
             except StatusError as e:
                 t.fail(f"status unreadable: {e}")
+        if t.failures and gw is not None:
+            keys = ("WARNING", "ERROR", "CRITICAL", "stuck", "exited", "Traceback", "Error")
+            notable = [ln for ln in gw.log_text().splitlines() if any(k in ln for k in keys)]
+            if notable:
+                say("    gateway log, notable lines (last 40):")
+                for ln in notable[-40:]:
+                    say(f"      {ln}")
         samples = self.sampler.samples if self.sampler else []
         say("    RSS samples (s: total MiB = supervisor + workers):")
         for s in samples:
