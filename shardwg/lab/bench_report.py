@@ -160,7 +160,7 @@ def targets(doc: Doc) -> list[dict[str, Any]]:
 def targets_table(doc: Doc) -> str:
     lines = [_row(["target", "goal", "measured", "verdict"]), _row(["---", "---:", "---:", "---"])]
     for t in doc.get("targets") or targets(doc):
-        unit = t["unit"]
+        unit = f" {t['unit']}" if t["unit"].isalpha() else t["unit"]
         digits = 0 if t["goal"] >= 100 else 2
         goal = ("≥ " if t["higher_is_better"] else "≤ ") + f"{fmt(t['goal'], digits)}{unit}"
         value = "not measured" if t["value"] is None else f"{fmt(t['value'], digits)}{unit}"
