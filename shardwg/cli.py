@@ -92,7 +92,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return 2
-    sup = Supervisor(cfg, ifname, workers, config_path=args.config, metrics_addr=metrics_addr)
+    sup = Supervisor(
+        cfg,
+        ifname,
+        workers,
+        config_path=args.config,
+        metrics_addr=metrics_addr,
+        tun_offload=args.tun_offload,
+    )
     try:
         sup.start()
     except (GatewayError, SupervisorError) as exc:
@@ -161,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--interface", "-i", help="interface name (default: config file stem)")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--tun-offload",
+        action="store_true",
+        help="TSO/USO on the TUN: read 64 KiB super-packets and split them (see performance.md)",
+    )
     run.add_argument(
         "--metrics", metavar="ADDR:PORT", help="serve /metrics and /healthz (e.g. 127.0.0.1:9586)"
     )

@@ -16,12 +16,22 @@ from shardwg.config import Config
 from shardwg.io import netlink
 from shardwg.io.tun import TunDevice
 from shardwg.io.udp import open_udp_group
+from shardwg.io.vnet import TUN_F_TCP, TUN_F_UDP
 
 log = logging.getLogger("shardwg.gateway")
 
 
 class GatewayError(Exception):
     """A setup problem the user must fix (shown without a traceback)."""
+
+
+def tun_offload_flags(tun: TunDevice) -> int:
+    """TSO4/6 + CSUM, and USO4/6 where the kernel has it (Linux >= 6.2)."""
+    try:
+        tun.set_offload(TUN_F_TCP | TUN_F_UDP)
+        return TUN_F_TCP | TUN_F_UDP
+    except OSError:
+        return TUN_F_TCP
 
 
 def routing_table(cfg: Config) -> int | None | str:
@@ -43,23 +53,28 @@ class Gateway:
     udp4: list[socket.socket] = field(default_factory=list)
     udp6: list[socket.socket] = field(default_factory=list)
     port: int = 0
+    tun_offload: bool = False
 
     def open(self) -> None:
         if netlink.link_exists(self.ifname):
             raise GatewayError(f"interface {self.ifname} already exists (another instance?)")
         cfg = self.config.interface
         try:
-            # IFF_VNET_HDR with every offload off: reads are plain packets whose checksums
-            # the kernel finished (cheaper than finishing them in Python), while writes
-            # may be coalesced TCP super-packets (one write instead of dozens).
+            # IFF_VNET_HDR. By default every offload is off: reads are plain packets whose
+            # checksums the kernel finished (cheaper than finishing them in Python: measured
+            # in docs/performance.md), while writes may be coalesced TCP super-packets.
+            # --tun-offload turns on TSO/USO + CSUM: reads are then up to 64 KiB super-packets
+            # that the worker splits and checksums before sealing.
             self.tun = TunDevice.create(
                 self.ifname, queues=self.workers, multi_queue=True, vnet_hdr=True
             )
-            self.tun.set_offload(0)
+            self.tun.set_offload(tun_offload_flags(self.tun) if self.tun_offload else 0)
         except OSError as exc:
             raise GatewayError(f"cannot create TUN {self.ifname}: {exc}") from exc
         try:
             netlink.add_addresses(self.ifname, list(cfg.addresses))
+            if self.tun_offload:
+                netlink.set_gso_max_segs(self.ifname, 64)
             netlink.set_link_up(self.ifname, cfg.mtu)
             table = routing_table(self.config)
             if table != "off":

@@ -92,6 +92,7 @@ class Supervisor:
     live: LiveConfig | None = None
     uapi: UapiServer | None = None
     metrics_addr: tuple[str, int] | None = None
+    tun_offload: bool = False
     metrics: MetricsServer | None = None
     _stop: bool = False
     _wake_r: int = -1
@@ -120,7 +121,7 @@ class Supervisor:
         buf = self.region.buf
         self.layout.write_to(buf)
         self.slot_of = {p.public_key: i for i, p in enumerate(self.config.peers)}
-        self.gateway = Gateway(self.config, self.ifname, n)
+        self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
         try:
             self.gateway.open()
             for group in (self.gateway.udp4, self.gateway.udp6):

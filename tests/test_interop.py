@@ -45,6 +45,7 @@ def start_pair(
     v6_underlay: bool = False,
     workers: int = 1,
     gw_keepalive: int = 0,
+    gw_args: list[str] | None = None,
 ) -> tuple[ShardwgGateway, Any]:
     gw_ep = "[fd99::1]" if v6_underlay else "10.99.0.1"
     peer_ep = "[fd99::2]" if v6_underlay else "10.99.0.2"
@@ -75,6 +76,7 @@ def start_pair(
         }],
         ["10.0.0.1/24", "fd00::1/64"],
         workers=workers,
+        extra_args=gw_args,
     )  # fmt: skip
     return gw, wg
 
@@ -117,6 +119,24 @@ def test_tcp_20mb_sha256(netns_factory: Harness, topo: Topology, direction: str)
         assert n == 20 * 1024 * 1024
         assert sent == received
         print(f"{direction}: 20 MiB in {secs:.2f} s = {n * 8 / secs / 1e6:.0f} Mbit/s")
+    finally:
+        assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("direction", ["gw_to_peer", "peer_to_gw"])
+def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction: str) -> None:
+    """--tun-offload: TSO/USO super-packets from the TUN are split and checksummed by us."""
+    gw, _wg = start_pair(netns_factory, topo, gw_initiates=direction == "gw_to_peer",
+                         workers=2, gw_args=["--tun-offload"])  # fmt: skip
+    try:
+        if direction == "gw_to_peer":
+            tr = Transfer(topo.peer_ns, topo.gw_ns, "10.0.0.2", 5203, 20 * 1024 * 1024)
+        else:
+            tr = Transfer(topo.gw_ns, topo.peer_ns, "10.0.0.1", 5203, 20 * 1024 * 1024)
+        sent, received, n, secs = tr.run()
+        assert n == 20 * 1024 * 1024 and sent == received
+        assert ping(topo.gw_ns, "fd00::2", count=2, timeout=10)  # IPv6 through split too
+        print(f"offload {direction}: {n * 8 / secs / 1e6:.0f} Mbit/s")
     finally:
         assert gw.stop() == 0
 

@@ -94,6 +94,13 @@ def set_link_up(name: str, mtu: int) -> None:
         ipr.link("set", index=_index(ipr, name), mtu=mtu, state="up")
 
 
+def set_gso_max_segs(name: str, segs: int) -> None:
+    """Cap the segments of a GSO super-packet the kernel hands this link (TUN offloads:
+    the worker splits each into a fixed set of buffers)."""
+    with _ipr() as ipr:
+        ipr.link("set", index=_index(ipr, name), gso_max_segs=segs)
+
+
 def _enable_ipv6(name: str) -> None:
     """A link with disable_ipv6=1 refuses IPv6 addresses (EACCES): flip it (per-netns sysctl)."""
     path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
