@@ -50,7 +50,9 @@ from shardwg.uapi.server import UapiServer
 
 log = logging.getLogger("shardwg.supervisor")
 
-STUCK_AFTER = 2.0  # seconds without a heartbeat before a worker is killed and replaced
+STUCK_AFTER = 3.0  # seconds without a heartbeat before a worker is killed and replaced
+# (a dead worker is replaced at once through SIGCHLD; this only catches a hung one, and a
+# saturated 2-core box was seen to starve a healthy worker for 2 s under a flood)
 BOOT_GRACE = 5.0  # a new worker has this long to send its first heartbeat
 QUICK_DEATH = 2.0  # a worker dying sooner than this after start counts towards a storm
 STORM_LIMIT = 5  # consecutive quick deaths of one worker slot that stop the gateway

@@ -259,7 +259,9 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         print("\n" + "\n".join(lines))
 
         assert site.gw.proc.poll() is None, site.gw.log_text()
-        assert all(w.alive and w.restarts == 0 for w in after.status.worker_stats)
+        assert all(w.alive and w.restarts == 0 for w in after.status.worker_stats), "\n".join(
+            line for line in site.gw.log_text().splitlines() if "WARNING" in line or "ERROR" in line
+        )
         # under-load mode engaged and cookies went out instead of handshakes
         assert any(sampler.under_load), sampler.under_load  # `shardwg show --json` says so
         assert drops.get("cookie_required", 0) > report.flood.sent * 0.15, drops
