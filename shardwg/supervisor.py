@@ -393,21 +393,7 @@ class Supervisor:
         self._stop = True
         if self.live is not None:
             self.live.save()
-        live = [s for s in self.slots if s.pid]
-        for s in live:
-            _signal(s.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3.0
-        while any(s.pid for s in live) and time.monotonic() < deadline:
-            for s in live:
-                if s.pid and _reaped(s.pid):
-                    s.pid = 0
-            time.sleep(0.02)
-        for s in live:
-            if s.pid:
-                _kill(s.pid)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(s.pid, 0)
-                s.pid = 0
+        self._stop_workers()
         self._teardown()
 
     def _teardown(self) -> None:
