@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from shardwg.lab.harness import Harness
+from shardwg.lab.hostile import rss_kib
 from shardwg.lab.keys import keypair
 from shardwg.lab.netns import root_netns_problem
 from shardwg.lab.ping import ping
@@ -41,18 +42,6 @@ MiB = 1 << 20
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of pid in KiB, 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass
