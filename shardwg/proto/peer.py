@@ -13,6 +13,7 @@ The hot path only calls `sent_data` and `received` per packet.
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
@@ -80,6 +81,7 @@ class Peer:
         self.cookie = cookie_mod.CookieGenerator(crypto.mac1_key, crypto.cookie_key)
         self.table = table
         self.random_bytes = random_bytes
+        self._rng = random.Random(int.from_bytes(random_bytes(8), "little"))
         self.endpoint = endpoint
         self.persistent_keepalive = persistent_keepalive
         self.mtu = mtu
@@ -116,8 +118,9 @@ class Peer:
 
     # ------------------------------------------------------------------ helpers
     def _jitter(self) -> float:
-        r = int.from_bytes(self.random_bytes(2), "little")
-        return (r / 65536.0) * REKEY_TIMEOUT_JITTER_MAX
+        """Timer jitter needs no secret randomness: a PRNG seeded once from the injected
+        source (the data path re-arms a timer after every receive, so this stays cheap)."""
+        return self._rng.random() * REKEY_TIMEOUT_JITTER_MAX
 
     def _sent_authenticated(self, now: float) -> None:
         """timersAnyAuthenticatedPacketSent + Traversal."""
