@@ -152,6 +152,17 @@ def _ip_fixed(pkt: memoryview, version: int, cs: int) -> tuple[int, int]:
     return sum16(pkt[_B : _B + cs]) - words, ident
 
 
+def _fix_ip(out: memoryview, version: int, total: int, ident: int, ip_fixed: int) -> None:
+    """One segment's IP header: IPv4 total length, ID and header checksum (from the
+    precomputed sum of the fixed words); IPv6 payload length."""
+    if version == 4:
+        _H.pack_into(out, 2, total)
+        _H.pack_into(out, 4, ident)
+        _H.pack_into(out, 10, finish(ip_fixed + total + ident))
+    else:
+        _H.pack_into(out, 4, total - 40)
+
+
 def _split_tcp(
     pkt: memoryview,
     length: int,
@@ -198,13 +209,7 @@ def _split_tcp(
         out[:hl] = template
         out[hl:total] = chunk
         data = sum16(chunk)
-        if version == 4:
-            ident_i = (ident + i) & 0xFFFF
-            pack_h(out, 2, total)
-            pack_h(out, 4, ident_i)
-            pack_h(out, 10, finish(ip_fixed + total + ident_i))
-        else:
-            pack_h(out, 4, total - 40)
+        _fix_ip(out, version, total, (ident + i) & 0xFFFF, ip_fixed)
         seq = (seq0 + i * mss) & 0xFFFFFFFF
         f = fl_first if i == 0 else (fl_last if i == count - 1 else fl_middle)
         pack_i(out, cs + 4, seq)
@@ -250,13 +255,7 @@ def _split_udp(
         out[:hl] = template
         out[hl:total] = chunk
         data = sum16(chunk)
-        if version == 4:
-            ident_i = (ident + i) & 0xFFFF
-            pack_h(out, 2, total)
-            pack_h(out, 4, ident_i)
-            pack_h(out, 10, finish(ip_fixed + total + ident_i))
-        else:
-            pack_h(out, 4, total - 40)
+        _fix_ip(out, version, total, (ident + i) & 0xFFFF, ip_fixed)
         ulen = total - cs
         pack_h(out, cs + 4, ulen)
         pack_h(out, cs + 6, finish(udp_fixed + 2 * ulen + data))
