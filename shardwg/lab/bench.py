@@ -39,11 +39,10 @@ from shardwg.lab.bench_pairs import (
     handshake_run,
     scaling_run,
 )
-from shardwg.lab.harness import Harness
+from shardwg.lab.harness import Harness, exit_on_signal, lab_problems
 from shardwg.lab.iperf import iperf3_problem
 from shardwg.lab.loadgen import x25519_cost_us
-from shardwg.lab.netns import REPO_ROOT, root_netns_problem
-from shardwg.lab.wggo import wireguard_go_problem
+from shardwg.lab.netns import REPO_ROOT
 
 SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling")
 HANDSHAKE_CONFIGS = {"wggo": ("wggo", 1), "shardwg-1w": ("shardwg", 1),
@@ -410,10 +409,6 @@ def _raise_timeout(_signum: int, _frame: FrameType | None) -> None:
     raise BenchTimeout()
 
 
-def _raise_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -424,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in notes:
             print(n, file=sys.stderr)
         return 0
-    problems = [p for p in (root_netns_problem(), wireguard_go_problem(), iperf3_problem()) if p]
+    problems = lab_problems(iperf3_problem())
     if problems:
         print(f"bench cannot run here: {'; '.join(problems)}", file=sys.stderr)
         return 2
     bench = Bench(args)
     limit = args.timeout or max(600.0, 4 * bench.estimate())
     status, rc = "complete", 0
-    prev = {s: signal.signal(s, _raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
+    prev = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.alarm(max(1, int(limit)))
     try:

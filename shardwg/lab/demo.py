@@ -16,13 +16,12 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from shardwg.lab.harness import Harness
+from shardwg.lab.harness import Harness, exit_on_signal, lab_problems
 from shardwg.lab.iperf import IperfResult, iperf3_problem, iperf3_tcp
-from shardwg.lab.netns import LabError, root_netns_problem, run
+from shardwg.lab.netns import LabError, run
 from shardwg.lab.ping import ping_rtts
 from shardwg.lab.topology import BRIDGE, MAX_PEERS, Star, StarPeer
 from shardwg.lab.transfer import Transfer, TransferResult
-from shardwg.lab.wggo import wireguard_go_problem
 
 PING_COUNT = 5
 TRANSFER_PORT = 5301
@@ -382,19 +381,15 @@ def _raise_timeout(_signum: int, _frame: FrameType | None) -> None:
     raise DemoTimeout()
 
 
-def _raise_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problems = [p for p in (root_netns_problem(), wireguard_go_problem()) if p]
+    problems = lab_problems()
     if problems:
         print(f"demo cannot run here: {'; '.join(problems)}", file=sys.stderr)
         return 2
     demo = Demo(args)
     rc = 0
-    prev = {s: signal.signal(s, _raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
+    prev = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGALRM, _raise_timeout)
     signal.alarm(max(1, int(args.timeout)))
     try:

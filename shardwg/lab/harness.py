@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from types import FrameType
 from typing import Any
 
 from shardwg.lab.gateway_proc import ShardwgGateway
-from shardwg.lab.netns import Namespace, make_namespaces
-from shardwg.lab.wggo import WireguardGo
+from shardwg.lab.netns import Namespace, make_namespaces, root_netns_problem
+from shardwg.lab.wggo import WireguardGo, wireguard_go_problem
 
 
 class Harness:
@@ -62,3 +63,13 @@ class Harness:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def lab_problems(*extra: str | None) -> list[str]:
+    """Why the lab cannot run here (root, netns, TUN, wireguard-go, wg, plus `extra`)."""
+    return [p for p in (root_netns_problem(), wireguard_go_problem(), *extra) if p]
+
+
+def exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    """Signal handler for lab programs: unwind (tearing down) as exit code 128 + signum."""
+    raise SystemExit(128 + signum)

@@ -24,16 +24,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from types import FrameType
 
-from shardwg.lab.harness import Harness
+from shardwg.lab.harness import Harness, exit_on_signal, lab_problems
 from shardwg.lab.hostile import rss_kib
 from shardwg.lab.keys import keypair
-from shardwg.lab.netns import root_netns_problem
 from shardwg.lab.ping import ping
 from shardwg.lab.topology import GW_PORT, Star, StarPeer
 from shardwg.lab.transfer import Transfer
-from shardwg.lab.wggo import wireguard_go_problem
 from shardwg.status import StatusError, read_status
 
 TRANSFER_PORT0 = 7000
@@ -342,18 +339,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problems = [p for p in (root_netns_problem(), wireguard_go_problem()) if p]
+    problems = lab_problems()
     if problems:
         print(f"soak cannot run here: {'; '.join(problems)}", file=sys.stderr)
         return 2
     soak = Soak(args)
-    prev = {s: signal.signal(s, _raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
+    prev = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     rc = 0
     try:
         soak.run()
