@@ -30,6 +30,7 @@ _WORKER_COUNTERS = (
     ("handshakes_completed", "Handshakes completed"),
     ("handoffs_in", "Packets handed to this worker by others"),
     ("handoffs_out", "Packets this worker handed to owners"),
+    ("kernel_drops", "Datagrams the kernel dropped on the worker's sockets (full buffer, filter)"),
 )
 
 
@@ -84,6 +85,18 @@ def render(st: GatewayStatus) -> str:
                 f'shardwg_worker_{field}_total{{interface="{iface}",worker="{w.worker}"}}'
                 f" {getattr(w, field)}"
             )
+    family("worker_initiations_offered", "gauge", "Cookie-less initiations/s arriving")
+    for w in st.worker_stats:
+        out.append(
+            f'shardwg_worker_initiations_offered{{interface="{iface}",worker="{w.worker}"}}'
+            f" {w.initiations_offered}"
+        )
+    family("worker_initiation_share", "gauge", "Share of them the kernel filter admits")
+    for w in st.worker_stats:
+        out.append(
+            f'shardwg_worker_initiation_share{{interface="{iface}",worker="{w.worker}"}}'
+            f" {w.initiation_share}"
+        )
     family("worker_drops_total", "counter", "Packets dropped, by reason")
     for w in st.worker_stats:
         for reason, n in sorted(w.drops.items()):

@@ -71,6 +71,7 @@ def render(st: GatewayStatus) -> str:
     header = (
         f"  {'id':>2} {'pid':>7} {'peers':>5} {'beat':>6} {'rx pkt/s':>9} {'tx pkt/s':>9}"
         f" {'rx':>12} {'tx':>12} {'hs done':>7} {'handoff in/out':>15} {'drops':>7}"
+        f" {'kernel drops':>12}"
     )
     lines.append(header)
     for w in st.worker_stats:
@@ -80,7 +81,14 @@ def render(st: GatewayStatus) -> str:
             f"  {w.worker:>2} {w.pid:>7} {w.peers_owned:>5} {beat:>6} {w.rx_pps:>9.0f}"
             f" {w.tx_pps:>9.0f} {_rate(w.rx_bps):>12} {_rate(w.tx_bps):>12}"
             f" {w.handshakes_completed:>7} {f'{w.handoffs_in}/{w.handoffs_out}':>15} {drops:>7}"
+            f" {w.kernel_drops:>12}"
         )
+    for w in st.worker_stats:
+        if w.initiation_share < 1.0:
+            lines.append(
+                f"  worker {w.worker}: initiation flood, ~{w.initiations_offered:,}/s offered;"
+                f" the kernel admits 1/{round(1 / w.initiation_share)} of cookie-less ones"
+            )
     if st.drops_total:
         lines += ["", "drops by reason:"]
         for reason, n in sorted(st.drops_total.items(), key=lambda kv: -kv[1]):

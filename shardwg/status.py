@@ -59,6 +59,9 @@ class WorkerStatus(msgspec.Struct):
     handoffs_in: int
     handoffs_out: int
     handshake_backlog: int
+    kernel_drops: int  # the kernel's drop count on the worker's UDP sockets (full buffer, filter)
+    initiations_offered: int  # cookie-less initiations/s arriving, kernel-filtered ones included
+    initiation_share: float  # share of them the kernel filter admits (1.0: no filter)
     drops: dict[str, int]
 
 
@@ -158,6 +161,9 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
                 handoffs_in=b.handoffs_in,
                 handoffs_out=b.handoffs_out,
                 handshake_backlog=b.handshake_backlog,
+                kernel_drops=b.kernel_drops,
+                initiations_offered=b.initiations_offered,
+                initiation_share=1.0 / (1 << min(b.initiation_shift, 62)),
                 drops={k: v for k, v in b.drops.items() if v},
             )
         )

@@ -35,6 +35,7 @@ from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.live import LiveConfig
 from shardwg.metrics import HEALTHY_BEAT, MetricsServer
+from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
 from shardwg.proto.constants import (
     COOKIE_REFRESH_TIME,
     UNDER_LOAD_AFTER_TIME,
@@ -317,7 +318,11 @@ class Supervisor:
             g.cookie_secret_born = now
             changed = True
         stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
-        if any(s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE for s in stats):
+        if any(
+            s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE
+            or s.initiations_offered >= UNDER_LOAD_OFFERED_RATE
+            for s in stats
+        ):
             if g.under_load_until < now + UNDER_LOAD_AFTER_TIME / 2:
                 g.under_load_until = now + UNDER_LOAD_AFTER_TIME
                 changed = True

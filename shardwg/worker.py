@@ -47,12 +47,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from shardwg.io import segment, udpgso
+from shardwg.io import initiation_filter, segment, udpgso
 from shardwg.io import tun as tun_io
 from shardwg.io import udp as udp_io
 from shardwg.io.coalesce import Coalescer
 from shardwg.io.vnet import VNET_HDR_LEN
-from shardwg.proto.constants import MAX_DATAGRAM, DropReason, MessageType
+from shardwg.proto.admission import ZERO_MAC, InitiationAdmission
+from shardwg.proto.constants import (
+    INITIATION_MAC2_OFFSET,
+    INITIATION_SIZE,
+    MAX_DATAGRAM,
+    UNDER_LOAD_AFTER_TIME,
+    DropReason,
+    MessageType,
+)
 from shardwg.proto.device import Device, Handoff
 from shardwg.proto.messages import classify
 from shardwg.proto.ownership import RemotePeer
@@ -141,9 +149,12 @@ class Worker:
         self._seg_sizes = [0] * BATCH
         self.gso = udpgso.GsoBatcher()
         self.coalescer = Coalescer(udp=False, verify=False)
+        # Under a flood, a kernel filter admits only a share of cookie-less initiations.
+        self.admission = InitiationAdmission(device.intake.cookie_rate)
         for sock in (udp4, udp6):
             if sock is not None:
                 udpgso.enable_gro(sock)
+                initiation_filter.set_shift(sock, 0)  # a dead predecessor's filter stays behind
 
     # ------------------------------------------------------------------ counting
     def drop(self, code: int) -> None:
@@ -272,6 +283,12 @@ class Worker:
         valid mac2, and initiations another worker screened and handed to us (their owner).
         """
         intake = self.device.intake
+        if (
+            not screened
+            and msg[0] == MessageType.INITIATION
+            and msg[INITIATION_MAC2_OFFSET:INITIATION_SIZE] == ZERO_MAC
+        ):
+            self.admission.counted += 1
         if len(self.priority_queue) < PRIORITY_QUEUE_MAX and (
             screened
             or (
@@ -316,6 +333,34 @@ class Worker:
                 self.send_datagram(result, addr)
             else:
                 self.drop(result)
+
+    def admission_tick(self, now: float) -> None:
+        """Re-estimate the initiation flood, re-program the kernel filter when the share to
+        admit changes, keep under-load mode on while the flood lasts, publish the figures."""
+        adm = self.admission
+        intake = self.device.intake
+        was = adm.shift
+        if adm.update(now, intake.under_load(now)):
+            for sock in (self.udp4, self.udp6):
+                if sock is None:
+                    continue
+                try:
+                    initiation_filter.set_shift(sock, adm.shift)
+                except OSError as e:  # the Python path still screens every initiation
+                    log.warning("worker %d: cannot set the initiation filter: %s",
+                                self.worker_id, e)  # fmt: skip
+            if not was or not adm.shift:
+                log.info("worker %d: %s (~%.0f cookie-less initiations/s offered)",
+                         self.worker_id, f"kernel admits 1/{1 << adm.shift} of them"
+                         if adm.shift else "initiation filter off", adm.offered_rate)  # fmt: skip
+        if adm.flooded():
+            intake.under_load_until = max(intake.under_load_until, now + UNDER_LOAD_AFTER_TIME)
+        v = self.v
+        v[C.INITIATIONS_OFFERED] = int(adm.offered_rate)
+        v[C.INITIATION_SHIFT] = adm.shift
+        v[C.KERNEL_DROPS] = sum(
+            initiation_filter.kernel_drops(s) for s in (self.udp4, self.udp6) if s is not None
+        )
 
     # ------------------------------------------------------------------ outbound
     def _hand_over(self, owner: int, data: bytes | memoryview, kind: int) -> None:
@@ -493,6 +538,7 @@ class Worker:
                     if self._in_rings:
                         self.read_handoffs(now, wall)  # belt and braces for a missed wake-up
                     dev.tick(now, wall)
+                    self.admission_tick(now)
                     next_tick = now + TICK_INTERVAL
                     if self.on_tick is not None:
                         self.on_tick(self, now, wall)

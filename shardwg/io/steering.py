@@ -37,10 +37,24 @@ be connect()ed: the hash fallback skips connected members.
 
 from __future__ import annotations
 
-import ctypes
 import socket
-import struct
 
+from shardwg.io import cbpf
+from shardwg.io.cbpf import (
+    BPF_A,
+    BPF_ABS,
+    BPF_B,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JMP,
+    BPF_K,
+    BPF_LD,
+    BPF_LEN,
+    BPF_RET,
+    BPF_W,
+    Insn,
+)
 from shardwg.proto.constants import (
     RESPONSE_OFFSET_RECEIVER,
     TRANSPORT_MIN_SIZE,
@@ -53,26 +67,13 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
 FALLBACK = 0xFFFFFFFF  # always >= num_socks: "let the kernel hash it"
 
-# Classic BPF opcodes (linux/bpf_common.h).
-BPF_LD, BPF_JMP, BPF_RET = 0x00, 0x05, 0x06
-BPF_W, BPF_B = 0x00, 0x10
-BPF_ABS, BPF_LEN = 0x20, 0x80
-BPF_JA, BPF_JEQ, BPF_JGE = 0x00, 0x10, 0x30
-BPF_K, BPF_A = 0x00, 0x10
-
-_INSN = struct.Struct("=HBBI")  # struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
 
 def _header_word(t: MessageType) -> int:
     """The first 4 payload bytes (type, 0, 0, 0) as classic BPF's big-endian word load sees them."""
     return int(t) << 24
 
 
-def program(workers: int) -> list[tuple[int, int, int, int]]:
+def program(workers: int) -> list[Insn]:
     """The instructions as (code, jt, jf, k); jumps are relative to the next instruction."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
@@ -96,16 +97,12 @@ def program(workers: int) -> list[tuple[int, int, int, int]]:
 
 def build_program(workers: int) -> bytes:
     """The packed `struct sock_filter` array for a group of `workers` sockets."""
-    return b"".join(_INSN.pack(*insn) for insn in program(workers))
+    return cbpf.pack(program(workers))
 
 
 def attach(sock: socket.socket, workers: int) -> None:
     """Attach the steering program to the reuseport group `sock` (bound, SO_REUSEPORT) is in."""
-    code = build_program(workers)
-    # The kernel copies the filter during setsockopt; `buf` only has to outlive the call.
-    buf = ctypes.create_string_buffer(code, len(code))
-    fprog = _SockFprog(len(code) // _INSN.size, ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    cbpf.attach(sock, SO_ATTACH_REUSEPORT_CBPF, program(workers))
 
 
 def detach(sock: socket.socket) -> None:

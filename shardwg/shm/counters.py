@@ -49,7 +49,10 @@ HANDOFFS_OUT = 10
 PEERS_OWNED = 11
 HANDSHAKE_BACKLOG = 12  # gauge: handshake messages waiting (drives the shared under-load flag)
 RESTARTS = 13  # how many times this worker slot was (re)started
-DROP_BASE = 14
+KERNEL_DROPS = 14  # the worker's UDP sockets' kernel drop count (receive buffer full, filter)
+INITIATIONS_OFFERED = 15  # gauge: cookie-less initiations/s arriving, filtered ones included
+INITIATION_SHIFT = 16  # gauge: the kernel admits 1 / 2**shift of cookie-less initiations
+DROP_BASE = 17
 
 FIELD_NAMES = (
     "heartbeat",
@@ -66,6 +69,9 @@ FIELD_NAMES = (
     "peers_owned",
     "handshake_backlog",
     "restarts",
+    "kernel_drops",
+    "initiations_offered",
+    "initiation_shift",
 )
 WORDS = DROP_BASE + DROP_REASON_COUNT
 BLOCK_SIZE = (WORDS * 8 + 63) // 64 * 64
@@ -96,6 +102,9 @@ class WorkerStats(msgspec.Struct):
     peers_owned: int = 0
     handshake_backlog: int = 0
     restarts: int = 0
+    kernel_drops: int = 0
+    initiations_offered: int = 0
+    initiation_shift: int = 0
     drops: dict[str, int] = msgspec.field(default_factory=dict)
 
 

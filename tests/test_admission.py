@@ -1,0 +1,93 @@
+"""The pure half of initiation admission: estimates, shares and the flood flag."""
+
+from __future__ import annotations
+
+from shardwg.proto.admission import (
+    MAX_SHIFT,
+    UNDER_LOAD_OFFERED_RATE,
+    UPDATE_INTERVAL,
+    InitiationAdmission,
+)
+
+TARGET = 3000.0
+
+
+def feed(adm: InitiationAdmission, offered_per_s: float, t: float, under_load: bool) -> bool:
+    """One interval in which `offered_per_s` arrived and the kernel admitted adm.share of them."""
+    adm.counted = int(offered_per_s * UPDATE_INTERVAL * adm.share)
+    return adm.update(t, under_load)
+
+
+def test_first_update_only_starts_the_clock() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.counted = 10_000
+    assert adm.update(5.0, True) is False
+    assert adm.shift == 0
+
+
+def test_no_estimate_before_the_interval_is_over() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, True)
+    adm.counted = 10_000
+    assert adm.update(UPDATE_INTERVAL / 2, True) is False
+    assert adm.counted == 10_000 and adm.shift == 0
+
+
+def test_share_brings_admitted_rate_down_to_the_target() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    assert feed(adm, 20_000, UPDATE_INTERVAL, True) is True
+    assert adm.offered_rate == 20_000
+    assert adm.shift == 3  # 20000/8 = 2500 <= 3000 < 20000/4
+    assert 20_000 * adm.share <= TARGET < 20_000 * adm.share * 2
+
+
+def test_estimate_accounts_for_what_the_kernel_filtered() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    feed(adm, 40_000, 0.25, True)
+    shift = adm.shift
+    # the flood goes on: the worker only sees 1/2**shift of it, the estimate stays right
+    assert feed(adm, 40_000, 0.50, True) is False
+    assert abs(adm.offered_rate - 40_000) < 40_000 * 0.01
+    assert adm.shift == shift
+
+
+def test_a_flood_is_under_load_by_itself() -> None:
+    """Once the kernel sheds the flood the handshake queue stays short; the estimate alone
+    must keep the worker under load, or the filter would come off and the flood back in."""
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    feed(adm, UNDER_LOAD_OFFERED_RATE * 4, UPDATE_INTERVAL, False)
+    assert adm.flooded() and adm.shift > 0
+
+
+def test_below_the_target_nothing_is_filtered_even_under_load() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    assert feed(adm, TARGET * 0.9, UPDATE_INTERVAL, True) is False
+    assert adm.shift == 0  # (it is a flood, and cookies are required: just not filtered)
+    assert adm.flooded() == (TARGET * 0.9 >= UNDER_LOAD_OFFERED_RATE)
+
+
+def test_honest_rekey_burst_below_the_flood_rate_is_not_filtered_when_not_under_load() -> None:
+    adm = InitiationAdmission(TARGET / 4)
+    adm.update(0.0, False)
+    feed(adm, UNDER_LOAD_OFFERED_RATE / 2, UPDATE_INTERVAL, False)
+    assert adm.shift == 0
+
+
+def test_filter_comes_off_when_the_flood_ends() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    feed(adm, 50_000, 0.25, True)
+    assert adm.shift > 0
+    assert feed(adm, 0, 0.5, False) is True
+    assert adm.shift == 0 and adm.share == 1.0 and not adm.flooded()
+
+
+def test_share_never_below_the_floor() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    feed(adm, 1e12, UPDATE_INTERVAL, True)
+    assert adm.shift == MAX_SHIFT
