@@ -80,6 +80,8 @@ PRIORITY_QUEUE_MAX = 64
 TICK_INTERVAL = 0.05  # timer resolution
 PUBLISH_INTERVAL = 1.0  # traffic counters and endpoints republished at most this often
 PLAIN_HEADROOM = 64  # spare bytes after a packet for padding
+ADMIT_BUDGET_SHARE = 0.5  # of the cookie-reply budget, what the kernel's random share may use
+ENDPOINT_REFRESH = 1.0  # seconds between re-reads of known peer endpoints while filtering
 
 _DROP_BASE = C.DROP_BASE
 
@@ -149,8 +151,14 @@ class Worker:
         self._seg_sizes = [0] * BATCH
         self.gso = udpgso.GsoBatcher()
         self.coalescer = Coalescer(udp=False, verify=False)
-        # Under a flood, a kernel filter admits only a share of cookie-less initiations.
-        self.admission = InitiationAdmission(device.intake.cookie_rate)
+        # Under a flood, a kernel filter admits only a share of cookie-less initiations (half
+        # the cookie budget: the rest is kept for known peers, whose initiations always pass).
+        self.admission = InitiationAdmission(device.intake.cookie_rate * ADMIT_BUDGET_SHARE)
+        # Packed source addresses (ip || port) of every peer of the gateway; by default our own
+        # peers' (worker_boot reads every worker's from the shared peer slots).
+        self.known_endpoints: Callable[[], list[bytes]] = self._own_endpoints
+        self._filter_endpoints: list[bytes] = []
+        self._endpoints_due = 0.0
         for sock in (udp4, udp6):
             if sock is not None:
                 udpgso.enable_gro(sock)
@@ -334,18 +342,35 @@ class Worker:
             else:
                 self.drop(result)
 
+    def _own_endpoints(self) -> list[bytes]:
+        return [udp_io.sockaddr_bytes(p.endpoint) for p in self.device.peers.values() if p.endpoint]
+
     def admission_tick(self, now: float) -> None:
         """Re-estimate the initiation flood, re-program the kernel filter when the share to
-        admit changes, keep under-load mode on while the flood lasts, publish the figures."""
+        admit or the known peer endpoints change, keep under-load mode on while the flood
+        lasts, publish the figures."""
         adm = self.admission
         intake = self.device.intake
         was = adm.shift
-        if adm.update(now, intake.under_load(now)):
+        changed = adm.update(now, intake.under_load(now))
+        if not adm.shift:
+            self._endpoints_due = 0.0
+        elif now >= self._endpoints_due:
+            self._endpoints_due = now + ENDPOINT_REFRESH
+            try:
+                endpoints = self.known_endpoints()
+            except Exception:  # a torn slot read: keep the last list
+                log.debug("reading known endpoints failed", exc_info=True)
+                endpoints = self._filter_endpoints
+            if endpoints != self._filter_endpoints:
+                self._filter_endpoints = endpoints
+                changed = True
+        if changed:
             for sock in (self.udp4, self.udp6):
                 if sock is None:
                     continue
                 try:
-                    initiation_filter.set_shift(sock, adm.shift)
+                    initiation_filter.set_shift(sock, adm.shift, self._filter_endpoints)
                 except OSError as e:  # the Python path still screens every initiation
                     log.warning("worker %d: cannot set the initiation filter: %s",
                                 self.worker_id, e)  # fmt: skip

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from shardwg import control
 from shardwg.endpoints import EndpointError, resolve
+from shardwg.io import udp as udp_io
 from shardwg.proto.device import Device
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global
+from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.publisher import SessionPublisher
 from shardwg.worker import Worker
 
@@ -97,6 +99,7 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
         mesh=mesh if n > 1 else None,
         publisher=publisher,
     )
+    worker.known_endpoints = lambda: known_endpoints(layout, buf)
     sync = GlobalSync(layout, buf)
     worker.on_tick = sync.on_tick
     worker.on_control = ShardControl(worker, publisher, n, index).handle
@@ -180,6 +183,21 @@ class ShardControl:
             peer.endpoint = spec.endpoint_tuple()
         peer.persistent_keepalive = spec.persistent_keepalive
         self.publisher.publish(peer)
+
+
+def known_endpoints(layout: Any, buf: Any) -> list[bytes]:
+    """Every peer's endpoint (packed ip || port) from the shared peer slots, most recent
+    handshake first: the initiation filter lets these through even during a flood."""
+    found: list[tuple[float, bytes]] = []
+    for i in range(layout.peer_capacity):
+        try:
+            rec = decode_peer(layout.peer_slot(buf, i).read(max_retries=100))
+        except Exception:  # torn by a dying writer: skip it this time
+            continue
+        if rec is not None and rec.endpoint:
+            found.append((-rec.last_handshake_wall, udp_io.sockaddr_bytes(rec.endpoint)))
+    found.sort()
+    return list(dict.fromkeys(ep for _t, ep in found))
 
 
 class GlobalSync:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import random
+import statistics
 import subprocess
 import threading
 import time
@@ -57,6 +58,16 @@ def flood_packets(gw_public: bytes, n: int = 20_000) -> list[bytes]:
     rng = random.Random(77)
     inits = H.valid_mac1_initiations(gw_public, 64, rng)
     return H.spoofed_packets(rng, SPOOFED, HOSTILE_GW, GW_PORT, inits, n)
+
+
+def kernel_drops(snap: Snapshot) -> int:
+    return sum(w.kernel_drops for w in snap.status.worker_stats)
+
+
+def accounted(after: Snapshot, before: Snapshot) -> int:
+    """Datagrams the kernel dropped on the gateway's sockets (the initiation filter, a full
+    receive buffer) plus those the workers read and dropped by reason."""
+    return kernel_drops(after) - kernel_drops(before) + sum(drop_delta(after, before).values())
 
 
 def gateway_pids(site: Site) -> list[int]:
@@ -173,8 +184,8 @@ def rehandshake(site: Site, timeout: float) -> tuple[float, float]:
 def test_under_load_engages_during_handshake_flood(netns_factory: Harness) -> None:
     site, hx, gw_public = flood_site(netns_factory)
     try:
-        flood = Flood(hx, flood_packets(gw_public), gw_public, 6.0, client_delay=60).start()
         before = snapshot(site)
+        flood = Flood(hx, flood_packets(gw_public), gw_public, 6.0, client_delay=60).start()
         seen: list[tuple[bool, int, list[float]]] = []
         for _ in range(4):
             time.sleep(0.5)
@@ -183,13 +194,21 @@ def test_under_load_engages_during_handshake_flood(netns_factory: Harness) -> No
             seen.append((st.under_load, max(w.handshake_backlog for w in st.worker_stats), rtts))
         report = flood.join()
         settle_counters()
-        drops = drop_delta(snapshot(site), before)
+        after = snapshot(site)
+        drops = drop_delta(after, before)
         print(f"\n{report.flood.sent} initiations in {report.flood.seconds:.1f} s; "
               f"(under_load, backlog, honest rtt ms): {seen}; drops {drops}; cookie replies "
               f"seen {report.cookie_replies}")  # fmt: skip
-        # `shardwg show` may miss it between its samples; cookies are the proof that counts
-        assert drops.get("cookie_required", 0) > report.flood.sent * 0.15, drops
-        assert report.cookie_replies > report.flood.sent * 0.1, report
+        # under load for the whole flood, the kernel shedding most initiations, the workers
+        # answering about half their cookie budget's worth (3000/s each) with cookie replies
+        assert all(under for under, _b, _r in seen), seen
+        assert report.cookie_replies > report.flood.sent * 0.05, report
+        assert drops.get("cookie_required", 0) >= report.cookie_replies, drops
+        # and every flood datagram is accounted for: shed by the filter or dropped by reason
+        total = accounted(after, before)
+        print(f"accounted for {total} of {report.flood.sent} (kernel drops "
+              f"{kernel_drops(after) - kernel_drops(before)})")  # fmt: skip
+        assert report.flood.sent * 0.98 <= total <= report.flood.sent * 1.02
     finally:
         assert site.gw.stop() == 0
 
@@ -203,10 +222,8 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         pids = gateway_pids(site)
         rss0 = sum(H.pids_rss(pids).values())
         unloaded = iperf(site)
-        # Long enough for wireguard-go's retries (every ~5 s) to get a handshake through: under
-        # this flood each of its initiations has roughly a one-in-three chance of entering the
-        # full handshake queue and getting one of the budgeted cookie replies; the retry after
-        # that carries mac2 and takes the priority lane.
+        # Long enough for the cookie-answering client to meet its token bucket many times over
+        # and for the honest peer's re-handshake (a cookie, then a retry ~5 s later) to finish.
         seconds = 40.0
         start_snap = snapshot(site)
         sampler = Sampler(site).start()
@@ -242,7 +259,7 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
             f"= {report.flood.sent / fs:,.0f}/s from {len(packets)} spoofed (source, port)s",
             f"gateway read {hs / fs:,.0f} handshake messages/s; cookie replies seen by the "
             f"attacker {report.cookie_replies} = {report.cookie_replies / fs:,.0f}/s",
-            f"drops: {drops}",
+            f"drops: {drops}; kernel drops {kernel_drops(after) - kernel_drops(start_snap)}",
             f"under_load samples: {sum(sampler.under_load)}/{len(sampler.under_load)}, "
             f"max backlog {max(sampler.backlog, default=0)}",
             f"cookie-answering source: {report.client_sent_with_mac2} initiations with a valid "
@@ -264,8 +281,9 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         )
         # under-load mode engaged and cookies went out instead of handshakes
         assert any(sampler.under_load), sampler.under_load  # `shardwg show --json` says so
-        assert drops.get("cookie_required", 0) > report.flood.sent * 0.15, drops
-        assert report.cookie_replies > report.flood.sent * 0.15, report
+        assert all(sampler.under_load), sampler.under_load  # and it never lapses
+        assert report.cookie_replies > report.flood.sent * 0.05, report
+        assert report.flood.sent * 0.98 <= accounted(after, start_snap), (drops, report)
         # a source that answers cookies is held to its token bucket (20/s, burst 5)
         assert report.client_cookies >= 1 and report.client_sent_with_mac2 > 300, report
         # (under-load mode comes and goes during the flood, and the limiter only works while it
@@ -274,45 +292,60 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         # the flood does not grow memory
         assert rss1 - rss0 < RSS_GROWTH_LIMIT_KIB, (rss0, rss1)
         assert max(sampler.rss, default=0) - rss0 < RSS_GROWTH_LIMIT_KIB, sampler.rss
-        # the honest peer got through: a new handshake under load, and traffic
-        # (during the flood in most runs; a run where every try lost the cookie lottery
-        # finishes right after it, which the report line says)
-        assert rehandshake_s > 0, "no new handshake, even after the flood"
+        # the honest peer got through: its endpoint is known, so the kernel passes its
+        # cookie-less initiation, it gets a cookie and its retry (~5 s later) carries a mac2
+        assert rehandshake_s > 0 and during, (rehandshake_s, during)
+        assert rehandshake_s < 20, rehandshake_s
         assert loaded.bytes_received > 0
         assert ping(site.peers[0][0], "10.0.0.1", count=3, timeout=10)
     finally:
         assert site.gw.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="honest throughput during a 40k/s valid-mac1 initiation flood stays far below 80% "
-    "of unloaded (measured 1-10%): the flood generator runs on the same 2-core box and takes "
-    "about a core; the workers read every flood datagram (~6 us each: receive, classify, mac2 "
-    "check under load) and the cookie-reply budget (3000/s per worker) still costs ~10 us per "
-    "reply. Next levers: drop initiations in the reuseport BPF program while under load, and a "
-    "native checksum/MAC path",
-)
 def test_honest_throughput_keeps_80_percent_under_handshake_flood(netns_factory: Harness) -> None:
+    """Twice the rate of the other tests: well above what two workers could answer even with
+    cookies. Runs interleave (unloaded, loaded, unloaded, loaded, unloaded) and the verdict is
+    median loaded over median unloaded: one 3-second iperf3 run on this shared box swings by
+    +-15 %, and the flood generator itself takes a core of the two."""
     site, hx, gw_public = flood_site(netns_factory)
     try:
         packets = flood_packets(gw_public)
-        first = iperf(site)
-        seconds = 15.0
-        # twice the rate of the other tests: well above what two workers can answer even
-        # with cookies, so the verdict does not hang on the noise of a shared 2-core box
-        flood = Flood(hx, packets, gw_public, seconds, client_delay=60, rate=40_000).start()
-        time.sleep(1.0)
-        loaded = iperf_or_zero(site)
-        inside = time.monotonic() < flood.started + seconds
-        flood.join()
-        second = iperf(site)
-        unloaded = (first.bits_per_second + second.bits_per_second) / 2
-        ratio = loaded.bits_per_second / unloaded
-        print(f"\nunloaded {first.bits_per_second / 1e6:.0f} and "
-              f"{second.bits_per_second / 1e6:.0f} Mbit/s, during the flood "
-              f"{loaded.bits_per_second / 1e6:.0f} Mbit/s: {ratio:.0%}")  # fmt: skip
-        assert inside, "the loaded iperf3 run outlasted the flood"
-        assert ratio >= 0.8
+        unloaded = [iperf(site)]
+        loaded: list[IperfResult] = []
+        seen: list[str] = []
+        for _ in range(2):
+            before = snapshot(site)
+            flood = Flood(hx, packets, gw_public, 6.0, client_delay=60, rate=40_000).start()
+            time.sleep(1.0)
+            loaded.append(iperf_or_zero(site))
+            st = read_status(site.gw.ifname, interval=0)
+            inside = time.monotonic() < flood.started + 6.0
+            report = flood.join()
+            settle_counters()
+            after = snapshot(site)
+            kdrops = sum(w.kernel_drops for w in after.status.worker_stats) - sum(
+                w.kernel_drops for w in before.status.worker_stats
+            )
+            seen.append(
+                f"{report.flood.sent / report.flood.seconds:,.0f} initiations/s offered; "
+                f"under_load {st.under_load}; kernel shares "
+                f"{[w.initiation_share for w in st.worker_stats]}, offered per worker "
+                f"{[w.initiations_offered for w in st.worker_stats]}/s; kernel drops {kdrops}; "
+                f"cookie replies {report.cookie_replies / report.flood.seconds:,.0f}/s; "
+                f"drops {drop_delta(after, before)}"
+            )
+            assert inside, "the loaded iperf3 run outlasted the flood"
+            assert st.under_load and all(w.initiation_share < 1 for w in st.worker_stats), st
+            unloaded.append(iperf(site))
+        u = statistics.median(r.bits_per_second for r in unloaded)
+        lo = statistics.median(r.bits_per_second for r in loaded)
+        print("\n" + "\n".join(seen))
+        print(f"unloaded {[round(r.bits_per_second / 1e6) for r in unloaded]} Mbit/s, during "
+              f"the flood {[round(r.bits_per_second / 1e6) for r in loaded]} Mbit/s: "
+              f"median {lo / u:.0%} of unloaded")  # fmt: skip
+        assert lo / u >= 0.8
+        assert site.gw.proc.poll() is None and all(
+            w.alive and w.restarts == 0 for w in snapshot(site).status.worker_stats
+        )
     finally:
         assert site.gw.stop() == 0

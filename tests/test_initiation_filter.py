@@ -129,3 +129,64 @@ def test_ipv6_socket_sees_the_same_offsets() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def packed(addr: tuple[str, int]) -> bytes:
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    return socket.inet_pton(family, addr[0]) + addr[1].to_bytes(2, "big")
+
+
+def test_known_endpoints_always_pass(pair: tuple[socket.socket, socket.socket]) -> None:
+    rx, tx = pair
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        other.connect(rx.getsockname())
+        me = tx.getsockname()
+        junk = [packed((f"10.1.{i // 250}.{i % 250 + 1}", 51820)) for i in range(40)]
+        same_port_other_ip = packed(("127.0.0.2", me[1]))
+        same_ip_other_port = packed(("127.0.0.1", other.getsockname()[1] ^ 1))
+        F.set_shift(rx, F.MAX_SHIFT, [*junk, same_port_other_ip, same_ip_other_port, packed(me)])
+        for _ in range(200):
+            tx.send(initiation())
+            other.send(initiation(size=INITIATION_SIZE))
+        got = received(rx)
+        assert 200 <= len(got) <= 203, len(got)  # all of tx's, ~none of other's
+    finally:
+        other.close()
+
+
+def test_endpoint_list_is_capped_and_the_kernel_takes_the_longest_program() -> None:
+    v6 = [packed((f"2001:db8::{i:x}", 51820)) for i in range(F.MAX_ENDPOINTS + 10)]
+    assert len(F.program(1, v6)) < 4096  # BPF_MAXINSNS
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        F.set_shift(s, 1, v6)  # the kernel's checker accepts it
+        F.set_shift(s, 1, [packed(("10.0.0.1", 1)), *v6[:3]])  # the other family is skipped
+    finally:
+        s.close()
+    with pytest.raises(ValueError):
+        F.program(1, [b"\x01\x02\x03"])
+
+
+def test_known_ipv6_endpoint_passes() -> None:
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("::1", 0))
+    except OSError:
+        rx.close()
+        pytest.skip("no IPv6 loopback")
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        tx.connect(rx.getsockname()[:2])
+        F.set_shift(rx, F.MAX_SHIFT, [packed(("::2", tx.getsockname()[1]))])
+        for _ in range(50):
+            tx.send(initiation())
+        assert len(received(rx)) <= 3  # ::2 is not us
+        F.set_shift(rx, F.MAX_SHIFT, [packed(("::1", tx.getsockname()[1]))])
+        for _ in range(50):
+            tx.send(initiation())
+        assert len(received(rx)) == 50
+    finally:
+        rx.close()
+        tx.close()

@@ -16,7 +16,9 @@ the socket, not the process: a replacement worker inherits whatever its predeces
 attached, so a worker clears it when it starts.
 
 The program passes everything except a type-1 message of exactly the initiation's
-size whose mac2 is all zero; of those it passes a random 1 in 2**shift.
+size whose mac2 is all zero; of those it passes the ones from known peer endpoints
+(source address and port; the IP header is reached through SKF_NET_OFF) and a random
+1 in 2**shift of the rest.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Sequence
 
 from shardwg.io import cbpf
 from shardwg.io.cbpf import (
     BPF_ABS,
+    BPF_H,
     BPF_JEQ,
     BPF_JGE,
     BPF_JMP,
     BPF_K,
     BPF_LD,
     BPF_LEN,
+    BPF_MEM,
     BPF_RET,
+    BPF_ST,
     BPF_W,
     Insn,
 )
@@ -51,36 +57,72 @@ SKF_AD_RANDOM = (-0x1000 + 56) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_RANDOM: a fre
 PASS = 0xFFFFFFFF  # "keep up to this many bytes": all of it
 DROP = 0
 MAC2_OFFSET = UDP_HEADER + INITIATION_SIZE - 16
+SKF_NET_OFF = -0x100000  # loads relative to the IP header (the program starts at UDP's)
+SRC_V4 = SKF_NET_OFF + 12
+SRC_V6 = SKF_NET_OFF + 8
+MAX_ENDPOINTS = 256  # known sources per program: 256 x 11 instructions fit the 4096 limit
 _MEMINFO = struct.Struct(f"={SK_MEMINFO_VARS}I")
 
 
-def program(shift: int) -> list[Insn]:
-    """The instructions as (code, jt, jf, k); jumps are relative to the next instruction."""
+def _pass_unless(cond_jeq_k: int) -> list[Insn]:
+    """`if A != k: return PASS` (classic BPF jumps are 8-bit, so every PASS is local)."""
+    return [(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, cond_jeq_k), (BPF_RET | BPF_K, 0, 0, PASS)]
+
+
+def _endpoint_check(endpoint: bytes) -> list[Insn]:
+    """`if source == endpoint: return PASS`; the source port was stored in M[0]."""
+    ip, port = endpoint[:-2], int.from_bytes(endpoint[-2:], "big")
+    words = [int.from_bytes(ip[i : i + 4], "big") for i in range(0, len(ip), 4)]
+    net = SRC_V4 if len(ip) == 4 else SRC_V6
+    body: list[Insn] = []
+    for i, word in enumerate(words):
+        body.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, (net + 4 * i) & 0xFFFFFFFF))
+        body.append((BPF_JMP | BPF_JEQ | BPF_K, 0, 0, word))  # jf patched below
+    insns = [(BPF_LD | BPF_MEM, 0, 0, 0), (BPF_JMP | BPF_JEQ | BPF_K, 0, 0, port), *body]
+    insns.append((BPF_RET | BPF_K, 0, 0, PASS))
+    # every failed comparison jumps past the final PASS
+    last = len(insns) - 1
+    return [
+        (code, jt, last - i, k) if code == BPF_JMP | BPF_JEQ | BPF_K else (code, jt, jf, k)
+        for i, (code, jt, jf, k) in enumerate(insns)
+    ]
+
+
+def program(shift: int, endpoints: Sequence[bytes] = ()) -> list[Insn]:
+    """The instructions as (code, jt, jf, k); jumps are relative to the next instruction.
+
+    `endpoints` (packed source addresses, ip || port, all of one family) are known peers:
+    their cookie-less initiations always pass, so a peer we know gets its cookie reply at
+    its first try however large the flood. At most MAX_ENDPOINTS are used.
+    """
     if not 1 <= shift <= MAX_SHIFT:
         raise ValueError(f"shift must be 1..{MAX_SHIFT}, got {shift}")
-    keep = 15  # instruction number of the PASS return
-    insns = [
-        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # 0: A = UDP length
-        (BPF_JMP | BPF_JEQ | BPF_K, 0, keep - 2, UDP_HEADER + INITIATION_SIZE),  # 1
-        (BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER),  # 2: A = type || reserved
-        (BPF_JMP | BPF_JEQ | BPF_K, 0, keep - 4, int(MessageType.INITIATION) << 24),  # 3
-    ]
-    for word in range(4):  # 4..11: any non-zero mac2 word -> pass
+    insns: list[Insn] = [(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0)]  # A = UDP length
+    insns += _pass_unless(UDP_HEADER + INITIATION_SIZE)
+    insns.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER))  # A = type || reserved
+    insns += _pass_unless(int(MessageType.INITIATION) << 24)
+    for word in range(4):  # any non-zero mac2 word: pass (a retry answering our cookie)
         insns.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, MAC2_OFFSET + 4 * word))
-        here = len(insns)
-        insns.append((BPF_JMP | BPF_JEQ | BPF_K, 0, keep - here - 1, 0))
+        insns += _pass_unless(0)
+    if endpoints:
+        insns.append((BPF_LD | BPF_H | BPF_ABS, 0, 0, 0))  # A = UDP source port
+        insns.append((BPF_ST, 0, 0, 0))  # M[0] = A
+        for endpoint in list(endpoints)[:MAX_ENDPOINTS]:
+            if len(endpoint) not in (6, 18):
+                raise ValueError(f"endpoint must be ip || port (6 or 18 bytes), got {endpoint!r}")
+            insns += _endpoint_check(endpoint)
     insns += [
-        (BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_RANDOM),  # 12: A = random u32
-        (BPF_JMP | BPF_JGE | BPF_K, 0, 1, 1 << (32 - shift)),  # 13: A < 2**32 >> shift passes
-        (BPF_RET | BPF_K, 0, 0, DROP),  # 14
-        (BPF_RET | BPF_K, 0, 0, PASS),  # 15 (keep)
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_RANDOM),  # A = random u32
+        (BPF_JMP | BPF_JGE | BPF_K, 0, 1, 1 << (32 - shift)),  # A < 2**32 >> shift passes
+        (BPF_RET | BPF_K, 0, 0, DROP),
+        (BPF_RET | BPF_K, 0, 0, PASS),
     ]
-    assert len(insns) == keep + 1
     return insns
 
 
-def set_shift(sock: socket.socket, shift: int) -> None:
-    """Admit 1 / 2**shift of cookie-less initiations on `sock`; shift 0 removes the filter."""
+def set_shift(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) -> None:
+    """Admit 1 / 2**shift of cookie-less initiations on `sock`, all of them from `endpoints`
+    of the socket's family; shift 0 removes the filter."""
     if shift == 0:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
@@ -88,7 +130,8 @@ def set_shift(sock: socket.socket, shift: int) -> None:
             if e.errno != errno.ENOENT:  # none attached: already admitting everything
                 raise
         return
-    cbpf.attach(sock, SO_ATTACH_FILTER, program(shift))
+    size = 6 if sock.family == socket.AF_INET else 18
+    cbpf.attach(sock, SO_ATTACH_FILTER, program(shift, [e for e in endpoints if len(e) == size]))
 
 
 def kernel_drops(sock: socket.socket) -> int:
