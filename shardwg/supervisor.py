@@ -320,7 +320,7 @@ class Supervisor:
         stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
         if any(
             s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE
-            or s.initiations_offered >= UNDER_LOAD_OFFERED_RATE
+            or (s.initiation_shift > 0 and s.initiations_offered >= UNDER_LOAD_OFFERED_RATE)
             for s in stats
         ):
             if g.under_load_until < now + UNDER_LOAD_AFTER_TIME / 2:

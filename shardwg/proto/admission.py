@@ -7,13 +7,13 @@ reads them the socket's receive buffer overflows and the kernel drops the honest
 peers' transport datagrams with them. So while under load the worker asks the kernel
 (a socket filter, io/initiation_filter.py) to pass only a random share of the
 initiations whose mac2 is all zero: about as many per second as the cookie budget
-can answer. Initiations with a non-zero mac2 (the retry of a peer that got a cookie)
-and every other message always pass.
+can answer. Initiations with a non-zero mac2 (the retry of a peer that got a cookie),
+those from known peer endpoints and every other message always pass.
 
 This object is the pure half: it counts the cookie-less initiations that reached the
 worker, estimates how many were offered (counted / share), and picks the share, a
-power of two so the filter changes rarely. The estimate also keeps the worker under
-load while a flood goes on even though its handshake queue no longer fills.
+power of two so the filter changes rarely. The estimate also keeps a shedding worker
+under load while the flood goes on even though its handshake queue no longer fills.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import math
 ZERO_MAC = bytes(16)
 MAX_SHIFT = 12  # the smallest share is 1/4096: floods up to ~12M/s per worker stay budgeted
 UPDATE_INTERVAL = 0.25  # seconds between estimates
-# Per worker. A full handshake costs ~250 us of a core: 2000/s offered is half a core of
-# DH, far above what honest peers send (100k peers rekeying every 2 min are ~830/s).
+# Per worker, while shedding: the offered rate that keeps it under load. A full handshake
+# costs ~250 us of a core, so 2000/s is half a core of DH.
 UNDER_LOAD_OFFERED_RATE = 2000.0
 
 
@@ -65,5 +65,8 @@ class InitiationAdmission:
         return True
 
     def flooded(self) -> bool:
-        """True while the offered rate alone says the worker is under load."""
-        return self.offered_rate >= UNDER_LOAD_OFFERED_RATE
+        """True while the worker sheds initiations and the offered rate says the flood goes
+        on: then it stays under load although its handshake queue no longer fills. Only
+        while shedding: under-load itself is entered, as in wireguard-go, by a deep queue,
+        so an honest burst the worker keeps up with (a benchmark, a mass rekey) never is."""
+        return self.shift > 0 and self.offered_rate >= UNDER_LOAD_OFFERED_RATE
