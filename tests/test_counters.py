@@ -86,8 +86,11 @@ def test_bad_offsets_rejected() -> None:
         c.WorkerCounters(bytearray(c.BLOCK_SIZE), 8)
 
 
-# A writer flushes values whose 8 bytes are all equal (k * 0x0101010101010101); a torn
-# word would mix bytes of two values. The reader checks every word of every snapshot.
+# A writer flushes values whose 8 bytes are all equal and non-zero (k * 0x0101010101010101,
+# k = 1..255); a torn word would mix bytes of two values, and a zero word would be a flush
+# caught half-way (struct.pack_into clears its whole target before it writes the fields: a
+# heartbeat read as 0 once made the supervisor kill a healthy worker). The reader checks
+# every word of every snapshot.
 _ONES = 0x0101010101010101
 
 
@@ -96,7 +99,7 @@ def _flusher(name: str, deadline: float) -> None:
     w = c.WorkerCounters(region.buf, HEADER_SIZE)
     k = 0
     while time.monotonic() < deadline:
-        k = (k + 1) & 0xFF
+        k = k % 255 + 1
         w.v = [0.0] + [k * _ONES] * (c.WORDS - 1)
         w.flush()
 
@@ -108,7 +111,7 @@ def _checker(name: str, deadline: float, q: Any) -> None:
     while time.monotonic() < deadline:
         words = unpack(region.buf, HEADER_SIZE + 8)
         reads += 1
-        torn += sum(1 for x in words if x != (x & 0xFF) * _ONES)
+        torn += sum(1 for x in words if x != (x & 0xFF) * _ONES or not x)
         mixed += len(set(words)) > 1  # snapshots spanning two flushes: allowed
     q.put((reads, torn, mixed))
 
@@ -119,6 +122,10 @@ def test_flush_never_tears_a_word() -> None:
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     deadline = time.monotonic() + 1.0
+    first = c.WorkerCounters(region.buf, HEADER_SIZE)
+    first.v = [0.0] + [_ONES] * (c.WORDS - 1)
+    first.flush()  # the reader may start first: it must never see the block empty
+    del first
     procs = [
         ctx.Process(target=_flusher, args=(name, deadline), daemon=True),
         ctx.Process(target=_checker, args=(name, deadline, q), daemon=True),

@@ -19,10 +19,13 @@ increment in shared memory; a flush costs ~0.6 us (the `array` mirror's
 memoryview slice copy is ~0.06 us, but flushes are rare and increments are per
 packet, so the list wins). A crashed worker loses at most one interval of counts.
 
-Torn reads: `pack_into` with a native format stores each field with its own
-8-byte copy, so a reader sees every word either old or new (aligned 8-byte
-accesses are atomic on x86-64); words of one snapshot may come from different
-flushes, which sums and rates tolerate.
+Torn reads: a flush packs the block into a private scratch buffer and copies it
+into shared memory with one slice assignment (a memcpy of aligned words), so a
+reader sees every word either old or new (aligned 8-byte accesses are atomic on
+x86-64); words of one snapshot may come from different flushes, which sums and
+rates tolerate. Packing straight into shared memory is not safe: `pack_into`
+first clears its whole target, and a reader caught in between saw a heartbeat of
+0 (the supervisor then killed a healthy worker as never started).
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def _stats(worker: int, words: tuple[Any, ...]) -> WorkerStats:
 class WorkerCounters:
     """The single writer's view on one worker's block, with a local list mirror `v`."""
 
-    __slots__ = ("worker", "offset", "flush_interval", "v", "_buf", "_next_flush")
+    __slots__ = ("worker", "offset", "flush_interval", "v", "_buf", "_next_flush", "_scratch")
 
     def __init__(self, buf: Any, offset: int, worker: int = 0, flush_interval: float = 0.005):
         if offset % 8:
@@ -134,6 +137,7 @@ class WorkerCounters:
         self.flush_interval = flush_interval
         self.v: list[Any] = [0.0] + [0] * (WORDS - 1)
         self._next_flush = 0.0
+        self._scratch = bytearray(_BLOCK.size)
 
     @classmethod
     def for_worker(cls, buf: Any, base: int, worker: int, **kw: Any) -> WorkerCounters:
@@ -155,12 +159,14 @@ class WorkerCounters:
         self.v = list(_BLOCK.unpack_from(self._buf, self.offset))
 
     def flush(self) -> None:
-        _BLOCK.pack_into(self._buf, self.offset, *self.v)
+        scratch = self._scratch
+        _BLOCK.pack_into(scratch, 0, *self.v)  # pack_into zeroes first: never in shm
+        self._buf[self.offset : self.offset + len(scratch)] = scratch
 
     def beat(self, now: float) -> None:
         """Record a heartbeat and flush now."""
         self.v[HEARTBEAT] = now
-        _BLOCK.pack_into(self._buf, self.offset, *self.v)
+        self.flush()
 
     def tick(self, now: float) -> bool:
         """Call once per loop turn: heartbeat + flush when the interval has passed."""
