@@ -27,6 +27,7 @@ class PeerSpec(msgspec.Struct, frozen=True):
 
 class AddPeer(msgspec.Struct, tag="add"):
     peer: PeerSpec
+    slot: int = -1  # the peer's shared-memory slot (the owner publishes there)
 
 
 class UpdatePeer(msgspec.Struct, tag="update"):

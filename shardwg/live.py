@@ -129,7 +129,7 @@ class LiveConfig:
                 self._freeing.append((time.monotonic() + SLOT_REUSE_DELAY, index))
         for p, index in zip(d.added, free, strict=False):
             sup.slot_of[p.public_key] = index
-            self._broadcast(control.AddPeer(specs[p.public_key]))
+            self._broadcast(control.AddPeer(specs[p.public_key], index))
             self._routes(None, p)
         for o, n in d.updated:
             self._broadcast(

@@ -143,7 +143,10 @@ class ShardControl:
             if isinstance(msg, control.RemovePeer):
                 self.device.remove_peer(msg.public_key)
                 self.publisher.forget(msg.public_key)
+                self.publisher.slot_of.pop(msg.public_key, None)  # the slot is freed
             elif isinstance(msg, control.AddPeer):
+                if msg.slot >= 0:  # our copy of slot_of dates from the fork
+                    self.publisher.slot_of[msg.peer.public_key] = msg.slot
                 self._add(msg.peer, now, wall)
             elif isinstance(msg, control.UpdatePeer):
                 self._update(msg.peer, msg.endpoint_changed)

@@ -52,6 +52,16 @@ def test_wg_show_set_remove(netns_factory: Harness) -> None:
            "allowed-ips", "10.0.0.12/32", "persistent-keepalive", "25")  # fmt: skip
         assert ping(site.peers[2][0], "10.0.0.1", count=2, timeout=10), site.gw.log_text()
         assert "every 25 seconds" in wg(site, "show", ifname)
+        # and its owner publishes it like a configured peer: endpoint, handshake, transfer
+        # (the worker's slot map dated from its fork, so a live-added peer never showed up)
+        key2 = site.peer_conf[2]["public_key"]
+
+        def live_peer_published() -> bool:
+            row = [r.split("\t") for r in wg(site, "show", ifname, "dump").splitlines()[1:]]
+            mine = [r for r in row if r[0] == key2]
+            return bool(mine) and mine[0][2] == "10.99.2.2:51821" and int(mine[0][4]) > 0
+
+        assert wait_for(live_peer_published, 5), wg(site, "show", ifname, "dump")
 
         # removing peer 1 cuts it off; peer 0 is undisturbed
         wg(site, "set", ifname, "peer", site.peer_conf[1]["public_key"], "remove")
