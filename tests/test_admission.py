@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shardwg.proto.admission import (
     MAX_SHIFT,
+    UNDER_LOAD_FAILED_RATE,
     UNDER_LOAD_OFFERED_RATE,
     UPDATE_INTERVAL,
     InitiationAdmission,
@@ -13,8 +14,9 @@ TARGET = 3000.0
 
 
 def feed(adm: InitiationAdmission, offered_per_s: float, t: float, under_load: bool) -> bool:
-    """One interval in which `offered_per_s` arrived and the kernel admitted adm.share of them."""
-    adm.counted = int(offered_per_s * UPDATE_INTERVAL * adm.share)
+    """Up to `t`, `offered_per_s` arrived and the kernel admitted adm.share of them."""
+    since = adm._since if adm._since is not None else t
+    adm.counted = int(offered_per_s * (t - since) * adm.share)
     return adm.update(t, under_load)
 
 
@@ -103,3 +105,23 @@ def test_share_never_below_the_floor() -> None:
     adm.update(0.0, False)
     feed(adm, 1e12, UPDATE_INTERVAL, True)
     assert adm.shift == MAX_SHIFT
+
+
+def test_failing_initiations_put_a_worker_that_keeps_up_under_load() -> None:
+    """A spoofed flood a fast worker keeps up with never deepens its queue, but every one of
+    its initiations fails after the DH work: that alone must engage shedding."""
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    adm.counted = int(10_000 * UPDATE_INTERVAL)
+    adm.failed = int(9_000 * UPDATE_INTERVAL)
+    assert adm.update(UPDATE_INTERVAL, False) is True
+    assert adm.failing() and adm.shift > 0
+
+
+def test_a_few_failures_are_not_a_flood() -> None:
+    adm = InitiationAdmission(TARGET)
+    adm.update(0.0, False)
+    adm.counted = int(4_000 * UPDATE_INTERVAL)  # a benchmark: many initiations, all good
+    adm.failed = int(UNDER_LOAD_FAILED_RATE / 2 * UPDATE_INTERVAL)
+    assert adm.update(UPDATE_INTERVAL, False) is False
+    assert not adm.failing() and adm.shift == 0

@@ -210,9 +210,9 @@ def test_under_load_engages_during_handshake_flood(netns_factory: Harness) -> No
               f"(under_load, backlog, honest rtt ms): {seen}; drops {drops}; cookie replies "
               f"seen {report.cookie_replies}")  # fmt: skip
         # under load for the whole flood, the kernel shedding most initiations, the workers
-        # answering about half their cookie budget's worth (3000/s each) with cookie replies
+        # answering the admitted share (between 1/8 and 1/4 of their 3000/s cookie budget)
         assert all(under for under, _b, _r in seen[1:]), seen  # from 1 s in
-        assert report.cookie_replies > report.flood.sent * 0.05, report
+        assert report.cookie_replies > report.flood.sent * 0.02, report
         assert drops.get("cookie_required", 0) >= report.cookie_replies, drops
         # what an operator sees: `shardwg show` names the flood, /metrics the admitted share
         assert any("initiation flood" in text and "the kernel admits 1/" in text
@@ -300,7 +300,7 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         # gauges it samples; until the flood's last second)
         steady = sampler.under_load_between(flood.started + 1, flood.started + fs - 1)
         assert steady and all(steady), steady
-        assert report.cookie_replies > report.flood.sent * 0.05, report
+        assert report.cookie_replies > report.flood.sent * 0.02, report
         assert report.flood.sent * 0.98 <= accounted(after, start_snap), (drops, report)
         # a source that answers cookies is held to its token bucket (20/s, burst 5)
         assert report.client_cookies >= 1 and report.client_sent_with_mac2 > 300, report
@@ -322,16 +322,16 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
 
 def test_honest_throughput_keeps_80_percent_under_handshake_flood(netns_factory: Harness) -> None:
     """Twice the rate of the other tests: well above what two workers could answer even with
-    cookies. Runs interleave (unloaded, loaded, unloaded, loaded, unloaded) and the verdict is
+    cookies. Runs interleave (unloaded, then three times loaded, unloaded) and the verdict is
     median loaded over median unloaded: one 3-second iperf3 run on this shared box swings by
-    +-15 %, and the flood generator itself takes a core of the two."""
+    +-15 %, and the flood generator itself takes a fifth of a core of the two."""
     site, hx, gw_public = flood_site(netns_factory)
     try:
         packets = flood_packets(gw_public)
         unloaded = [iperf(site)]
         loaded: list[IperfResult] = []
         seen: list[str] = []
-        for _ in range(2):
+        for _ in range(3):
             before = snapshot(site)
             flood = Flood(hx, packets, gw_public, 6.0, client_delay=60, rate=40_000).start()
             time.sleep(1.0)

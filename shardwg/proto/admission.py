@@ -22,22 +22,30 @@ import math
 
 ZERO_MAC = bytes(16)
 MAX_SHIFT = 12  # the smallest share is 1/4096: floods up to ~12M/s per worker stay budgeted
-UPDATE_INTERVAL = 0.25  # seconds between estimates
+UPDATE_INTERVAL = 0.1  # seconds between estimates
 # Per worker, while shedding: the offered rate that keeps it under load. A full handshake
 # costs ~250 us of a core, so 2000/s is half a core of DH.
 UNDER_LOAD_OFFERED_RATE = 2000.0
+# Per worker: initiations that cost DH work and then failed (unknown static key, or one we
+# know without its private key). Honest peers almost never fail; a spoofed flood always does.
+# A worker fast enough to keep its queue short would otherwise spend a whole core on such a
+# flood (~100 us each) without ever counting as under load.
+UNDER_LOAD_FAILED_RATE = 500.0
 
 
 class InitiationAdmission:
     """Per-worker estimate of offered cookie-less initiations and the share to admit."""
 
-    __slots__ = ("target_rate", "shift", "counted", "offered_rate", "_since")
+    __slots__ = ("target_rate", "shift", "counted", "failed", "offered_rate", "failed_rate",
+                 "_since")  # fmt: skip
 
     def __init__(self, target_rate: float) -> None:
         self.target_rate = target_rate  # cookie-less initiations/s worth reading (cookie budget)
         self.shift = 0  # share admitted = 1 / 2**shift
         self.counted = 0  # cookie-less initiations read since the last update
+        self.failed = 0  # initiations that failed after DH work since the last update
         self.offered_rate = 0.0  # the last estimate, per second, filtered ones included
+        self.failed_rate = 0.0
         self._since: float | None = None
 
     @property
@@ -54,10 +62,12 @@ class InitiationAdmission:
         if elapsed < UPDATE_INTERVAL:
             return False
         self.offered_rate = self.counted * (1 << self.shift) / elapsed
-        self.counted = 0
+        self.failed_rate = self.failed / elapsed
+        self.counted = self.failed = 0
         self._since = now
         shift = 0
-        if (under_load or self.flooded()) and self.offered_rate > self.target_rate:
+        loaded = under_load or self.flooded() or self.failing()
+        if loaded and self.offered_rate > self.target_rate:
             shift = min(MAX_SHIFT, math.ceil(math.log2(self.offered_rate / self.target_rate)))
         if shift == self.shift:
             return False
@@ -70,3 +80,7 @@ class InitiationAdmission:
         while shedding: under-load itself is entered, as in wireguard-go, by a deep queue,
         so an honest burst the worker keeps up with (a benchmark, a mass rekey) never is."""
         return self.shift > 0 and self.offered_rate >= UNDER_LOAD_OFFERED_RATE
+
+    def failing(self) -> bool:
+        """True while initiations fail after DH work faster than honest peers ever make them."""
+        return self.failed_rate >= UNDER_LOAD_FAILED_RATE
