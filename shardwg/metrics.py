@@ -62,41 +62,23 @@ def render(st: GatewayStatus) -> str:
     for w in st.worker_stats:
         up = int(w.alive and w.heartbeat_age < HEALTHY_BEAT)
         out.append(f'shardwg_worker_up{{interface="{iface}",worker="{w.worker}"}} {up}')
-    family("worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat")
-    for w in st.worker_stats:
-        out.append(
-            f'shardwg_worker_heartbeat_age_seconds{{interface="{iface}",worker="{w.worker}"}}'
-            f" {w.heartbeat_age}"
-        )
-    family("worker_peers", "gauge", "Peers owned by the worker")
-    for w in st.worker_stats:
-        out.append(
-            f'shardwg_worker_peers{{interface="{iface}",worker="{w.worker}"}} {w.peers_owned}'
-        )
-    family("worker_restarts_total", "counter", "Times the worker was replaced")
-    for w in st.worker_stats:
-        out.append(
-            f'shardwg_worker_restarts_total{{interface="{iface}",worker="{w.worker}"}} {w.restarts}'
-        )
-    for field, text in _WORKER_COUNTERS:
-        family(f"worker_{field}_total", "counter", text)
+    per_worker: list[tuple[str, str, str, str]] = [
+        ("heartbeat_age_seconds", "heartbeat_age", "gauge", "Seconds since the last heartbeat"),
+        ("peers", "peers_owned", "gauge", "Peers owned by the worker"),
+        ("restarts_total", "restarts", "counter", "Times the worker was replaced"),
+        *((f"{f}_total", f, "counter", text) for f, text in _WORKER_COUNTERS),
+        ("initiations_offered", "initiations_offered", "gauge",
+         "Cookie-less initiations/s arriving"),
+        ("initiation_share", "initiation_share", "gauge",
+         "Share of them the kernel filter admits"),
+    ]  # fmt: skip
+    for name, attr, kind, text in per_worker:
+        family(f"worker_{name}", kind, text)
         for w in st.worker_stats:
             out.append(
-                f'shardwg_worker_{field}_total{{interface="{iface}",worker="{w.worker}"}}'
-                f" {getattr(w, field)}"
+                f'shardwg_worker_{name}{{interface="{iface}",worker="{w.worker}"}}'
+                f" {getattr(w, attr)}"
             )
-    family("worker_initiations_offered", "gauge", "Cookie-less initiations/s arriving")
-    for w in st.worker_stats:
-        out.append(
-            f'shardwg_worker_initiations_offered{{interface="{iface}",worker="{w.worker}"}}'
-            f" {w.initiations_offered}"
-        )
-    family("worker_initiation_share", "gauge", "Share of them the kernel filter admits")
-    for w in st.worker_stats:
-        out.append(
-            f'shardwg_worker_initiation_share{{interface="{iface}",worker="{w.worker}"}}'
-            f" {w.initiation_share}"
-        )
     family("worker_drops_total", "counter", "Packets dropped, by reason")
     for w in st.worker_stats:
         for reason, n in sorted(w.drops.items()):

@@ -29,6 +29,22 @@ def pair() -> tuple[socket.socket, socket.socket]:
     tx.close()
 
 
+@pytest.fixture
+def pair6() -> tuple[socket.socket, socket.socket]:
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("::1", 0))
+    except OSError:
+        rx.close()
+        pytest.skip("no IPv6 loopback")
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname()[:2])
+    yield rx, tx
+    rx.close()
+    tx.close()
+
+
 def received(rx: socket.socket) -> list[bytes]:
     time.sleep(0.05)  # loopback delivery is synchronous; this only guards a busy box
     out = []
@@ -108,27 +124,15 @@ def test_detach_restores_everything(pair: tuple[socket.socket, socket.socket]) -
     assert len(received(rx)) == 50
 
 
-def test_ipv6_socket_sees_the_same_offsets() -> None:
-    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        rx.bind(("::1", 0))
-    except OSError:
-        rx.close()
-        pytest.skip("no IPv6 loopback")
-    rx.setblocking(False)
-    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        tx.connect(rx.getsockname()[:2])
-        F.set_shift(rx, F.MAX_SHIFT)
-        for _ in range(100):
-            tx.send(initiation())
-        tx.send(initiation(b"\x01" + bytes(15)))
-        got = received(rx)
-        assert got[-1] == initiation(b"\x01" + bytes(15))
-        assert len(got) <= 3
-    finally:
-        rx.close()
-        tx.close()
+def test_ipv6_socket_sees_the_same_offsets(pair6: tuple[socket.socket, socket.socket]) -> None:
+    rx, tx = pair6
+    F.set_shift(rx, F.MAX_SHIFT)
+    for _ in range(100):
+        tx.send(initiation())
+    tx.send(initiation(b"\x01" + bytes(15)))
+    got = received(rx)
+    assert got[-1] == initiation(b"\x01" + bytes(15))
+    assert len(got) <= 3
 
 
 def packed(addr: tuple[str, int]) -> bytes:
@@ -168,25 +172,13 @@ def test_endpoint_list_is_capped_and_the_kernel_takes_the_longest_program() -> N
         F.program(1, [b"\x01\x02\x03"])
 
 
-def test_known_ipv6_endpoint_passes() -> None:
-    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        rx.bind(("::1", 0))
-    except OSError:
-        rx.close()
-        pytest.skip("no IPv6 loopback")
-    rx.setblocking(False)
-    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        tx.connect(rx.getsockname()[:2])
-        F.set_shift(rx, F.MAX_SHIFT, [packed(("::2", tx.getsockname()[1]))])
-        for _ in range(50):
-            tx.send(initiation())
-        assert len(received(rx)) <= 3  # ::2 is not us
-        F.set_shift(rx, F.MAX_SHIFT, [packed(("::1", tx.getsockname()[1]))])
-        for _ in range(50):
-            tx.send(initiation())
-        assert len(received(rx)) == 50
-    finally:
-        rx.close()
-        tx.close()
+def test_known_ipv6_endpoint_passes(pair6: tuple[socket.socket, socket.socket]) -> None:
+    rx, tx = pair6
+    F.set_shift(rx, F.MAX_SHIFT, [packed(("::2", tx.getsockname()[1]))])
+    for _ in range(50):
+        tx.send(initiation())
+    assert len(received(rx)) <= 3  # ::2 is not us
+    F.set_shift(rx, F.MAX_SHIFT, [packed(("::1", tx.getsockname()[1]))])
+    for _ in range(50):
+        tx.send(initiation())
+    assert len(received(rx)) == 50
