@@ -43,6 +43,7 @@ class FloodRound:
     offered_per_s: float
     loaded_mbit_s: float
     cookie_replies_per_s: float
+    handshakes_read_per_s: float  # handshake messages the workers read (the rest were shed)
     kernel_shed: int
     read_drops: dict[str, int]
     shares: list[float]
@@ -73,10 +74,15 @@ def _iperf(star: Star, seconds: float) -> IperfResult:
     return iperf3_tcp(star.gw_ns, star.peers[0].ns, star.gw_tunnel4, seconds=seconds)
 
 
-def _totals(star: Star) -> tuple[int, dict[str, int]]:
+def _totals(star: Star) -> tuple[int, int, dict[str, int]]:
+    """Kernel drops, handshake messages read, drops by reason: summed over workers."""
     assert star.gateway is not None
     st = read_status(star.gateway.ifname, interval=0)
-    return sum(w.kernel_drops for w in st.worker_stats), dict(st.drops_total)
+    return (
+        sum(w.kernel_drops for w in st.worker_stats),
+        sum(w.handshakes_received for w in st.worker_stats),
+        dict(st.drops_total),
+    )
 
 
 def run(args: argparse.Namespace, harness: Harness) -> FloodReport:
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace, harness: Harness) -> FloodReport:
     say(f"  unloaded: {report.unloaded_mbit_s[-1]:.0f} Mbit/s")
     flood_seconds = args.seconds + 3
     for i in range(args.rounds):
-        kd0, drops0 = _totals(star)
+        kd0, hs0, drops0 = _totals(star)
         result: dict[str, H.FloodReport] = {}
 
         def blast(result: dict[str, H.FloodReport] = result) -> None:
@@ -124,12 +130,13 @@ def run(args: argparse.Namespace, harness: Harness) -> FloodReport:
             raise LabError("the flood generator did not finish")
         fr = result["r"]
         time.sleep(0.3)  # counters flush every 5 ms; sockets drain at once
-        kd1, drops1 = _totals(star)
+        kd1, hs1, drops1 = _totals(star)
         fs = max(fr.flood.seconds, 1e-9)
         rnd = FloodRound(
             offered_per_s=fr.flood.sent / fs,
             loaded_mbit_s=loaded,
             cookie_replies_per_s=fr.cookie_replies / fs,
+            handshakes_read_per_s=(hs1 - hs0) / fs,
             kernel_shed=kd1 - kd0,
             read_drops={k: v - drops0.get(k, 0) for k, v in drops1.items() if v - drops0.get(k, 0)},
             shares=[w.initiation_share for w in st.worker_stats],
@@ -138,7 +145,9 @@ def run(args: argparse.Namespace, harness: Harness) -> FloodReport:
         )
         report.rounds.append(rnd)
         say(f"  round {i + 1}: {rnd.offered_per_s:,.0f}/s offered -> honest {loaded:.0f} Mbit/s; "
-            f"kernel shed {rnd.kernel_shed:,}, cookie replies {rnd.cookie_replies_per_s:,.0f}/s, "
+            f"kernel shed {rnd.kernel_shed:,}, handshake messages read "
+            f"{rnd.handshakes_read_per_s:,.0f}/s, "
+            f"cookie replies {rnd.cookie_replies_per_s:,.0f}/s, "
             f"admitted shares {rnd.shares}, under load {rnd.under_load}")  # fmt: skip
         report.unloaded_mbit_s.append(_iperf(star, args.seconds).bits_per_second / 1e6)
         say(f"  unloaded: {report.unloaded_mbit_s[-1]:.0f} Mbit/s")
