@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 import time
 
+import cbpf_model
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardwg.io import initiation_filter as F
 from shardwg.proto.constants import INITIATION_MAC2_OFFSET, INITIATION_SIZE, MessageType
@@ -182,3 +185,64 @@ def test_known_ipv6_endpoint_passes(pair6: tuple[socket.socket, socket.socket]) 
     for _ in range(50):
         tx.send(initiation())
     assert len(received(rx)) == 50
+
+
+# ---------------------------------------------------------------- the program against a model
+def ip_header(src: bytes) -> bytes:
+    """Enough of an IPv4 or IPv6 header for the source address loads."""
+    if len(src) == 4:
+        return bytes(12) + src + bytes([10, 99, 0, 1])
+    return bytes(8) + src + bytes(16)
+
+
+def shed(payload: bytes, source: bytes, endpoints: list[bytes], lucky: bool) -> bool:
+    """The filter's contract, written plainly."""
+    cookieless = (
+        len(payload) == INITIATION_SIZE
+        and payload[:4] == bytes([MessageType.INITIATION, 0, 0, 0])
+        and payload[INITIATION_MAC2_OFFSET:INITIATION_SIZE] == bytes(16)
+    )
+    return cookieless and source not in endpoints and not lucky
+
+
+@given(
+    kind=st.sampled_from(["cookieless", "with mac2", "other type", "wrong size", "random"]),
+    body=st.binary(min_size=0, max_size=200),
+    v6=st.booleans(),
+    src_host=st.integers(0, 3),
+    src_port=st.sampled_from([51820, 51821, 443]),
+    known=st.lists(st.tuples(st.integers(0, 3), st.sampled_from([51820, 51821])), max_size=4),
+    shift=st.integers(1, F.MAX_SHIFT),
+    rnd=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=400, deadline=None)
+def test_program_matches_its_contract(
+    kind: str,
+    body: bytes,
+    v6: bool,
+    src_host: int,
+    src_port: int,
+    known: list[tuple[int, int]],
+    shift: int,
+    rnd: int,
+) -> None:
+    def addr(host: int) -> bytes:
+        return (bytes(15) + bytes([host + 1])) if v6 else bytes([10, 9, 0, host + 1])
+
+    if kind == "cookieless":
+        payload = initiation()
+    elif kind == "with mac2":
+        payload = initiation(body[:16].ljust(16, b"\x00")[:15] + b"\x01")
+    elif kind == "other type":
+        payload = bytes([body[0] % 5 if body else 2, 0, 0, 0]) + initiation()[4:]
+    elif kind == "wrong size":
+        payload = initiation(size=len(body) % 300 if len(body) % 300 != INITIATION_SIZE else 1)
+    else:
+        payload = body
+    source = addr(src_host) + src_port.to_bytes(2, "big")
+    endpoints = [addr(h) + p.to_bytes(2, "big") for h, p in known]
+    prog = F.program(shift, endpoints)
+    udp = src_port.to_bytes(2, "big") + bytes(6)
+    verdict = cbpf_model.run(prog, ip_header(source[:-2]), udp + payload, rnd)
+    lucky = rnd < (1 << (32 - shift))
+    assert verdict == (0 if shed(payload, source, endpoints, lucky) else F.PASS)

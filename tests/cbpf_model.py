@@ -1,0 +1,77 @@
+"""A classic BPF interpreter for the subset our programs use, to check them against a
+reference predicate on many generated packets without a kernel (the live-socket tests check
+that the kernel agrees on the cases that matter)."""
+
+from __future__ import annotations
+
+from shardwg.io.cbpf import (
+    BPF_A,
+    BPF_ABS,
+    BPF_B,
+    BPF_H,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JMP,
+    BPF_LD,
+    BPF_LEN,
+    BPF_MEM,
+    BPF_RET,
+    BPF_ST,
+    BPF_W,
+    Insn,
+)
+
+SKF_NET_OFF = -0x100000
+SKF_AD_OFF = -0x1000
+SKF_AD_RANDOM = 56
+
+
+class Aborted(Exception):
+    """A load past the end: the kernel returns 0 (drop) for the whole program."""
+
+
+def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> int:
+    """Run `prog` on a packet whose IP header is `net` and whose data (what offset 0 loads)
+    is `transport` (a UDP socket filter: the UDP header, then the payload)."""
+    a = 0
+    mem = [0] * 16
+    pc = 0
+    steps = 0
+    while True:
+        steps += 1
+        assert steps <= len(prog), "a loop: classic BPF only jumps forward"
+        code, jt, jf, k = prog[pc]
+        cls = code & 0x07
+        if cls == BPF_LD:
+            mode, size = code & 0xE0, code & 0x18
+            if mode == BPF_LEN:
+                a = len(transport)
+            elif mode == BPF_MEM:
+                a = mem[k]
+            else:
+                assert mode == BPF_ABS, hex(code)
+                off = k - (1 << 32) if k & 0x80000000 else k
+                width = {BPF_W: 4, BPF_H: 2, BPF_B: 1}[size]
+                if off == SKF_AD_OFF + SKF_AD_RANDOM:
+                    a = random_u32
+                else:
+                    data, base = (net, off - SKF_NET_OFF) if off < 0 else (transport, off)
+                    if base < 0 or base + width > len(data):
+                        raise Aborted
+                    a = int.from_bytes(data[base : base + width], "big")
+        elif cls == BPF_ST:
+            mem[k] = a
+        elif cls == BPF_JMP:
+            op = code & 0xF0
+            if op == BPF_JA:
+                pc += k
+            else:
+                taken = a == k if op == BPF_JEQ else a >= k
+                assert op in (BPF_JEQ, BPF_JGE), hex(code)
+                pc += jt if taken else jf
+        elif cls == BPF_RET:
+            return a if code & 0x18 == BPF_A else k
+        else:
+            raise AssertionError(f"opcode {code:#x} not modelled")
+        pc += 1
