@@ -164,10 +164,14 @@ class Worker:
         self.known_endpoints: Callable[[], list[bytes]] = self._own_endpoints
         self._filter_endpoints: list[bytes] = []
         self._endpoints_due = 0.0
+        self._fit_warned: dict[int, int] = {}  # family -> endpoint count last warned about
         for sock in (udp4, udp6):
             if sock is not None:
                 udpgso.enable_gro(sock)
-                initiation_filter.set_shift(sock, 0)  # a dead predecessor's filter stays behind
+                try:  # a dead predecessor's filter stays on the socket
+                    initiation_filter.set_shift(sock, 0)
+                except OSError as e:
+                    log.warning("worker %d: cannot clear the initiation filter: %s", worker_id, e)
 
     # ------------------------------------------------------------------ counting
     def drop(self, code: int) -> None:
@@ -377,10 +381,21 @@ class Worker:
                 if sock is None:
                     continue
                 try:
-                    initiation_filter.set_shift(sock, adm.shift, self._filter_endpoints)
+                    taken = initiation_filter.set_shift_fitting(
+                        sock, adm.shift, self._filter_endpoints
+                    )
                 except OSError as e:  # the Python path still screens every initiation
                     log.warning("worker %d: cannot set the initiation filter: %s",
                                 self.worker_id, e)  # fmt: skip
+                    continue
+                wanted = sum(len(e) == (6 if sock.family == socket.AF_INET else 18)
+                             for e in self._filter_endpoints)  # fmt: skip
+                short = adm.shift and taken < min(wanted, initiation_filter.MAX_ENDPOINTS)
+                if short and self._fit_warned.get(sock.family) != taken:  # once per size
+                    self._fit_warned[sock.family] = taken
+                    log.warning("worker %d: the initiation filter holds %d of %d known "
+                                "endpoints (raise net.core.optmem_max for more)",
+                                self.worker_id, taken, wanted)  # fmt: skip
             if not was or not adm.shift:
                 log.info("worker %d: %s (~%.0f cookie-less initiations/s offered)",
                          self.worker_id, f"kernel admits 1/{1 << adm.shift} of them"

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardwg.io import initiation_filter as F
+from shardwg.lab.netns import Namespace
 from shardwg.proto.constants import INITIATION_MAC2_OFFSET, INITIATION_SIZE, MessageType
 
 
@@ -246,3 +247,38 @@ def test_program_matches_its_contract(
     verdict = cbpf_model.run(prog, ip_header(source[:-2]), udp + payload, rnd)
     lucky = rnd < (1 << (32 - shift))
     assert verdict == (0 if shed(payload, source, endpoints, lucky) else F.PASS)
+
+
+def _fit_in_small_optmem() -> tuple[int, int, list[bool]]:
+    """In a namespace whose net.core.optmem_max is 8 KiB: how many of 256 IPv6 endpoints fit,
+    and does the filter still pass the first known endpoint and shed the rest?"""
+    with open("/proc/sys/net/core/optmem_max", "w") as f:
+        f.write("8192")
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    rx.bind(("::1", 0))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname()[:2])
+    me = packed(("::1", tx.getsockname()[1]))
+    eps = [me] + [packed((f"2001:db8::{i:x}", 51820)) for i in range(255)]
+    taken = F.set_shift_fitting(rx, F.MAX_SHIFT, eps)
+    for _ in range(20):
+        tx.send(initiation())
+    mine = len(received(rx))
+    other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    other.connect(rx.getsockname()[:2])
+    for _ in range(100):
+        other.send(initiation())
+    return taken, mine, [len(received(rx)) <= 3]
+
+
+@pytest.mark.netns
+def test_a_filter_too_big_for_option_memory_keeps_what_fits() -> None:
+    ns = Namespace("optmem")
+    try:
+        ns.ip("link", "set", "lo", "up")
+        taken, mine, shed_others = ns.call(_fit_in_small_optmem, timeout=30)
+    finally:
+        ns.close()
+    assert 0 < taken < 256, taken  # 256 do not fit in 8 KiB; some do
+    assert mine == 20 and all(shed_others), (mine, shed_others)

@@ -134,6 +134,23 @@ def set_shift(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) 
     cbpf.attach(sock, SO_ATTACH_FILTER, program(shift, [e for e in endpoints if len(e) == size]))
 
 
+def set_shift_fitting(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) -> int:
+    """set_shift, with as many of `endpoints` (in order) as the kernel takes: a filter is
+    charged to the socket's option memory (net.core.optmem_max, 20 KiB on older kernels, per
+    network namespace), which a few dozen IPv6 endpoints can exceed. Halves the list on
+    ENOMEM down to none. Returns how many endpoints made it in."""
+    size = 6 if sock.family == socket.AF_INET else 18
+    mine = [e for e in endpoints if len(e) == size][:MAX_ENDPOINTS]
+    while True:
+        try:
+            set_shift(sock, shift, mine)
+            return len(mine)
+        except OSError as e:
+            if e.errno != errno.ENOMEM or not mine:
+                raise
+            mine = mine[: len(mine) // 2]
+
+
 def kernel_drops(sock: socket.socket) -> int:
     """The socket's drop counter: receive buffer overflows plus filter drops (0 if unknown)."""
     try:
