@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from shardwg.io import initiation_filter, segment, udpgso
+from shardwg.io import initiation_filter, mmsg, segment, udpgso
 from shardwg.io import tun as tun_io
 from shardwg.io import udp as udp_io
 from shardwg.io.coalesce import Coalescer
@@ -72,7 +72,8 @@ from shardwg.shm.publisher import SessionPublisher
 log = logging.getLogger("shardwg.worker")
 
 BATCH = 64  # packets read from one source per turn (and decrypted per coalesced TUN write)
-MAX_RECVS = 64  # receives per socket per turn (GRO: each may hold many datagrams)
+MAX_RECVS = 64  # receive calls per socket per turn (GRO: each may hold many datagrams)
+RECV_SLOTS = 16  # receives per recvmmsg call (16 x 64 KiB of preallocated buffers)
 HANDSHAKE_BUDGET = 16  # handshake messages processed per turn...
 HANDSHAKE_BUDGET_BUSY = 4  # ...or this many when the turn also carried transport data
 HANDSHAKE_QUEUE_MAX = 4096  # bounded backlog; beyond it handshake messages are dropped
@@ -108,6 +109,7 @@ class Worker:
         publisher: SessionPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        use_mmsg: bool = True,
     ) -> None:
         self.device = device
         self.tun_fd = tun_fd
@@ -142,6 +144,9 @@ class Worker:
         # (IFF_VNET_HDR): packet buffers keep that slot in front, and `*_pkt` views start
         # right after it, where the IP packet is.
         self._gro_view = memoryview(bytearray(udpgso.GRO_BUFFER))
+        # recvmmsg where libc has it: one system call for up to RECV_SLOTS receives
+        self._batch_rx = mmsg.BatchReceiver(RECV_SLOTS) if use_mmsg and mmsg.available() else None
+        self._dec_k = 0  # decrypted packets waiting in the dec buffers for a TUN write
         self._dec_bufs = [memoryview(bytearray(MAX_DATAGRAM + VNET_HDR_LEN)) for _ in range(BATCH)]
         self._dec_pkt = [b[VNET_HDR_LEN:] for b in self._dec_bufs]
         self._dec_sizes = [0] * BATCH
@@ -227,30 +232,54 @@ class Worker:
     def read_udp(self, sock: socket.socket, now: float, wall: float) -> int:
         """Read until BATCH datagrams (not receives: a flood from many sources gets one
         datagram per receive, and the handshake backlog must be able to build up to
-        engage under-load mode) or the socket is empty."""
+        engage under-load mode) or the socket is empty. Decrypted packets of the whole
+        read are coalesced into as few TUN writes as their flows allow."""
         total = 0
-        for _ in range(MAX_RECVS):
-            got = udpgso.recv_gro(sock, self._gro_view)
-            if got is None:
-                break
-            n, seg, addr = got
-            if n == 0:  # an empty datagram: counted like any other, dropped as too short
-                self.v[C.RX_PACKETS] += 1
-                self.v[_DROP_BASE + DropReason.TOO_SHORT] += 1
-                total += 1
-            else:
-                total += self._datagrams(n, seg, addr, now, wall)
-            if total >= BATCH:
-                break
+        rx = self._batch_rx
+        if rx is not None:  # recvmmsg: up to rx.slots receives per system call
+            for _ in range(MAX_RECVS):
+                got = rx.recv(sock)
+                for i in range(got):
+                    n = rx.lengths[i]
+                    if n > 0:
+                        total += self._datagrams(rx.views[i], n, rx.segs[i], rx.addrs[i],
+                                                 now, wall)  # fmt: skip
+                    elif n == 0:
+                        total += self._empty_datagram()
+                if got < rx.slots or total >= BATCH:
+                    break
+        else:
+            for _ in range(MAX_RECVS):
+                res = udpgso.recv_gro(sock, self._gro_view)
+                if res is None:
+                    break
+                n, seg, addr = res
+                if n == 0:
+                    total += self._empty_datagram()
+                else:
+                    total += self._datagrams(self._gro_view, n, seg, addr, now, wall)
+                if total >= BATCH:
+                    break
+        if self._dec_k:
+            self._write_tun(self._dec_k)
+            self._dec_k = 0
         return total
 
-    def _datagrams(self, n: int, seg: int, addr: Any, now: float, wall: float) -> int:
-        """Classify and open the datagrams in the GRO buffer; coalesce them into the TUN."""
+    def _empty_datagram(self) -> int:
+        """Counted like any other datagram, dropped as too short."""
+        self.v[C.RX_PACKETS] += 1
+        self.v[_DROP_BASE + DropReason.TOO_SHORT] += 1
+        return 1
+
+    def _datagrams(
+        self, buf: memoryview, n: int, seg: int, addr: Any, now: float, wall: float
+    ) -> int:
+        """Classify and open the datagrams in buf[:n] (seg bytes each, the last may be
+        shorter); decrypted packets collect in the dec buffers (the caller writes them)."""
         dev = self.device
         v = self.v
-        buf = self._gro_view
         dec, dec_sizes = self._dec_pkt, self._dec_sizes
-        k = 0
+        k = self._dec_k
         off = 0
         count = 0
         while off < n:
@@ -280,8 +309,7 @@ class Worker:
             except Exception:  # one bad packet never drops the rest of the batch
                 v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
                 log.debug("error on inbound datagram", exc_info=True)
-        if k:
-            self._write_tun(k)
+        self._dec_k = k
         return count
 
     def _write_tun(self, k: int) -> None:
