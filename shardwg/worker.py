@@ -4,11 +4,14 @@ Inbound (UDP -> TUN)
   1. epoll says this worker's UDP socket is readable. The reuseport steering
      program already sent every transport, response and cookie datagram to the
      worker whose id sits in the receiver index's low byte, i.e. its owner.
-  2. `recv_batch` fills up to BATCH preallocated buffers (`recvfrom_into`).
+  2. One `recvmmsg` (libc through ctypes, io/mmsg.py) fills up to RECV_SLOTS
+     preallocated 64 KiB buffers; with UDP_GRO each may hold many datagrams of one
+     sender. Reads go on until BATCH datagrams or an empty socket.
   3. Each datagram is classified by (type, length) before any peer state.
   4. Transport: `Device.receive_transport` finds the session by receiver index,
      checks the replay window, decrypts into a preallocated buffer, checks the
-     inner source against the peer's allowed IPs; the packet goes to our TUN queue.
+     inner source against the peer's allowed IPs. The decrypted packets of the whole
+     read go to our TUN queue together, TCP runs of one flow merged (coalesce.py).
   5. Handshake messages go to a bounded queue, HANDSHAKE_BUDGET per turn, so data
      never starves; its depth drives under-load (cookie) mode as in wireguard-go.
      An initiation from a peer another worker owns (initiations carry no index, so
