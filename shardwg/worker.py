@@ -112,7 +112,6 @@ class Worker:
         publisher: SessionPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        use_mmsg: bool = True,
     ) -> None:
         self.device = device
         self.tun_fd = tun_fd
@@ -148,7 +147,7 @@ class Worker:
         # right after it, where the IP packet is.
         self._gro_view = memoryview(bytearray(udpgso.GRO_BUFFER))
         # recvmmsg where libc has it: one system call for up to RECV_SLOTS receives
-        self._batch_rx = mmsg.BatchReceiver(RECV_SLOTS) if use_mmsg and mmsg.available() else None
+        self._batch_rx = mmsg.BatchReceiver(RECV_SLOTS) if mmsg.available() else None
         self._dec_k = 0  # decrypted packets waiting in the dec buffers for a TUN write
         self._dec_bufs = [memoryview(bytearray(MAX_DATAGRAM + VNET_HDR_LEN)) for _ in range(BATCH)]
         self._dec_pkt = [b[VNET_HDR_LEN:] for b in self._dec_bufs]
@@ -419,8 +418,7 @@ class Worker:
                     log.warning("worker %d: cannot set the initiation filter: %s",
                                 self.worker_id, e)  # fmt: skip
                     continue
-                wanted = sum(len(e) == (6 if sock.family == socket.AF_INET else 18)
-                             for e in self._filter_endpoints)  # fmt: skip
+                wanted = len(initiation_filter.endpoints_for(sock, self._filter_endpoints))
                 short = adm.shift and taken < min(wanted, initiation_filter.MAX_ENDPOINTS)
                 if short and self._fit_warned.get(sock.family) != taken:  # once per size
                     self._fit_warned[sock.family] = taken

@@ -19,12 +19,11 @@ from shardwg.io.cbpf import (
     BPF_RET,
     BPF_ST,
     BPF_W,
+    SKF_AD_OFF,
+    SKF_AD_RANDOM,
+    SKF_NET_OFF,
     Insn,
 )
-
-SKF_NET_OFF = -0x100000
-SKF_AD_OFF = -0x1000
-SKF_AD_RANDOM = 56
 
 
 class Aborted(Exception):

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from test_udpgso import _pair as udpgso_pair
 
 from shardwg.io import mmsg, udpgso
 from shardwg.io.udp import UdpStats
@@ -18,16 +19,11 @@ SIZE = 1452
 
 
 def _pair(v6: bool = False, gro: bool = True) -> tuple[socket.socket, socket.socket, Any]:
-    fam, host = (socket.AF_INET6, "::1") if v6 else (socket.AF_INET, "127.0.0.1")
-    rx = socket.socket(fam, socket.SOCK_DGRAM)
-    rx.bind((host, 0))
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    """test_udpgso's loopback pair, non-blocking, the sender bound (its address is checked)."""
+    tx, rx, addr = udpgso_pair(v6, gro)
     rx.setblocking(False)
-    if gro:
-        assert udpgso.enable_gro(rx)
-    tx = socket.socket(fam, socket.SOCK_DGRAM)
-    tx.bind((host, 0))
-    return tx, rx, rx.getsockname()
+    tx.bind(("::1" if v6 else "127.0.0.1", 0))
+    return tx, rx, addr
 
 
 def _all(r: mmsg.BatchReceiver, rx: socket.socket) -> list[tuple[bytes, int, Any]]:

@@ -17,6 +17,11 @@ BPF_ABS, BPF_MEM, BPF_LEN = 0x20, 0x60, 0x80
 BPF_JA, BPF_JEQ, BPF_JGE = 0x00, 0x10, 0x30
 BPF_K, BPF_A = 0x00, 0x10
 
+# Negative load offsets (linux/filter.h): relative to the network header, or ancillary data.
+SKF_NET_OFF = -0x100000
+SKF_AD_OFF = -0x1000
+SKF_AD_RANDOM = 56  # + SKF_AD_OFF: a fresh random u32 per packet
+
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k); jumps are relative to the next insn
 INSN = struct.Struct("=HBBI")  # struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }
 

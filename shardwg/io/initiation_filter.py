@@ -42,6 +42,9 @@ from shardwg.io.cbpf import (
     BPF_RET,
     BPF_ST,
     BPF_W,
+    SKF_AD_OFF,
+    SKF_AD_RANDOM,
+    SKF_NET_OFF,
     Insn,
 )
 from shardwg.proto.admission import MAX_SHIFT
@@ -53,11 +56,10 @@ SO_MEMINFO = 55
 SK_MEMINFO_VARS = 9  # the u32 array SO_MEMINFO fills (include/uapi/linux/sock_diag.h)
 SK_MEMINFO_DROPS = 8
 UDP_HEADER = 8
-SKF_AD_RANDOM = (-0x1000 + 56) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_RANDOM: a fresh u32 per packet
+RANDOM_U32 = (SKF_AD_OFF + SKF_AD_RANDOM) & 0xFFFFFFFF  # a fresh random u32 per packet
 PASS = 0xFFFFFFFF  # "keep up to this many bytes": all of it
 DROP = 0
 MAC2_OFFSET = UDP_HEADER + INITIATION_SIZE - 16
-SKF_NET_OFF = -0x100000  # loads relative to the IP header (the program starts at UDP's)
 SRC_V4 = SKF_NET_OFF + 12
 SRC_V6 = SKF_NET_OFF + 8
 MAX_ENDPOINTS = 256  # known sources per program: 256 x 11 instructions fit the 4096 limit
@@ -112,7 +114,7 @@ def program(shift: int, endpoints: Sequence[bytes] = ()) -> list[Insn]:
                 raise ValueError(f"endpoint must be ip || port (6 or 18 bytes), got {endpoint!r}")
             insns += _endpoint_check(endpoint)
     insns += [
-        (BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_RANDOM),  # A = random u32
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, RANDOM_U32),  # A = random u32
         (BPF_JMP | BPF_JGE | BPF_K, 0, 1, 1 << (32 - shift)),  # A < 2**32 >> shift passes
         (BPF_RET | BPF_K, 0, 0, DROP),
         (BPF_RET | BPF_K, 0, 0, PASS),
@@ -120,9 +122,19 @@ def program(shift: int, endpoints: Sequence[bytes] = ()) -> list[Insn]:
     return insns
 
 
+def endpoints_for(sock: socket.socket, endpoints: Sequence[bytes]) -> list[bytes]:
+    """The endpoints of the socket's family (ip || port: 6 bytes for IPv4, 18 for IPv6)."""
+    size = 6 if sock.family == socket.AF_INET else 18
+    return [e for e in endpoints if len(e) == size]
+
+
 def set_shift(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) -> None:
     """Admit 1 / 2**shift of cookie-less initiations on `sock`, all of them from `endpoints`
     of the socket's family; shift 0 removes the filter."""
+    _set(sock, shift, endpoints_for(sock, endpoints))
+
+
+def _set(sock: socket.socket, shift: int, mine: list[bytes]) -> None:
     if shift == 0:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
@@ -130,8 +142,7 @@ def set_shift(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) 
             if e.errno != errno.ENOENT:  # none attached: already admitting everything
                 raise
         return
-    size = 6 if sock.family == socket.AF_INET else 18
-    cbpf.attach(sock, SO_ATTACH_FILTER, program(shift, [e for e in endpoints if len(e) == size]))
+    cbpf.attach(sock, SO_ATTACH_FILTER, program(shift, mine))
 
 
 def set_shift_fitting(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) -> int:
@@ -139,11 +150,10 @@ def set_shift_fitting(sock: socket.socket, shift: int, endpoints: Sequence[bytes
     charged to the socket's option memory (net.core.optmem_max, 20 KiB on older kernels, per
     network namespace), which a few dozen IPv6 endpoints can exceed. Halves the list on
     ENOMEM down to none. Returns how many endpoints made it in."""
-    size = 6 if sock.family == socket.AF_INET else 18
-    mine = [e for e in endpoints if len(e) == size][:MAX_ENDPOINTS]
+    mine = endpoints_for(sock, endpoints)[:MAX_ENDPOINTS]
     while True:
         try:
-            set_shift(sock, shift, mine)
+            _set(sock, shift, mine)
             return len(mine)
         except OSError as e:
             if e.errno != errno.ENOMEM or not mine:
