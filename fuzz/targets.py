@@ -29,7 +29,7 @@ from errno import EINVAL, EMSGSIZE, EPROTO
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from shardwg.config import ConfigError, format_config, parse_config
+from shardwg.config.model import ConfigError, format_config, parse_config
 from shardwg.proto import crypto
 from shardwg.proto.constants import (
     COOKIE_REPLY_SIZE,

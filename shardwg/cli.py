@@ -9,8 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from shardwg import __version__, keys
-from shardwg.config import ConfigError, load_config, private_key_file_warning
+from shardwg import __version__
+from shardwg.config import keys
+from shardwg.config.model import ConfigError, load_config, private_key_file_warning
 
 log = logging.getLogger("shardwg")
 
@@ -63,8 +64,8 @@ def default_workers() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from shardwg.gateway import GatewayError
-    from shardwg.supervisor import Supervisor, SupervisorError
+    from shardwg.engine.supervisor import Supervisor, SupervisorError
+    from shardwg.io.interface import GatewayError
 
     setup_logging(args.log_format, args.verbose)
     try:
@@ -85,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     metrics_addr = None
     if args.metrics:
-        from shardwg.metrics import parse_addr
+        from shardwg.observe.metrics import parse_addr
 
         try:
             metrics_addr = parse_addr(args.metrics)
@@ -115,8 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from shardwg.show import running_interfaces, show
-    from shardwg.status import StatusError
+    from shardwg.observe.show import running_interfaces, show
+    from shardwg.observe.status import StatusError
 
     names = [args.interface] if args.interface else running_interfaces()
     if not names:

@@ -22,9 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) would not find shardwg
     sys.path.insert(0, str(REPO_ROOT))
 
-from shardwg.lab.harness import Harness  # noqa: E402 - needs the path above
-from shardwg.lab.netns import root_netns_problem  # noqa: E402
-from shardwg.lab.wggo import wireguard_go_problem  # noqa: E402
+from lab.harness import Harness  # noqa: E402 - needs the path above
+from lab.netns import root_netns_problem  # noqa: E402
+from lab.wggo import wireguard_go_problem  # noqa: E402
 
 NETNS_MARKERS = ("netns", "requires_root_netns")
 WG_MARKERS = ("interop", "requires_wireguard_go")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardwg.lab.netns import lab_env
+from lab.netns import lab_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ def _positive(entry: dict, metric: str) -> float:
 
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench-out"
-    cmd = [sys.executable, "-m", "shardwg.lab.bench", "--quick", "--only", "tcp1,rtt,handshakes",
+    cmd = [sys.executable, "-m", "lab.bench", "--quick", "--only", "tcp1,rtt,handshakes",
            "--seconds", "2", "--out", str(out)]  # fmt: skip
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=lab_env(),
                         stdin=subprocess.DEVNULL)  # fmt: skip

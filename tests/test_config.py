@@ -9,8 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shardwg import config as cfgmod
-from shardwg.config import (
+from shardwg.config import model as cfgmod
+from shardwg.config.keys import decode_key, encode_key
+from shardwg.config.model import (
     Config,
     ConfigError,
     Endpoint,
@@ -21,7 +22,6 @@ from shardwg.config import (
     parse_config,
     private_key_file_warning,
 )
-from shardwg.keys import decode_key, encode_key
 
 PRIV = encode_key(bytes(range(32)))
 PUB1 = encode_key(bytes([1]) * 32)

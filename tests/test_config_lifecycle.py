@@ -8,11 +8,13 @@ import os
 import stat
 
 import pytest
-from netns import Harness, ping, wait_for
 from test_sharding import build_site
 
-from shardwg.config import load_config
-from shardwg.lab.gateway_proc import ShardwgGateway
+from lab.gateway_proc import ShardwgGateway
+from lab.harness import Harness
+from lab.netns import wait_for
+from lab.ping import ping
+from shardwg.config.model import load_config
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 

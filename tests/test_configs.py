@@ -27,21 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import (
-    REPO_ROOT,
-    RUN_PREFIX,
-    Harness,
-    Namespace,
-    keypair,
-    ping,
-    pubkey,
-    unique_ifname,
-    veth_link,
-    wait_for,
-)
-from transfer import Transfer
 
-from shardwg.config import Config, load_config, parse_config
+from lab.harness import Harness
+from lab.keys import keypair, pubkey
+from lab.netns import REPO_ROOT, RUN_PREFIX, Namespace, unique_ifname, veth_link, wait_for
+from lab.ping import ping
+from lab.transfer import Transfer
+from shardwg.config.model import Config, load_config, parse_config
 
 CONFIGS = REPO_ROOT / "configs"
 DEPLOY = REPO_ROOT / "deploy"
@@ -494,7 +486,8 @@ def test_dockerfile_and_dockerignore() -> None:
     text = (REPO_ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[0].startswith("FROM python:3.11-slim")
-    assert any(line.startswith("ENTRYPOINT") and "shardwg.entrypoint" in line for line in lines)
+    entry = "shardwg.container.entrypoint"
+    assert any(line.startswith("ENTRYPOINT") and entry in line for line in lines)
     assert "STOPSIGNAL SIGTERM" in lines
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert "--no-cache-dir" in text and "wireguard-tools" in text

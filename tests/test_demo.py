@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from shardwg.lab.netns import lab_env
+from lab.netns import lab_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop]
 
@@ -23,7 +23,7 @@ TRANSFER = re.compile(
 
 def test_demo_two_peers() -> None:
     cp = subprocess.run(
-        [sys.executable, "-m", "shardwg.lab.demo", "--peers", "2"],
+        [sys.executable, "-m", "lab.demo", "--peers", "2"],
         capture_output=True,
         text=True,
         timeout=180,

@@ -21,25 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import (
-    REPO_ROOT,
-    RUN_PREFIX,
-    UAPI_DIR,
-    Harness,
-    Namespace,
-    genpsk,
-    keypair,
-    ping,
-    unique_ifname,
-    veth_link,
-    wait_for,
-)
 
-from shardwg import entrypoint
-from shardwg.config import parse_config
+from lab.harness import Harness
+from lab.keys import genpsk, keypair
+from lab.netns import REPO_ROOT, RUN_PREFIX, Namespace, unique_ifname, veth_link, wait_for
+from lab.ping import ping
+from lab.wggo import UAPI_DIR
+from shardwg.config.model import parse_config
+from shardwg.container import entrypoint
 
 GW_PORT, PEER_PORT = 51820, 51821
-ENTRYPOINT = [sys.executable, "-m", "shardwg.entrypoint"]
+ENTRYPOINT = [sys.executable, "-m", "shardwg.container.entrypoint"]
 # what `docker run --cap-drop ALL --cap-add NET_ADMIN` leaves a root process
 ONLY_NET_ADMIN = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all",
                   "--bounding-set=-all,+net_admin", "--"]  # fmt: skip

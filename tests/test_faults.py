@@ -11,11 +11,13 @@ import subprocess
 import time
 
 import pytest
-from netns import Harness, ping, wait_for
 from test_sharding import ShmView, Site, b64, build_site
-from transfer import Transfer
 
-from shardwg.lab import hostile as H
+from lab import hostile as H
+from lab.harness import Harness
+from lab.netns import wait_for
+from lab.ping import ping
+from lab.transfer import Transfer
 from shardwg.proto.ownership import owner_of
 from shardwg.shm.region import SharedRegion, region_name
 

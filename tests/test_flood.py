@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from netns import Harness, ping
 from test_hostile import (
     GW_PORT,
     HOSTILE_GW,
@@ -33,14 +32,15 @@ from test_hostile import (
 )
 from test_sharding import Site, build_site
 
-from shardwg.lab import hostile as H
-from shardwg.lab.iperf import IperfResult, iperf3_tcp
-from shardwg.lab.netns import LabError
-from shardwg.lab.ping import ping_rtts
-from shardwg.metrics import render as metrics_render
+from lab import hostile as H
+from lab.harness import Harness
+from lab.iperf import IperfResult, iperf3_tcp
+from lab.netns import LabError
+from lab.ping import ping, ping_rtts
+from shardwg.observe.metrics import render as metrics_render
+from shardwg.observe.show import render as show_render
+from shardwg.observe.status import StatusError, read_status
 from shardwg.proto.constants import RATELIMIT_BURST, RATELIMIT_PACKETS_PER_SECOND
-from shardwg.show import render as show_render
-from shardwg.status import StatusError, read_status
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 

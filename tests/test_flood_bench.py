@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from shardwg.lab.netns import lab_env
+from lab.netns import lab_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop, pytest.mark.slow]
 
 
 def test_flood_bench_one_round(tmp_path: Path) -> None:
     out = tmp_path / "flood.json"
-    cmd = [sys.executable, "-m", "shardwg.lab.flood", "--rounds", "1", "--seconds", "2",
+    cmd = [sys.executable, "-m", "lab.flood", "--rounds", "1", "--seconds", "2",
            "--rate", "20000", "--json", str(out)]  # fmt: skip
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=lab_env(),
                         stdin=subprocess.DEVNULL)  # fmt: skip
@@ -36,6 +36,6 @@ def test_flood_bench_one_round(tmp_path: Path) -> None:
 
 
 def test_flood_bench_refuses_bad_arguments() -> None:
-    cp = subprocess.run([sys.executable, "-m", "shardwg.lab.flood", "--rounds", "0"],
+    cp = subprocess.run([sys.executable, "-m", "lab.flood", "--rounds", "0"],
                         capture_output=True, text=True, timeout=30)  # fmt: skip
     assert cp.returncode == 2 and "--rounds" in cp.stderr, cp.stderr

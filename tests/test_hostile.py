@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from netns import Harness, Namespace, ping, veth_link
 from test_sharding import Site, build_site
-from transfer import Transfer
 
-from shardwg.lab import hostile as H
-from shardwg.lab.ping import icmp_echo
+from lab import hostile as H
+from lab.harness import Harness
+from lab.netns import Namespace, veth_link
+from lab.ping import icmp_echo, ping
+from lab.transfer import Transfer
+from shardwg.observe.status import GatewayStatus, read_status
 from shardwg.proto.constants import INITIATION_SIZE, MessageType
-from shardwg.status import GatewayStatus, read_status
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab.netns import Namespace
 from shardwg.io import initiation_filter as F
-from shardwg.lab.netns import Namespace
 from shardwg.proto.constants import INITIATION_MAC2_OFFSET, INITIATION_SIZE, MessageType
 
 

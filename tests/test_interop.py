@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from gateway_proc import ShardwgGateway
-from netns import Harness, Namespace, keypair, ping, unique_ifname, veth_link
-from transfer import Transfer
+
+from lab.gateway_proc import ShardwgGateway
+from lab.harness import Harness
+from lab.keys import keypair
+from lab.netns import Namespace, unique_ifname, veth_link
+from lab.ping import ping
+from lab.transfer import Transfer
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 
@@ -142,7 +146,7 @@ def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction
 
 
 def test_preshared_key(netns_factory: Harness, topo: Topology) -> None:
-    from netns import genpsk
+    from lab.netns import genpsk
 
     gw, wg = start_pair(netns_factory, topo, gw_initiates=True, psk=genpsk())
     try:
@@ -152,7 +156,7 @@ def test_preshared_key(netns_factory: Harness, topo: Topology) -> None:
 
 
 def test_preshared_key_mismatch_fails(netns_factory: Harness, topo: Topology) -> None:
-    from netns import genpsk
+    from lab.netns import genpsk
 
     # the peer keeps one psk, the gateway another: no session may form
     wg_psk, gw_psk = genpsk(), genpsk()
@@ -181,7 +185,7 @@ def test_ipv6_tunnel_over_ipv6_underlay(netns_factory: Harness, topo: Topology) 
 @pytest.mark.slow
 def test_rekey_keeps_the_flow(netns_factory: Harness, topo: Topology) -> None:
     """A continuous ping across REKEY_AFTER_TIME: the session is replaced, the flow goes on."""
-    from netns import icmp_echo
+    from lab.netns import icmp_echo
 
     gw, wg = start_pair(netns_factory, topo, gw_initiates=True)
     try:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from shardwg import keys
+from shardwg.config import keys
 from shardwg.proto import crypto
 
 WG = shutil.which("wg")

@@ -10,8 +10,8 @@ FORBIDDEN = {
     "socket", "os", "time", "select", "selectors", "posix_ipc", "pyroute2", "subprocess",
     "threading", "multiprocessing", "signal", "mmap", "fcntl", "asyncio",
 }  # fmt: skip
-OUTER = ("shardwg.io", "shardwg.shm", "shardwg.worker", "shardwg.supervisor", "shardwg.cli",
-         "shardwg.uapi", "shardwg.live", "shardwg.lab", "shardwg.gateway")  # fmt: skip
+OUTER = ("shardwg.io", "shardwg.shm", "shardwg.engine", "shardwg.cli", "shardwg.uapi",
+         "shardwg.observe", "shardwg.container", "shardwg.config", "lab")  # fmt: skip
 
 
 def imported_modules(path: Path) -> set[str]:

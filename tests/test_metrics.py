@@ -9,11 +9,13 @@ import sys
 import time
 
 import pytest
-from netns import Harness, ping, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_sharding import ShmView, build_site
 
-from shardwg.metrics import parse_addr
+from lab.harness import Harness
+from lab.netns import wait_for
+from lab.ping import ping
+from shardwg.observe.metrics import parse_addr
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 
@@ -50,7 +52,7 @@ def test_metrics_and_healthz(netns_factory: Harness) -> None:
     site = build_site(netns_factory, 2, 2)
     # the lab's gateway helper takes extra CLI args
     site.gw.stop()
-    from shardwg.lab.gateway_proc import ShardwgGateway
+    from lab.gateway_proc import ShardwgGateway
 
     gw = ShardwgGateway(
         site.gw_ns, site.gw.ifname, site.gw_keys[0], 51820, site.peer_conf, ["10.0.0.1/24"],

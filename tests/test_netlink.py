@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from netns import Namespace, ping, veth_link
 
+from lab.netns import Namespace, veth_link
+from lab.ping import ping
 from shardwg.io import netlink as nl
 
 pytestmark = pytest.mark.netns

@@ -14,8 +14,11 @@ import threading
 import time
 
 import pytest
-from netns import Harness, icmp_echo, ping, wait_for
 from test_sharding import Site, build_site
+
+from lab.harness import Harness
+from lab.netns import wait_for
+from lab.ping import icmp_echo, ping
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from msgspec import UNSET
 
-from shardwg.config import Config, Endpoint, InterfaceConfig, PeerConfig
-from shardwg.reconfigure import config_from_set, diff_configs, prefixes_delta
+from shardwg.config.diff import config_from_set, diff_configs, prefixes_delta
+from shardwg.config.model import Config, Endpoint, InterfaceConfig, PeerConfig
 from shardwg.uapi import PeerChange, SetRequest
 
 OWN = b"\x01" * 32

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from gateway_proc import ShardwgGateway
-from netns import Harness, Namespace, keypair, ping, unique_ifname, veth_link, wait_for
-from transfer import Transfer
 
+from lab.gateway_proc import ShardwgGateway
+from lab.harness import Harness
+from lab.keys import keypair
+from lab.netns import Namespace, unique_ifname, veth_link, wait_for
+from lab.ping import ping
+from lab.transfer import Transfer
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout

@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
-from netns import Harness, ping
 from test_sharding import b64, build_site
 
+from lab.harness import Harness
+from lab.ping import ping
 from shardwg.proto.ownership import owner_of
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]

@@ -11,8 +11,11 @@ import sys
 import time
 
 import pytest
-from netns import Harness, ping, wait_for
 from test_sharding import ShmView, build_site
+
+from lab.harness import Harness
+from lab.netns import wait_for
+from lab.ping import ping
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 

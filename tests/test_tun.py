@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from netns import wait_for
 
+from lab.netns import wait_for
 from shardwg.io import netlink as nl
 from shardwg.io import tun
 from shardwg.io.tun import TunDevice, TunError, read_batch, write_packet

@@ -22,7 +22,7 @@ from socket import AF_UNIX
 import pytest
 from msgspec import UNSET
 
-from shardwg.keys import decode_key, encode_key, generate_private_key
+from shardwg.config.keys import decode_key, encode_key, generate_private_key
 from shardwg.proto import crypto
 from shardwg.uapi import DeviceView, PeerChange, PeerView, SetRequest
 from shardwg.uapi.protocol import format_get

@@ -6,8 +6,10 @@ import errno
 import socket
 
 import pytest
-from netns import keypair, ping, veth_link, wait_for
 
+from lab.keys import keypair
+from lab.netns import veth_link, wait_for
+from lab.ping import ping
 from shardwg.io import udp
 from shardwg.io.udp import UdpStats, open_udp_group, recv_batch, send_to, sockaddr_bytes
 
@@ -178,7 +180,7 @@ def test_sockaddr_bytes(addr: tuple[object, ...], packed: bytes) -> None:
 @pytest.mark.interop
 def test_wireguard_go_baseline(netns_factory) -> None:
     """Two real wireguard-go peers ping through their tunnel: proves the interop harness."""
-    from netns import unique_ifname
+    from lab.netns import unique_ifname
 
     a, b = netns_factory(2)
     veth_link(a, b, ["10.20.0.1/24", "fd00:20::1/64"], ["10.20.0.2/24", "fd00:20::2/64"])

@@ -1,0 +1,461 @@
+"""`python -m lab.bench`: shardwg against wireguard-go, measured on this machine.
+
+In throwaway network namespaces it runs wireguard-go<->wireguard-go, shardwg<->wireguard-go and
+shardwg<->shardwg (alternating within every repetition) and measures iperf3 TCP with 1 and 4
+streams, the best UDP packet rate at <= 1% loss, idle ping RTT, CPU seconds per Gbit/s of the
+tunnel processes, their memory; handshakes per second from a generator of valid initiations;
+and a shardwg gateway with 1 vs 2 workers serving 4 peers. It prints progress, then tables with
+ratios and the targets (PASS/MISS), and writes bench.json, bench.md and bench.png to --out.
+
+Needs root, wireguard-go, wg and iperf3 (`scripts/bench` sets the machine up and runs this).
+Everything it starts is stopped by PID and its namespaces deleted by name, also on errors,
+Ctrl-C, SIGTERM or the time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lab import bench_report
+from lab.bench_measure import series
+from lab.bench_pairs import (
+    BASELINE,
+    LABELS,
+    PAIRS,
+    Pair,
+    handshake_run,
+    scaling_run,
+)
+from lab.harness import Harness, exit_on_signal, lab_problems
+from lab.iperf import iperf3_problem
+from lab.loadgen import x25519_cost_us
+from lab.netns import REPO_ROOT
+
+SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling")
+HANDSHAKE_CONFIGS = {"wggo": ("wggo", 1), "shardwg-1w": ("shardwg", 1),
+                     "shardwg-2w": ("shardwg", 2)}  # fmt: skip
+SCALING_WORKERS = (1, 2)
+MIB = 1024.0
+
+
+class BenchTimeout(Exception):
+    """The whole-run time limit passed (SIGALRM); teardown still runs."""
+
+
+def rotate(items: list[Any], n: int) -> list[Any]:
+    """items started at position n: each repetition runs the configurations in another order."""
+    k = n % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+class Results:
+    """Samples per (section, config, metric), details per (section, config), failures."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self.units: dict[tuple[str, str], str] = {}
+        self.details: dict[str, dict[str, list[Any]]] = {}
+        self.errors: list[dict[str, Any]] = []
+
+    def add(self, section: str, config: str, metric: str, value: float, unit: str) -> None:
+        self.samples.setdefault(section, {}).setdefault(config, {}).setdefault(metric, [])
+        self.samples[section][config][metric].append(float(value))
+        self.units[(section, metric)] = unit
+
+    def detail(self, section: str, config: str, value: Any) -> None:
+        self.details.setdefault(section, {}).setdefault(config, []).append(value)
+
+    def sections(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section, configs in self.samples.items():
+            out[section] = {}
+            for config, metrics in configs.items():
+                entry: dict[str, Any] = {
+                    m: series(v, self.units[(section, m)]) for m, v in metrics.items()
+                }
+                if config in self.details.get(section, {}):
+                    entry["detail"] = self.details[section][config]
+                out[section][config] = entry
+        return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.only: set[str] = set(args.only)
+        self.results = Results()
+        self.started = time.monotonic()
+        self.meta: dict[str, Any] = {}
+        self.current = ""
+
+    # ---- progress -------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f}s] {self.current}{text}", flush=True)
+
+    def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one measurement; a failure is recorded and reported, and the run goes on."""
+        try:
+            return fn()
+        except (BenchTimeout, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded, the other measurements still run
+            msg = f"{type(e).__name__}: {e}"
+            self.results.errors.append({"what": f"{self.current}{what}", "error": msg[-2000:]})
+            self.log(f"{what}: ERROR {msg.splitlines()[0][:300]}")
+            return None
+
+    def wants(self, *sections: str) -> bool:
+        return bool(self.only.intersection(sections))
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def estimate(self) -> float:
+        a, s = self.args, self.args.seconds
+        per_pair = 6.0 + (s + 2 if self.wants("tcp1", "cpu", "rss") else 0)
+        per_pair += (s + 2 if self.wants("tcp4") else 0) + (3 if self.wants("rtt") else 0)
+        per_pair += 5 * (a.udp_seconds + 1) if self.wants("udp") else 0
+        total = a.reps * len(PAIRS) * per_pair
+        total += a.reps * len(HANDSHAKE_CONFIGS) * (a.hs_seconds + 8) if self.wants(
+            "handshakes") else 0  # fmt: skip
+        total += a.reps * len(SCALING_WORKERS) * (s + 15) if self.wants("scaling") else 0
+        if self.wants("tcp1", "udp"):
+            total += s + 8 * (a.udp_seconds + 1)
+        return total
+
+    def run(self) -> None:
+        a = self.args
+        self.meta["loadavg_start"] = os.getloadavg()
+        if self.meta["loadavg_start"][0] > 0.5:
+            self.log(f"WARNING: load average {self.meta['loadavg_start'][0]:.2f} before the "
+                     "start: other work shares these CPUs, numbers will be lower and "
+                     "noisier")  # fmt: skip
+        self.log(f"sections {','.join(s for s in SECTIONS if s in self.only)}; {a.reps} "
+                 f"repetition(s), {a.seconds:g} s per iperf3 run, {a.udp_seconds:g} s per UDP "
+                 f"step, {a.hs_seconds:g} s per handshake run; about "
+                 f"{self.estimate() / 60:.0f} min")  # fmt: skip
+        if self.wants("handshakes"):
+            self.meta["x25519"] = x25519_cost_us()
+            x = self.meta["x25519"]
+            self.log(f"X25519: {x['dh_us']:.1f} µs per DH, {x['base_us']:.1f} µs per public key")
+        for rep in range(a.reps):
+            tag = f"rep {rep + 1}/{a.reps} "
+            if rep == 0 and self.wants("tcp1", "udp"):
+                self.pair(tag, BASELINE)
+            for key in rotate(list(PAIRS), rep):
+                if self.wants("tcp1", "tcp4", "udp", "rtt", "cpu", "rss"):
+                    self.pair(tag, key)
+            if self.wants("handshakes"):
+                for cfg in rotate(list(HANDSHAKE_CONFIGS), rep):
+                    self.handshakes(tag, cfg)
+            if self.wants("scaling"):
+                for w in rotate(list(SCALING_WORKERS), rep):
+                    self.scaling(tag, w)
+        self.current = ""
+
+    def pair(self, tag: str, key: str) -> None:
+        a, r = self.args, self.results
+        self.current = f"{tag}{LABELS[key]:<18} "
+        with Harness() as h:
+            p = self.attempt("set-up", lambda: Pair(h, key, a.workers))
+            if p is None:
+                return
+            if key != BASELINE:
+                hs = self.attempt("handshake", p.warm)
+                if hs is None:
+                    return
+                self.log(f"up, first ping (with handshake) {hs:.1f} ms")
+            if self.wants("rtt") and key != BASELINE:
+                rtts = self.attempt("rtt", lambda: p.rtt(a.ping_count))
+                if rtts:
+                    rtts_sorted = sorted(rtts)
+                    r.add("rtt", key, "ms", rtts_sorted[len(rtts) // 2], "ms")
+                    r.detail("rtt", key, rtts)
+                    self.log(f"idle ping RTT median {rtts_sorted[len(rtts) // 2]:.3f} ms "
+                             f"({len(rtts)}/{a.ping_count} replies)")  # fmt: skip
+            if self.wants("tcp1", "cpu", "rss") or (key == BASELINE and self.wants("tcp1")):
+                self.tcp(p, key, 1)
+            if self.wants("tcp4") and key != BASELINE:
+                self.tcp(p, key, 4)
+            if self.wants("rss") and key != BASELINE:
+                mem = self.attempt("memory", p.memory)
+                if mem:
+                    for side, procs in mem.items():
+                        r.add("rss", key, f"rss_mib_{side}",
+                              sum(m["rss_kib"] for m in procs) / MIB, "MiB")  # fmt: skip
+                        r.add("rss", key, f"pss_mib_{side}",
+                              sum(m["pss_kib"] for m in procs) / MIB, "MiB")  # fmt: skip
+                    r.detail("rss", key, mem)
+                    self.log("memory " + "; ".join(
+                        f"{side}: " + ", ".join(f"{m['role']} {m['rss_kib'] / MIB:.1f} MiB"
+                                                for m in procs)
+                        for side, procs in mem.items()))  # fmt: skip
+            if self.wants("udp"):
+                u = self.attempt("udp", lambda: p.udp_best(a.udp_seconds, say=self.log))
+                if u:
+                    r.detail("udp", key, u["steps"])
+                    if u["best"]:
+                        r.add("udp", key, "best_pps", u["best"]["received_pps"], "packets/s")
+                        r.add("udp", key, "best_mbit_s", u["best"]["received_mbit_s"], "Mbit/s")
+                        self.log(f"udp best {u['best']['received_pps']:.0f} packets/s at "
+                                 f"{u['best']['loss_percent']:.2f}% loss")  # fmt: skip
+                    else:
+                        self.log("udp: no rate with <= 1% loss")
+            self.log("tearing down")
+
+    def tcp(self, p: Pair, key: str, streams: int) -> None:
+        r, sec = self.results, f"tcp{streams}"
+        out = self.attempt(f"tcp {streams} stream(s)", lambda: p.tcp(streams, self.args.seconds))
+        if not out:
+            return
+        r.add(sec, key, "gbit_s", out["gbit_s"], "Gbit/s")
+        r.add(sec, key, "retransmits", out["retransmits"], "segments")
+        r.add(sec, key, "machine_busy", out["machine_busy"], "fraction of all CPUs")
+        cpu = ""
+        for side in "ab":
+            if f"cores_{side}" in out:
+                r.add("cpu", key, f"{sec}_cores_{side}", out[f"cores_{side}"], "cores")
+                r.add("cpu", key, f"{sec}_cores_per_gbit_{side}", out[f"cores_per_gbit_{side}"],
+                      "cores per Gbit/s")  # fmt: skip
+                cpu += f", end {side.upper()} {out[f'cores_{side}']:.2f} cores"
+        self.log(f"tcp {streams} stream(s): {out['gbit_s']:.3f} Gbit/s, "
+                 f"{out['retransmits']:.0f} retransmits{cpu}; machine "
+                 f"{100 * out['machine_busy']:.0f}% busy")  # fmt: skip
+
+    def handshakes(self, tag: str, cfg: str) -> None:
+        kind, workers = HANDSHAKE_CONFIGS[cfg]
+        self.current = f"{tag}{'handshakes ' + cfg:<18} "
+        with Harness() as h:
+            res = self.attempt("loadgen", lambda: handshake_run(h, kind, workers,
+                                                                self.args.hs_seconds))  # fmt: skip
+        if res is None:
+            return
+        r = self.results
+        r.add("handshakes", cfg, "per_s", res.handshakes_per_s, "handshakes/s")
+        r.add("handshakes", cfg, "cores", res.responder_cores, "cores")
+        r.add("handshakes", cfg, "per_core_s", res.handshakes_per_core_s, "handshakes per core-s")
+        r.add("handshakes", cfg, "latency_ms", res.latency_ms_median, "ms")
+        r.add("handshakes", cfg, "cookie_replies", res.cookie_replies, "replies")
+        r.add("handshakes", cfg, "timeouts", res.timeouts, "initiations")
+        r.detail("handshakes", cfg, {k: getattr(res, k) for k in (
+            "seconds", "sent", "responses", "cookie_replies", "cookies_accepted", "timeouts",
+            "pool", "generated_live", "responder_cpu_s", "generator_cpu_s")})  # fmt: skip
+        self.log(f"{res.handshakes_per_s:.0f} handshakes/s, responder {res.responder_cores:.2f} "
+                 f"cores = {res.handshakes_per_core_s:.0f} per core-second; "
+                 f"{res.cookie_replies} cookie replies, {res.timeouts} timeouts, generator "
+                 f"{res.generator_cpu_s / max(res.seconds, 1e-9):.2f} cores, "
+                 f"{res.generated_live} made live")  # fmt: skip
+
+    def scaling(self, tag: str, workers: int) -> None:
+        cfg = f"shardwg-{workers}w"
+        self.current = f"{tag}{'scaling ' + cfg:<18} "
+        with Harness() as h:
+            out = self.attempt("4 peers", lambda: scaling_run(h, workers, self.args.seconds,
+                                                              f"sc{workers}-"))  # fmt: skip
+            self.log("tearing down")
+        if out is None:
+            return
+        units = {"gbit_s": "Gbit/s", "cores": "cores", "peer_cores": "cores",
+                 "machine_busy": "fraction of all CPUs", "min_peer_gbit_s": "Gbit/s"}  # fmt: skip
+        for m, unit in units.items():
+            self.results.add("scaling", cfg, m, out[m], unit)
+        self.log(f"4 peers x 1 TCP stream: {out['gbit_s']:.3f} Gbit/s in all, gateway "
+                 f"{out['cores']:.2f} cores, the 4 wireguard-go peers {out['peer_cores']:.2f} "
+                 f"cores, machine {100 * out['machine_busy']:.0f}% busy")  # fmt: skip
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def document(self, status: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "meta": {
+                **self.meta,
+                **machine_facts(),
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": " ".join(shlex.quote(x) for x in self.args.argv),
+                "reps": self.args.reps,
+                "seconds": self.args.seconds,
+                "udp_seconds": self.args.udp_seconds,
+                "handshake_seconds": self.args.hs_seconds,
+                "pair_workers": self.args.workers,
+                "sections": [s for s in SECTIONS if s in self.only],
+                "runtime_s": round(time.monotonic() - self.started, 1),
+                "loadavg_end": os.getloadavg(),
+                "status": status,
+            },
+            "sections": self.results.sections(),
+            "errors": self.results.errors,
+        }
+        doc["targets"] = bench_report.targets(doc)
+        return doc
+
+
+def machine_facts() -> dict[str, Any]:
+    def first(cmd: list[str]) -> str:
+        try:
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (cp.stdout.strip().splitlines() or [""])[0]
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       "")  # fmt: skip
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    commit = first(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = first(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "machine": {
+            "cpu": cpu,
+            "cores": len(os.sched_getaffinity(0)),
+            "memory_gib": round(mem_gib, 1),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            # dpkg, not `wireguard-go --version`: this build takes unknown arguments for an
+            # interface name and daemonizes
+            "wireguard_go": first(["dpkg-query", "-W", "-f=${Version}", "wireguard-go"]),
+            "iperf3": first(["iperf3", "--version"]),
+        },
+        "shardwg_commit": commit + ("-dirty" if dirty else ""),
+    }
+
+
+def write_outputs(doc: dict[str, Any], out: Path) -> list[str]:
+    """bench.json, bench.md and bench.png in out; returns notes about what could not be made."""
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    (out / "bench.md").write_text(bench_report.markdown(doc))
+    try:
+        bench_report.chart(doc, out / "bench.png")
+        doc["meta"]["chart"] = "bench.png"
+    except ImportError:
+        doc["meta"]["chart"] = None
+        notes.append("no chart: matplotlib is not installed (pip install '.[bench]')")
+    (out / "bench.json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_num))
+    return notes
+
+
+def _json_num(o: Any) -> Any:
+    raise TypeError(f"not JSON serialisable: {o!r}")
+
+
+def _finite(doc: Any) -> Any:
+    """inf/nan (a zero-throughput division) become null: JSON has no such numbers."""
+    if isinstance(doc, float):
+        return doc if doc == doc and abs(doc) != float("inf") else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_finite(v) for v in doc]
+    return doc
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="1 repetition, short runs (a CI smoke test, under 3 minutes)")  # fmt: skip
+    p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
+    p.add_argument("--seconds", type=float, help="seconds per iperf3 TCP run (10; 3 --quick)")
+    p.add_argument("--udp-seconds", type=float, help="seconds per UDP rate step (seconds/2)")
+    p.add_argument("--hs-seconds", type=float, help="seconds per handshake run (min(5, seconds))")
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers of each shardwg end in the pairs (default 2)")  # fmt: skip
+    p.add_argument("--ping-count", type=int, default=20, help="idle pings per pair (20)")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json/.md/.png")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections of {','.join(SECTIONS)} (all)")  # fmt: skip
+    p.add_argument("--timeout", type=float, help="whole-run limit in seconds (default: 4x the "
+                   "estimate, at least 10 min)")  # fmt: skip
+    p.add_argument("--render", metavar="JSON",
+                   help="re-render bench.md and bench.png from a saved bench.json")  # fmt: skip
+    args = p.parse_args(argv)
+    args.argv = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad or not only:
+        p.error(f"--only: unknown section(s) {','.join(bad)}; choose from {','.join(SECTIONS)}")
+    args.only = only
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.seconds is None:
+        args.seconds = 3.0 if args.quick else 10.0
+    if args.udp_seconds is None:
+        args.udp_seconds = max(1.0, args.seconds / 2)
+    if args.hs_seconds is None:
+        args.hs_seconds = min(5.0, args.seconds)
+    if args.reps < 1 or args.seconds <= 0 or args.workers < 1 or args.ping_count < 1:
+        p.error("--reps, --seconds, --workers and --ping-count must be positive")
+    return args
+
+
+def _raise_timeout(_signum: int, _frame: FrameType | None) -> None:
+    raise BenchTimeout()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        doc = json.loads(Path(args.render).read_text())
+        notes = write_outputs(doc, out)
+        print(bench_report.markdown(doc))
+        for n in notes:
+            print(n, file=sys.stderr)
+        return 0
+    problems = lab_problems(iperf3_problem())
+    if problems:
+        print(f"bench cannot run here: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    limit = args.timeout or max(600.0, 4 * bench.estimate())
+    status, rc = "complete", 0
+    prev = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.alarm(max(1, int(limit)))
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        status, rc = "interrupted", 130
+    except BenchTimeout:
+        status, rc = f"time limit of {limit:.0f} s reached", 1
+    except SystemExit as e:
+        status, rc = f"stopped by signal ({e.code})", int(e.code) if isinstance(e.code, int) else 1
+    finally:
+        signal.alarm(0)
+        for s, handler in prev.items():
+            signal.signal(s, handler)
+    bench.current = ""
+    if status != "complete":
+        bench.log(f"{status}: writing what was measured")
+    doc = _finite(bench.document(status))
+    notes = write_outputs(doc, out)
+    print("\n" + bench_report.markdown(doc), flush=True)
+    for n in notes:
+        print(f"NOTE: {n}", flush=True)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}"
+          f"{', ' + str(out / 'bench.png') if doc['meta'].get('chart') else ''} "
+          f"in {doc['meta']['runtime_s']:.0f} s", flush=True)  # fmt: skip
+    if rc == 0 and doc["errors"]:
+        rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

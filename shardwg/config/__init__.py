@@ -1,0 +1,1 @@
+"""Configuration: the wg-quick file format, keys, endpoints, and the diff of two configs."""

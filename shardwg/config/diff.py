@@ -1,0 +1,125 @@
+"""Live reconfiguration as data: a UAPI set or a reloaded file becomes a new Config,
+and two Configs become the list of changes the supervisor applies.
+
+Pure functions (no processes, no sockets), so `wg set`, `wg syncconf` and SIGHUP
+share one tested path: compute the new configuration, diff it, apply the diff.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import msgspec
+from msgspec import UNSET
+
+from shardwg.config.model import Config, Endpoint, PeerConfig
+from shardwg.uapi import SetRequest
+
+
+def _endpoint(text: str) -> Endpoint:
+    """UAPI endpoints are IP literals: `1.2.3.4:51820` or `[fd00::1]:51820`."""
+    host, _, port = text.rpartition(":")
+    return Endpoint(host=host.strip("[]"), port=int(port))
+
+
+def _take_prefixes(peers: list[PeerConfig], owner: bytes, prefixes: list[str]) -> list[PeerConfig]:
+    """An allowed IP belongs to one peer: adding it to `owner` removes it from the rest."""
+    taken = {str(ipaddress.ip_network(p, strict=False)) for p in prefixes}
+    out = []
+    for p in peers:
+        if p.public_key != owner and taken.intersection(p.allowed_ips):
+            p = msgspec.structs.replace(
+                p, allowed_ips=[a for a in p.allowed_ips if a not in taken]
+            )
+        out.append(p)
+    return out
+
+
+def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
+    """Apply a UAPI set request to a configuration (wireguard-go's order and rules).
+
+    Raises ValueError for what cannot be applied (a bad endpoint, removing the key).
+    """
+    iface = cfg.interface
+    if req.private_key is not UNSET:
+        if req.private_key is None:
+            raise ValueError("removing the private key is not supported")
+        iface = msgspec.structs.replace(iface, private_key=req.private_key)
+    if req.listen_port is not UNSET:
+        iface = msgspec.structs.replace(iface, listen_port=req.listen_port or None)
+    if req.fwmark is not UNSET:
+        iface = msgspec.structs.replace(iface, fwmark=req.fwmark)
+    peers = [] if req.replace_peers else list(cfg.peers)
+    for change in req.peers:
+        key = change.public_key
+        if key == own_public:
+            continue  # wireguard-go ignores a peer with the device's own key
+        index = next((i for i, p in enumerate(peers) if p.public_key == key), None)
+        if change.remove:
+            if index is not None:
+                del peers[index]
+            continue
+        if index is None:
+            if change.update_only:
+                continue
+            peers.append(PeerConfig(public_key=key))
+            index = len(peers) - 1
+        p = peers[index]
+        if change.preshared_key is not UNSET:
+            p = msgspec.structs.replace(p, preshared_key=change.preshared_key)
+        if change.endpoint is not UNSET:
+            p = msgspec.structs.replace(p, endpoint=_endpoint(change.endpoint))
+        if change.persistent_keepalive is not UNSET:
+            p = msgspec.structs.replace(p, persistent_keepalive=change.persistent_keepalive)
+        allowed = [] if change.replace_allowed_ips else list(p.allowed_ips)
+        for prefix in change.allowed_ips_add:
+            norm = str(ipaddress.ip_network(prefix, strict=False))
+            if norm not in allowed:
+                allowed.append(norm)
+        p = msgspec.structs.replace(p, allowed_ips=allowed)
+        peers[index] = p
+        if change.allowed_ips_add:
+            peers = _take_prefixes(peers, key, change.allowed_ips_add)
+    return msgspec.structs.replace(cfg, interface=iface, peers=peers)
+
+
+@dataclass
+class ConfigDiff:
+    private_key_changed: bool = False
+    listen_port_changed: bool = False
+    fwmark_changed: bool = False
+    added: list[PeerConfig] = field(default_factory=list)
+    removed: list[PeerConfig] = field(default_factory=list)
+    updated: list[tuple[PeerConfig, PeerConfig]] = field(default_factory=list)  # (old, new)
+
+    def empty(self) -> bool:
+        return not (
+            self.private_key_changed
+            or self.listen_port_changed
+            or self.fwmark_changed
+            or self.added
+            or self.removed
+            or self.updated
+        )
+
+
+def diff_configs(old: Config, new: Config) -> ConfigDiff:
+    d = ConfigDiff(
+        private_key_changed=old.interface.private_key != new.interface.private_key,
+        listen_port_changed=(old.interface.listen_port or 0) != (new.interface.listen_port or 0),
+        fwmark_changed=old.interface.fwmark != new.interface.fwmark,
+    )
+    before = {p.public_key: p for p in old.peers}
+    after = {p.public_key: p for p in new.peers}
+    d.removed = [p for k, p in before.items() if k not in after]
+    d.added = [p for k, p in after.items() if k not in before]
+    d.updated = [(before[k], p) for k, p in after.items() if k in before and before[k] != p]
+    return d
+
+
+def prefixes_delta(old: PeerConfig | None, new: PeerConfig | None) -> tuple[list[str], list[str]]:
+    """(routes to add, routes to remove) when a peer's allowed IPs change."""
+    a = set(old.allowed_ips) if old else set()
+    b = set(new.allowed_ips) if new else set()
+    return sorted(b - a), sorted(a - b)

@@ -1,0 +1,1 @@
+"""The container entry point: environment config, capability checks, health, process handling."""

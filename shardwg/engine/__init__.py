@@ -1,0 +1,1 @@
+"""The sharded engine: supervisor, workers, their boot, live changes, control messages."""

@@ -1,0 +1,230 @@
+"""What a freshly forked worker does before its loop: build the device for its shard.
+
+It adds the peers it owns (by `owner_of`), registers the others as remote so
+their packets are handed over, restores sessions a predecessor published in
+shared memory (a replacement resumes without a handshake), and keeps the
+shared cookie secret and under-load flag in step from the supervisor's block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from shardwg.config.endpoints import EndpointError, resolve
+from shardwg.engine import control
+from shardwg.engine.worker import Worker
+from shardwg.io import udp as udp_io
+from shardwg.proto.device import Device
+from shardwg.proto.ownership import owner_of
+from shardwg.shm import counters as C
+from shardwg.shm.layout import decode_global
+from shardwg.shm.peerslot import decode_peer
+from shardwg.shm.publisher import SessionPublisher
+
+if TYPE_CHECKING:
+    from shardwg.engine.supervisor import Supervisor
+
+log = logging.getLogger("shardwg.engine.worker")
+GLOBAL_SYNC_INTERVAL = 0.25
+
+
+def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.socket) -> int:
+    assert sup.layout is not None and sup.region is not None and sup.gateway is not None
+    assert sup.gateway.tun is not None
+    from shardwg.engine.supervisor import EXIT_BOOT_FAILURE
+
+    cfg = sup.config
+    n = sup.workers
+    buf = sup.region.buf
+    layout = sup.layout
+    try:
+        device = Device(
+            cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
+        )
+        owned = []
+        for p in cfg.peers:
+            owner = owner_of(p.public_key, n)
+            if owner != index:
+                device.add_remote_peer(p.public_key, list(p.allowed_ips), owner)
+                continue
+            try:
+                endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+            except EndpointError as exc:
+                log.warning("worker %d: %s; waiting for the peer to contact us", index, exc)
+                endpoint = None
+            owned.append(
+                device.add_peer(
+                    p.public_key,
+                    preshared_key=p.preshared_key,
+                    allowed_ips=list(p.allowed_ips),
+                    endpoint=endpoint,
+                    persistent_keepalive=p.persistent_keepalive,
+                )
+            )
+    except (ValueError, OSError) as exc:
+        log.error("worker %d: cannot build its peers: %s", index, exc)
+        return EXIT_BOOT_FAILURE
+
+    counters = layout.counters(buf, index)
+    counters.load()
+    counters.set(C.PID, os.getpid())
+    counters.set(C.PEERS_OWNED, len(owned))
+    counters.set(C.RESTARTS, restarts)
+    mesh = layout.mesh(buf, sup.eventfds)
+    publisher = SessionPublisher(layout, buf, sup.slot_of, index)
+    now, wall = time.monotonic(), time.time()
+    resumed = 0
+    for peer in owned:
+        if restarts and publisher.restore(peer, now):
+            resumed += 1
+        else:
+            publisher.track(peer)
+    if resumed:
+        log.info("worker %d: resumed %d session(s) from shared memory", index, resumed)
+
+    udp4 = sup.gateway.udp4[index] if sup.gateway.udp4 else None
+    udp6 = sup.gateway.udp6[index] if sup.gateway.udp6 else None
+    worker = Worker(
+        device,
+        sup.gateway.tun.fds[index],
+        udp4,
+        udp6,
+        counters,
+        worker_id=index,
+        mesh=mesh if n > 1 else None,
+        publisher=publisher,
+    )
+    worker.known_endpoints = lambda: known_endpoints(layout, buf)
+    sync = GlobalSync(layout, buf)
+    worker.on_tick = sync.on_tick
+    worker.on_control = ShardControl(worker, publisher, n, index).handle
+    sync.on_tick(worker, now, wall)
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for peer in owned:
+        if peer.endpoint is not None and peer.persistent_keepalive and peer.current is None:
+            peer.send_keepalive(now, wall)
+    counters.beat(now)
+    control.setblocking(False)
+    worker.run(control.fileno())
+    return 0
+
+
+class ShardControl:
+    """Applies the supervisor's live configuration changes to this worker's shard."""
+
+    def __init__(self, worker: Worker, publisher: SessionPublisher, workers: int, index: int):
+        self.worker = worker
+        self.device = worker.device
+        self.publisher = publisher
+        self.workers = workers
+        self.index = index
+
+    def handle(self, data: bytes, now: float, wall: float) -> bool:
+        try:
+            msg = control.decode(data)
+        except Exception:
+            log.error("worker %d: undecodable control message ignored", self.index)
+            return True
+        if isinstance(msg, control.Stop):
+            return False
+        try:
+            if isinstance(msg, control.RemovePeer):
+                self.device.remove_peer(msg.public_key)
+                self.publisher.forget(msg.public_key)
+                self.publisher.slot_of.pop(msg.public_key, None)  # the slot is freed
+            elif isinstance(msg, control.AddPeer):
+                if msg.slot >= 0:  # our copy of slot_of dates from the fork
+                    self.publisher.slot_of[msg.peer.public_key] = msg.slot
+                self._add(msg.peer, now, wall)
+            elif isinstance(msg, control.UpdatePeer):
+                self._update(msg.peer, msg.endpoint_changed)
+        except ValueError as exc:
+            log.error("worker %d: control change not applied: %s", self.index, exc)
+        self.worker.counters.set(C.PEERS_OWNED, len(self.device.peers))
+        return True
+
+    def _add(self, spec: control.PeerSpec, now: float, wall: float) -> None:
+        owner = owner_of(spec.public_key, self.workers)
+        if owner != self.index:
+            self.device.add_remote_peer(spec.public_key, list(spec.allowed_ips), owner)
+            return
+        peer = self.device.add_peer(
+            spec.public_key,
+            preshared_key=spec.preshared_key,
+            allowed_ips=list(spec.allowed_ips),
+            endpoint=spec.endpoint_tuple(),
+            persistent_keepalive=spec.persistent_keepalive,
+        )
+        self.publisher.track(peer)
+        if peer.endpoint is not None and peer.persistent_keepalive:
+            peer.send_keepalive(now, wall)
+
+    def _update(self, spec: control.PeerSpec, endpoint_changed: bool) -> None:
+        key = spec.public_key
+        remote = self.device.remote.get(key)
+        if remote is not None:
+            self.device.set_allowed_ips(remote, list(spec.allowed_ips))
+            return
+        peer = self.device.peers.get(key)
+        if peer is None:
+            return
+        self.device.set_allowed_ips(peer, list(spec.allowed_ips))
+        self.device.set_preshared_key(peer, spec.preshared_key)
+        if endpoint_changed:
+            peer.endpoint = spec.endpoint_tuple()
+        peer.persistent_keepalive = spec.persistent_keepalive
+        self.publisher.publish(peer)
+
+
+def known_endpoints(layout: Any, buf: Any) -> list[bytes]:
+    """Every peer's endpoint (packed ip || port) from the shared peer slots, most recent
+    handshake first: the initiation filter lets these through even during a flood."""
+    found: list[tuple[float, bytes]] = []
+    for i in range(layout.peer_capacity):
+        try:
+            rec = decode_peer(layout.peer_slot(buf, i).read(max_retries=100))
+        except Exception:  # torn by a dying writer: skip it this time
+            continue
+        if rec is not None and rec.endpoint:
+            found.append((-rec.last_handshake_wall, udp_io.sockaddr_bytes(rec.endpoint)))
+    found.sort()
+    return list(dict.fromkeys(ep for _t, ep in found))
+
+
+class GlobalSync:
+    """Keeps a worker's cookie secret and under-load flag in step with the supervisor."""
+
+    def __init__(self, layout: Any, buf: Any) -> None:
+        self.slot = layout.global_slot(buf)
+        self.next_sync = 0.0
+        self.secret_born = -1.0
+
+    def on_tick(self, worker: Worker, now: float, wall: float) -> None:
+        worker.counters.set(C.HANDSHAKE_BACKLOG, len(worker.handshake_queue))
+        if now < self.next_sync:
+            return
+        self.next_sync = now + GLOBAL_SYNC_INTERVAL
+        try:
+            g = decode_global(self.slot.read())
+        except Exception:  # a torn or missing block: keep what we have
+            return
+        if g is None:
+            return
+        intake = worker.device.intake
+        if g.cookie_secret_born != self.secret_born:
+            intake.checker.set_secret(g.cookie_secret, g.cookie_secret_born)
+            self.secret_born = g.cookie_secret_born
+        if g.under_load_until > intake.under_load_until:
+            intake.under_load_until = g.under_load_until

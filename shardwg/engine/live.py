@@ -1,0 +1,240 @@
+"""Applying configuration changes to a running gateway: the UAPI backend, SIGHUP, SaveConfig.
+
+Every change goes the same way: build the new Config (`reconfigure`), diff it
+against the running one, then apply the diff: peers added, updated or removed
+are broadcast to every worker as control messages (the owner changes the
+peer's protocol state, the others their routing of remote peers), routes follow
+the allowed IPs, peer slots are assigned and freed. Other peers' sessions are
+never touched. A new private key invalidates every session, so workers are
+restarted with empty slots; a new listen port rebinds the UDP group and
+restarts workers, which resume their sessions from shared memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from shardwg.config.diff import config_from_set, diff_configs, prefixes_delta
+from shardwg.config.endpoints import EndpointError, format_endpoint, resolve
+from shardwg.config.model import Config, ConfigError, PeerConfig, format_config, load_config
+from shardwg.engine import control
+from shardwg.io import netlink
+from shardwg.io.interface import routing_table
+from shardwg.proto.crypto import public_key
+from shardwg.shm.peerslot import PeerRecord, decode_peer
+from shardwg.uapi import DeviceView, PeerView, SetRequest
+
+if TYPE_CHECKING:
+    from shardwg.engine.supervisor import Supervisor
+
+log = logging.getLogger("shardwg.engine.live")
+SLOT_REUSE_DELAY = 2.0  # a freed slot waits this long: its old owner may still publish once
+
+
+class LiveConfig:
+    def __init__(self, sup: Supervisor, config_path: str | None) -> None:
+        self.sup = sup
+        self.config_path = config_path
+        self._freeing: list[tuple[float, int]] = []
+
+    # ------------------------------------------------------------------ UAPI backend
+    def uapi_get(self) -> DeviceView:
+        sup = self.sup
+        cfg = sup.config
+        peers = []
+        for p in cfg.peers:
+            view = PeerView(
+                public_key=p.public_key,
+                preshared_key=p.preshared_key,
+                persistent_keepalive=p.persistent_keepalive,
+                allowed_ips=list(p.allowed_ips),
+            )
+            rec = self._record(p.public_key)
+            endpoint = rec.endpoint if rec is not None and rec.endpoint else None
+            if endpoint is None and p.endpoint is not None:
+                try:
+                    endpoint = resolve(p.endpoint)
+                except EndpointError:
+                    endpoint = None
+            view.endpoint = format_endpoint(endpoint) or None
+            if rec is not None:
+                sec = int(rec.last_handshake_wall)
+                view.last_handshake_sec = sec
+                view.last_handshake_nsec = int((rec.last_handshake_wall - sec) * 1e9)
+                view.rx_bytes, view.tx_bytes = rec.rx_bytes, rec.tx_bytes
+            peers.append(view)
+        return DeviceView(
+            private_key=cfg.interface.private_key,
+            listen_port=sup.gateway.port if sup.gateway else 0,
+            fwmark=cfg.interface.fwmark,
+            peers=peers,
+        )
+
+    def uapi_set(self, req: SetRequest) -> int:
+        cfg = self.sup.config
+        try:
+            new = config_from_set(cfg, req, public_key(cfg.interface.private_key))
+        except (ValueError, ConfigError) as exc:
+            log.warning("uapi set refused: %s", exc)
+            return errno.EINVAL
+        return self.apply(new, "uapi")
+
+    def _record(self, key: bytes) -> PeerRecord | None:
+        sup = self.sup
+        index = sup.slot_of.get(key)
+        if index is None or sup.layout is None or sup.region is None:
+            return None
+        try:
+            rec = decode_peer(sup.layout.peer_slot(sup.region.buf, index).read(max_retries=1000))
+        except Exception:
+            return None
+        return rec if rec is not None and rec.public_key == key else None
+
+    # ------------------------------------------------------------------ applying
+    def apply(self, new: Config, source: str) -> int:
+        """Make `new` the running configuration; returns an errno (0: applied)."""
+        sup = self.sup
+        old = sup.config
+        d = diff_configs(old, new)
+        if new.interface.listen_port in (None, 0):
+            # `wg syncconf` always sends listen_port (0 when unset): keep our port then.
+            d.listen_port_changed = False
+        elif sup.gateway is not None and new.interface.listen_port == sup.gateway.port:
+            d.listen_port_changed = False
+        if d.empty():
+            sup.config = new
+            return 0
+        specs: dict[bytes, control.PeerSpec] = {}
+        try:
+            for p in d.added + [n for _o, n in d.updated]:
+                specs[p.public_key] = peer_spec(p)
+        except EndpointError as exc:
+            log.warning("%s change refused: %s", source, exc)
+            return errno.EINVAL
+        free = self._free_slots(len(d.added), {p.public_key for p in d.removed})
+        if free is None:
+            log.warning("%s change refused: no room for %d more peers", source, len(d.added))
+            return errno.ENOSPC
+        sup.config = new
+        for p in d.removed:
+            self._broadcast(control.RemovePeer(p.public_key))
+            self._routes(p, None)
+            index = sup.slot_of.pop(p.public_key, None)
+            if index is not None:
+                self._freeing.append((time.monotonic() + SLOT_REUSE_DELAY, index))
+        for p, index in zip(d.added, free, strict=False):
+            sup.slot_of[p.public_key] = index
+            self._broadcast(control.AddPeer(specs[p.public_key], index))
+            self._routes(None, p)
+        for o, n in d.updated:
+            self._broadcast(
+                control.UpdatePeer(specs[n.public_key], endpoint_changed=o.endpoint != n.endpoint)
+            )
+            self._routes(o, n)
+        if d.fwmark_changed and sup.gateway is not None:
+            for s in sup.gateway.udp4 + sup.gateway.udp6:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, new.interface.fwmark)
+        if d.private_key_changed:
+            log.info("%s: private key changed; restarting workers without sessions", source)
+            sup.restart_workers(keep_sessions=False)
+        elif d.listen_port_changed:
+            log.info("%s: listen port -> %s", source, new.interface.listen_port)
+            sup.rebind(new.interface.listen_port or 0)
+        log.info(
+            "%s: %d peer(s) added, %d removed, %d updated",
+            source, len(d.added), len(d.removed), len(d.updated),
+        )  # fmt: skip
+        return 0
+
+    def _free_slots(self, n: int, leaving: set[bytes]) -> list[int] | None:
+        sup = self.sup
+        assert sup.layout is not None
+        used = set(sup.slot_of.values()) | {i for _t, i in self._freeing}
+        free = [i for i in range(sup.layout.peer_capacity) if i not in used]
+        return free[:n] if len(free) >= n else None
+
+    def tick(self, now: float) -> None:
+        """Wipe freed slots once their old owner can no longer write them."""
+        sup = self.sup
+        due = [i for t, i in self._freeing if t <= now]
+        if not due or sup.layout is None or sup.region is None:
+            return
+        self._freeing = [(t, i) for t, i in self._freeing if t > now]
+        for index in due:
+            if index not in sup.slot_of.values():
+                off = sup.layout.peers_offset + index * sup.layout.peer_stride
+                sup.region.zero(off, sup.layout.peer_stride)
+
+    def _broadcast(self, msg: control.Control) -> None:
+        data = control.encode(msg)
+        for slot in self.sup.slots:
+            if slot.control is None or not slot.pid:
+                continue  # a worker being replaced boots from the new configuration
+            try:
+                slot.control.send(data)
+            except OSError as exc:
+                log.warning("worker %d missed a change (%s); it will be replaced", slot.index, exc)
+
+    def _routes(self, old: PeerConfig | None, new: PeerConfig | None) -> None:
+        table = routing_table(self.sup.config)
+        if table == "off":
+            return
+        add, remove = prefixes_delta(old, new)
+        t = table if isinstance(table, int) else None
+        try:
+            if remove:
+                netlink.remove_routes(self.sup.ifname, remove, t)
+            if add:
+                netlink.add_routes(self.sup.ifname, add, t)
+        except OSError as exc:
+            log.warning("routes for %s not updated: %s", self.sup.ifname, exc)
+
+    # ------------------------------------------------------------------ file
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply the difference (like wg syncconf)."""
+        if not self.config_path:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; configuration unchanged", exc)
+            return
+        # Interface-level settings that need the interface rebuilt are kept as running.
+        cur = self.sup.config.interface
+        if (new.interface.addresses, new.interface.mtu) != (cur.addresses, cur.mtu):
+            log.warning("SIGHUP: Address/MTU changes need a restart; kept as running")
+        self.apply(new, "reload")
+
+    def save(self) -> None:
+        """SaveConfig = true: write the running configuration back, owner-only, atomically."""
+        if not self.config_path or not self.sup.config.interface.save_config:
+            return
+        tmp = f"{self.config_path}.tmp{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(format_config(self.sup.config))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.config_path)
+            log.info("configuration saved to %s", self.config_path)
+        except (OSError, ValueError) as exc:
+            log.error("could not save configuration: %s", exc)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def peer_spec(p: PeerConfig) -> control.PeerSpec:
+    endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+    return control.PeerSpec(
+        public_key=p.public_key,
+        preshared_key=p.preshared_key,
+        allowed_ips=list(p.allowed_ips),
+        endpoint=list(endpoint) if endpoint is not None else None,
+        persistent_keepalive=p.persistent_keepalive,
+    )

@@ -1,0 +1,494 @@
+"""The supervisor: sets the gateway up, forks one worker per shard, keeps them alive.
+
+Start-up order matters. The supervisor creates the shared-memory region, every
+TUN queue and every UDP socket (in join order) before the first fork and keeps
+them open for its whole life, so the reuseport group's slots never move: a
+replacement worker inherits exactly the socket and queue its predecessor had,
+and datagrams that arrive meanwhile wait in that socket's buffer.
+
+Signal handlers only set flags and poke a wake-up pipe; the loop does the work
+(`_handle_signals`). Every turn it reaps dead workers (replaced at once),
+kills stuck ones (heartbeat older than STUCK_AFTER), rotates the shared cookie
+secret, publishes the shared under-load flag, and checks that no foreign
+process has attached a queue to our TUN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardwg.config.model import Config
+from shardwg.engine.live import LiveConfig
+from shardwg.io import netlink, steering
+from shardwg.io import tun as tun_io
+from shardwg.io.interface import Gateway, GatewayError
+from shardwg.observe.metrics import HEALTHY_BEAT, MetricsServer
+from shardwg.observe.status import GatewayStatus, read_status
+from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
+from shardwg.proto.constants import (
+    COOKIE_REFRESH_TIME,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_QUEUE_SIZE,
+)
+from shardwg.proto.ownership import owner_of
+from shardwg.shm import counters as C
+from shardwg.shm.handoff import HandoffMesh
+from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
+from shardwg.shm.region import RegionError, SharedRegion, region_name
+from shardwg.uapi.server import UapiServer
+
+log = logging.getLogger("shardwg.engine.supervisor")
+
+STUCK_AFTER = 3.0  # seconds without a heartbeat before a worker is killed and replaced
+# (a dead worker is replaced at once through SIGCHLD; this only catches a hung one, and a
+# saturated 2-core box was seen to starve a healthy worker for 2 s under a flood)
+BOOT_GRACE = 5.0  # a new worker has this long to send its first heartbeat
+QUICK_DEATH = 2.0  # a worker dying sooner than this after start counts towards a storm
+STORM_LIMIT = 5  # consecutive quick deaths of one worker slot that stop the gateway
+FOREIGN_CHECK_INTERVAL = 1.0
+LOOP_INTERVAL = 0.1
+EXIT_BOOT_FAILURE = 3  # a worker's exit code: configuration cannot work, do not retry
+EXIT_FOREIGN_QUEUE = 4
+_HEARTBEAT = struct.Struct("@d")
+
+
+class SupervisorError(Exception):
+    pass
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    quick_deaths: int = 0
+    restarts: int = 0
+    planned: bool = False  # stopped on purpose (reconfiguration): not a crash
+    control: socket.socket | None = None
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    ifname: str
+    workers: int
+    gateway: Gateway | None = None
+    region: SharedRegion | None = None
+    layout: Layout | None = None
+    slot_of: dict[bytes, int] = field(default_factory=dict)
+    slots: list[WorkerSlot] = field(default_factory=list)
+    eventfds: list[int] = field(default_factory=list)
+    config_path: str | None = None
+    exit_code: int = 0
+    live: LiveConfig | None = None
+    uapi: UapiServer | None = None
+    metrics_addr: tuple[str, int] | None = None
+    tun_offload: bool = False
+    metrics: MetricsServer | None = None
+    _stop: bool = False
+    _wake_r: int = -1
+    _wake_w: int = -1
+    _global: GlobalState | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def start(self) -> None:
+        n = self.workers
+        _no_core_dumps()
+        self.live = LiveConfig(self, self.config_path)
+        self.uapi = UapiServer(self.ifname, self.live)
+        try:
+            self.uapi.start()
+        except OSError as exc:
+            self.uapi = None
+            raise SupervisorError(
+                f"UAPI socket for {self.ifname}: {exc} (is another instance running?)"
+            ) from exc
+        capacity = max(256, 2 * len(self.config.peers))
+        self.layout = Layout.sized(n, capacity)
+        try:
+            self.region = SharedRegion.create(region_name(self.ifname), self.layout.total_size)
+        except RegionError as exc:
+            raise SupervisorError(f"shared memory for {self.ifname}: {exc}") from exc
+        buf = self.region.buf
+        self.layout.write_to(buf)
+        self.slot_of = {p.public_key: i for i, p in enumerate(self.config.peers)}
+        self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
+        try:
+            self.gateway.open()
+            for group in (self.gateway.udp4, self.gateway.udp6):
+                if group:
+                    steering.attach(group[0], n)
+        except BaseException:
+            self._teardown()
+            raise
+        if self.config.interface.table == "off":
+            log.info("Table = off: no routes added")
+        now = time.monotonic()
+        self._global = GlobalState(
+            workers=n,
+            peer_capacity=capacity,
+            cookie_secret=os.urandom(32),
+            cookie_secret_born=now,
+            supervisor_pid=os.getpid(),
+            interface=self.ifname,
+            listen_port=self.gateway.port,
+            started_wall=time.time(),
+        )
+        self._write_global()
+        self.eventfds = HandoffMesh.make_eventfds(n)
+        self.slots = [WorkerSlot(i) for i in range(n)]
+        if self.metrics_addr is not None:
+            try:
+                self.metrics = MetricsServer(self.metrics_addr, self._status, self._ready)
+            except OSError as exc:
+                self._teardown()
+                raise SupervisorError(f"--metrics {self.metrics_addr}: {exc}") from exc
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)
+
+    def _write_global(self) -> None:
+        assert self.layout is not None and self.region is not None and self._global is not None
+        self.layout.global_slot(self.region.buf).write(encode_global(self._global))
+
+    # ------------------------------------------------------------------ workers
+    def spawn(self, slot: WorkerSlot) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 70
+            try:
+                parent_end.close()
+                code = self._worker_main(slot, child_end)
+            except BaseException:
+                log.exception("worker %d crashed", slot.index)
+            finally:
+                os._exit(code)
+        child_end.close()
+        if slot.control is not None:
+            slot.control.close()
+        slot.control = parent_end
+        slot.pid = pid
+        slot.started = time.monotonic()
+        log.info("worker %d started (pid %d)", slot.index, pid)
+
+    def _worker_main(self, slot: WorkerSlot, control: socket.socket) -> int:
+        from shardwg.engine.boot import boot_worker
+
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        _set_parent_death_signal()
+        return boot_worker(self, slot.index, slot.restarts, control)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        pending: list[int] = []
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            pending.append(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        try:
+            for s in self.slots:
+                self.spawn(s)
+            log.info(
+                "shardwg serving %s with %d worker(s) on UDP port %d",
+                self.ifname,
+                self.workers,
+                self.gateway.port if self.gateway else 0,
+            )
+            next_foreign = time.monotonic() + FOREIGN_CHECK_INTERVAL
+            watch: list[Any] = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
+            while not self._stop:
+                fds = watch + (self.metrics.fds() if self.metrics else [])
+                with contextlib.suppress(InterruptedError):
+                    select.select(fds, [], [], LOOP_INTERVAL)
+                if self.metrics is not None:
+                    self.metrics.poll()
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                while pending:
+                    self._handle_signal(pending.pop(0))
+                if self.uapi is not None:
+                    try:
+                        self.uapi.poll(0.0)
+                    except Exception:  # the UAPI must never take the gateway down
+                        log.exception("uapi error")
+                now = time.monotonic()
+                if self.live is not None:
+                    self.live.tick(now)
+                self._reap(now)
+                self._check_heartbeats(now)
+                self._maintain_global(now)
+                if now >= next_foreign:
+                    self._check_foreign_queues()
+                    next_foreign = now + FOREIGN_CHECK_INTERVAL
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("signal %s: shutting down", signal.Signals(signum).name)
+            self._stop = True
+        elif signum == signal.SIGHUP and self.live is not None:
+            log.info("SIGHUP: reloading %s", self.config_path)
+            self.live.reload()
+
+    def _reap(self, now: float) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            slot.pid = 0
+            if self._stop:
+                continue
+            if code == EXIT_BOOT_FAILURE:
+                log.error("worker %d cannot start (configuration); stopping", slot.index)
+                self._fail(EXIT_BOOT_FAILURE)
+                return
+            lived = now - slot.started
+            slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH else 0
+            if slot.planned:
+                slot.planned = False
+                slot.quick_deaths = 0
+            if slot.quick_deaths >= STORM_LIMIT:
+                log.error(
+                    "worker %d died %d times within %.0f s of starting; stopping the gateway",
+                    slot.index, slot.quick_deaths, QUICK_DEATH,
+                )  # fmt: skip
+                self._fail(1)
+                return
+            log.warning("worker %d (pid %d) exited with %s after %.1f s; replacing it",
+                        slot.index, pid, code, lived)  # fmt: skip
+            slot.restarts += 1
+            self.spawn(slot)
+
+    def _fail(self, code: int) -> None:
+        self.exit_code = code
+        self._stop = True
+
+    def heartbeat(self, worker: int) -> float:
+        assert self.layout is not None and self.region is not None
+        off = self.layout.counters_offset + worker * C.BLOCK_SIZE
+        return float(_HEARTBEAT.unpack_from(self.region.buf, off)[0])
+
+    def _check_heartbeats(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.pid == 0:
+                continue
+            beat = self.heartbeat(slot.index)
+            if beat < slot.started:  # not beating yet since this start
+                if now - slot.started > BOOT_GRACE:
+                    log.warning("worker %d never sent a heartbeat; killing it", slot.index)
+                    _kill(slot.pid)
+            elif now - beat > STUCK_AFTER:
+                log.warning("worker %d stuck (no heartbeat for %.1f s); killing it",
+                            slot.index, now - beat)  # fmt: skip
+                _kill(slot.pid)
+
+    def _maintain_global(self, now: float) -> None:
+        g = self._global
+        assert g is not None and self.layout is not None and self.region is not None
+        changed = False
+        if now - g.cookie_secret_born >= COOKIE_REFRESH_TIME:
+            g.cookie_secret = os.urandom(32)
+            g.cookie_secret_born = now
+            changed = True
+        stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
+        if any(
+            s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE
+            or (s.initiation_shift > 0 and s.initiations_offered >= UNDER_LOAD_OFFERED_RATE)
+            for s in stats
+        ):
+            if g.under_load_until < now + UNDER_LOAD_AFTER_TIME / 2:
+                g.under_load_until = now + UNDER_LOAD_AFTER_TIME
+                changed = True
+        if changed:
+            self._write_global()
+
+    def _check_foreign_queues(self) -> None:
+        ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
+        try:
+            foreign = tun_io.foreign_queue_holders(self.ifname, ours)
+        except OSError:
+            return
+        if foreign:
+            log.critical(
+                "process(es) %s attached a queue to %s and could read tunnel traffic; "
+                "refusing to run with a compromised interface",
+                ", ".join(map(str, foreign)), self.ifname,
+            )  # fmt: skip
+            self._fail(EXIT_FOREIGN_QUEUE)
+
+    # ------------------------------------------------------------------ reconfiguration
+    def _stop_workers(self) -> None:
+        """Stop every worker and wait (at most 3 s, then SIGKILL); slots stay assigned."""
+        live = [s for s in self.slots if s.pid]
+        for s in live:
+            _signal(s.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while any(s.pid for s in live) and time.monotonic() < deadline:
+            for s in live:
+                if s.pid and _reaped(s.pid):
+                    s.pid = 0
+            time.sleep(0.02)
+        for s in live:
+            if s.pid:
+                _kill(s.pid)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(s.pid, 0)
+                s.pid = 0
+
+    def restart_workers(self, keep_sessions: bool) -> None:
+        """Replace every worker (new key or port); sessions resume if `keep_sessions`."""
+        self._stop_workers()
+        if not keep_sessions and self.layout is not None and self.region is not None:
+            self.region.zero(
+                self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
+            )
+        for s in self.slots:
+            s.restarts += 1
+            self.spawn(s)
+
+    def rebind(self, port: int) -> None:
+        """Move the UDP group to a new port: sockets are recreated in join order."""
+        assert self.gateway is not None
+        self._stop_workers()
+        try:
+            self.gateway.rebind_udp(port)
+            for group in (self.gateway.udp4, self.gateway.udp6):
+                if group:
+                    steering.attach(group[0], self.workers)
+            if self._global is not None:
+                self._global.listen_port = self.gateway.port
+                self._write_global()
+        except OSError as exc:
+            log.error("cannot rebind to port %d: %s; stopping", port, exc)
+            self._fail(1)
+            return
+        for s in self.slots:
+            s.restarts += 1
+            self.spawn(s)
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self) -> None:
+        self._stop = True
+        if self.live is not None:
+            self.live.save()
+        self._stop_workers()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.uapi is not None:
+            self.uapi.close()
+            self.uapi = None
+        for s in self.slots:
+            if s.control is not None:
+                s.control.close()
+                s.control = None
+        if self.gateway is not None:
+            self.gateway.close()
+            self.gateway = None
+        if self.eventfds:
+            HandoffMesh.close_eventfds(self.eventfds)
+            self.eventfds = []
+        if self.region is not None:
+            self.region.zero()  # key material never outlives the gateway
+            self.region.close()
+            self.region.unlink()
+            self.region = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _status(self) -> GatewayStatus:
+        return read_status(self.ifname, interval=0)
+
+    def _ready(self, st: GatewayStatus) -> tuple[bool, str]:
+        if not netlink.link_exists(self.ifname):
+            return False, f"interface {self.ifname} is missing"
+        bad = [w.worker for w in st.worker_stats if not w.alive or w.heartbeat_age > HEALTHY_BEAT]
+        if bad:
+            return False, f"worker(s) {', '.join(map(str, bad))} not beating"
+        return True, f"ok: {self.ifname} up, {len(st.worker_stats)} worker(s) beating"
+
+    def read_global(self) -> GlobalState | None:
+        assert self.layout is not None and self.region is not None
+        return decode_global(self.layout.global_slot(self.region.buf).read())
+
+    def owner(self, public_key: bytes) -> int:
+        return owner_of(public_key, self.workers)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _kill(pid: int) -> None:
+    _signal(pid, signal.SIGKILL)
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def _no_core_dumps() -> None:
+    """Keys live on the Python heap too: no core dumps, and no ptrace by other users
+    (RLIMIT_CORE=0 and PR_SET_DUMPABLE=0, inherited by every worker)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.debug("RLIMIT_CORE not set: %s", exc)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+    except (OSError, AttributeError) as exc:
+        log.debug("PR_SET_DUMPABLE not cleared: %s", exc)
+
+
+def _set_parent_death_signal() -> None:
+    """PR_SET_PDEATHSIG: a worker gets SIGTERM if the supervisor dies (kill -9 included)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError) as exc:
+        if getattr(exc, "errno", None) != errno.ENOSYS:
+            log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
+
+
+__all__ = ["GatewayError", "Supervisor", "SupervisorError"]

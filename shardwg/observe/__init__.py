@@ -1,0 +1,1 @@
+"""Observation: gateway status read from shared memory, `shardwg show`, Prometheus metrics."""
