@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import math
 import random
 import struct
 from collections.abc import Callable, Iterable
@@ -44,7 +45,7 @@ from shardwg.proto.constants import (
     MessageType,
 )
 from shardwg.proto.cookie import CookieChecker, CookieGenerator
-from shardwg.proto.device import Device, Handoff
+from shardwg.proto.device import Device, ForeignInitiation
 from shardwg.proto.messages import classify
 from shardwg.proto.noise import LocalIdentity
 from shardwg.proto.peer import Peer
@@ -79,7 +80,7 @@ ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)
 REMOTE_OWNER = 3  # worker id that owns peer C in the datagram world
 
-Outcome: TypeAlias = "int | DropReason | bytes | Handoff | None"
+Outcome: TypeAlias = "int | DropReason | bytes | ForeignInitiation | None"
 
 
 class FuzzFailure(AssertionError):
@@ -90,6 +91,12 @@ def _check(ok: bool, message: str) -> None:
     # Not `assert`: the properties must hold under `python -O` too.
     if not ok:
         raise FuzzFailure(message)
+
+
+def _set_load(dev: Device, on: bool) -> None:
+    """Put a device under load or take it out, as the gateway-wide deadline the
+    supervisor publishes in shared memory does (copied into each worker's intake)."""
+    dev.intake.under_load_until = math.inf if on else -1.0
 
 
 def _seeded(seed: int) -> Callable[[int], bytes]:
@@ -238,7 +245,8 @@ class World:
 
     def honest_roundtrip(self) -> None:
         """A real packet still gets through, both ways: hostile input broke nothing."""
-        self.a.intake.forced_load = self.b.intake.forced_load = False
+        _set_load(self.a, False)
+        _set_load(self.b, False)
         for frm, to, peer, src_ip, dst_ip in (
             (self.a, self.b, self.peer_b, "10.0.0.1", "10.0.0.2"),
             (self.b, self.a, self.peer_a, "10.0.0.2", "10.0.0.1"),
@@ -309,8 +317,8 @@ def _check_outcome(res: Outcome, what: str) -> None:
     """Only the documented result types, and drop codes that name a DropReason."""
     if isinstance(res, DropReason) or res is None:
         return
-    if isinstance(res, Handoff):
-        _check(res.owner == REMOTE_OWNER, f"{what}: Handoff to unknown owner {res.owner}")
+    if isinstance(res, ForeignInitiation):
+        _check(res.owner == REMOTE_OWNER, f"{what}: ForeignInitiation to unknown owner {res.owner}")
         return
     if isinstance(res, bytes):
         _check(
@@ -344,11 +352,11 @@ def _cached(key: Any, build: Callable[[], Any]) -> Any:
 def _datagram_world() -> World:
     """Established A<->B session; B also routes peer C, owned by worker REMOTE_OWNER.
 
-    Device b3 (same gateway key, worker REMOTE_OWNER) owns C and gets every Handoff,
-    as the owner would through the handoff ring. `seeds` holds genuine datagrams for
-    the corpus: some already consumed (replays must be refused), some still in flight
-    (a fresh initiation, data both ways, a packet with a spoofed inner source) that
-    the world accepts once, as it would from the honest peer.
+    Device b3 (same gateway key, worker REMOTE_OWNER) owns C and gets every
+    ForeignInitiation, as the owner would through the handoff ring. `seeds` holds
+    genuine datagrams for the corpus: some already consumed (replays must be
+    refused), some still in flight (a fresh initiation, data both ways, a packet
+    with a spoofed inner source) that the world accepts once, as it would from the honest peer.
     """
     w = World(seed=1)
     w.establish()
@@ -361,7 +369,7 @@ def _datagram_world() -> World:
     peer_c.send_initiation(w.now, w.wall)
     init_c = w.take_outbox(c)[0]
     res = w.deliver(w.b, init_c, ("192.0.2.3", 51820))
-    _check(res == Handoff(REMOTE_OWNER), f"world setup: C's initiation gave {res!r}")
+    _check(res == ForeignInitiation(REMOTE_OWNER), f"world setup: C's initiation gave {res!r}")
     _check(w.deliver(b3, init_c, ("192.0.2.3", 51820), screened=True) is None, "world setup: b3")
     w.minted += [m for _p, m in b3.outbox]
     b3.outbox.clear()
@@ -424,14 +432,14 @@ def datagram(data: bytes) -> None:
             if fixed != data:
                 variants.append(fixed)
         for msg in variants:
-            dev.intake.forced_load = load
+            _set_load(dev, load)
             before = fingerprint(dev), [fingerprint(x) for x in w.extra]
             res = w.deliver(dev, msg, src)
             _check_outcome(res, "datagram")
-            if isinstance(res, Handoff):  # the owner screens nothing again, as from the ring
+            if isinstance(res, ForeignInitiation):  # the owner screens nothing again (ring)
                 res = w.deliver(w.extra[0], msg, src, screened=True)
                 _check_outcome(res, "datagram handed off")
-                _check(not isinstance(res, bytes | Handoff), f"owner answered {res!r}")
+                _check(not isinstance(res, bytes | ForeignInitiation), f"owner answered {res!r}")
             if _is_drop(res) and res not in _AUTHENTICATED_DROPS:
                 if not accepted:
                     after = fingerprint(dev), [fingerprint(x) for x in w.extra]
@@ -505,7 +513,7 @@ def _handshake_fixture(kind: int, load: bool) -> _HandshakeFixture:
     """
     w = World(seed=11 + kind + 3 * load)
     if kind == _COOKIE:
-        w.b.intake.forced_load = True
+        _set_load(w.b, True)
         w.peer_b.send_initiation(w.now, w.wall)
         reply = w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A)
         _check(isinstance(reply, bytes), "fixture: no cookie reply")
@@ -514,7 +522,7 @@ def _handshake_fixture(kind: int, load: bool) -> _HandshakeFixture:
         return _HandshakeFixture(w, w.a, ADDR_B, reply)
     if kind == _INIT:
         if load:
-            w.b.intake.forced_load = True
+            _set_load(w.b, True)
             w.peer_b.send_initiation(w.now, w.wall)
             reply = w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A)
             _check(isinstance(reply, bytes), "fixture: no cookie reply")
@@ -524,7 +532,7 @@ def _handshake_fixture(kind: int, load: bool) -> _HandshakeFixture:
         w.peer_b.send_initiation(w.now, w.wall)
         return _HandshakeFixture(w, w.b, ADDR_A, w.take_outbox(w.a)[0])
     if load:
-        w.a.intake.forced_load = True
+        _set_load(w.a, True)
         w.peer_b.send_initiation(w.now, w.wall)
         _check(w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A) is None, "fixture: init")
         reply = w.deliver(w.a, w.take_outbox(w.b)[0], ADDR_B)
@@ -557,7 +565,7 @@ def _should_accept(fx: _HandshakeFixture, kind: int, load: bool, msg: bytes) -> 
         table = fx.receiver.table
         owner = table.pending.get(index)
         if owner is None and index in table.sessions:
-            owner = table.sessions[index].owner
+            owner = table.sessions[index].peer
         return owner is fx.world.peer_b
     if load:
         return False  # mac2 covers everything before it
@@ -887,7 +895,7 @@ def _corpus_entries() -> dict[str, dict[str, bytes]]:
     w = _datagram_world()
     # A world under load supplies a genuine cookie reply; another seed, foreign keys.
     fw = World(seed=5)
-    fw.b.intake.forced_load = True
+    _set_load(fw.b, True)
     fw.peer_b.send_initiation(fw.now, fw.wall)
     foreign_init = fw.take_outbox(fw.a)[0]
     foreign_cookie = fw.deliver(fw.b, foreign_init, ADDR_A)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pairs import ADDR_B, Pair, ipv4_packet
 
-from shardwg.proto.constants import DropReason
+from shardwg.proto.constants import UNDER_LOAD_QUEUE_SIZE, DropReason
 
 
 def drop(reason: DropReason) -> int:
@@ -107,7 +107,10 @@ def test_ipv6_inner_packet() -> None:
 def test_cookie_replies_are_budgeted_under_load() -> None:
     """Under load an initiation without mac2 gets a cookie reply, up to a per-worker budget."""
     p = Pair()
-    p.b.intake.forced_load = True
+    p.b.intake.note_backlog(UNDER_LOAD_QUEUE_SIZE - 1, p.now)
+    assert not p.b.intake.under_load(p.now)
+    p.b.intake.note_backlog(UNDER_LOAD_QUEUE_SIZE, p.now)  # as a worker's deep queue does
+    assert p.b.intake.under_load(p.now + 0.03)
     p.b.intake.cookie_rate = 10.0
     replies = 0
     for i in range(30):

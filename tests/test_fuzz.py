@@ -126,7 +126,7 @@ def test_catches_roaming_before_authentication(monkeypatch: pytest.MonkeyPatch) 
     def roam_first(self: Device, msg: memoryview, n: int, src: object, *rest: object) -> int:
         kp = self.sessions.get(int.from_bytes(msg[4:8], "little"))
         if kp is not None:
-            kp.owner.endpoint = src
+            kp.peer.endpoint = src
         return real(self, msg, n, src, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Device, "receive_transport", roam_first)

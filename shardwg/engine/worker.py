@@ -64,7 +64,7 @@ from shardwg.proto.constants import (
     DropReason,
     MessageType,
 )
-from shardwg.proto.device import Device, Handoff
+from shardwg.proto.device import Device, ForeignInitiation
 from shardwg.proto.messages import classify
 from shardwg.proto.ownership import RemotePeer
 from shardwg.proto.peer import Peer, PeerEvent
@@ -373,7 +373,7 @@ class Worker:
                 continue
             if result is None:
                 continue
-            if isinstance(result, Handoff):
+            if isinstance(result, ForeignInitiation):
                 self._hand_over(result.owner, pack_initiation(msg, addr), HandoffKind.INITIATION)
             elif isinstance(result, bytes):
                 self.drop(DropReason.COOKIE_REQUIRED)

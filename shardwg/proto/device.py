@@ -46,8 +46,10 @@ _NO_ROUTE = -1 - DropReason.NO_ROUTE
 _NO_ENDPOINT = -1 - DropReason.NO_ENDPOINT
 
 
-class Handoff(NamedTuple):
-    """An initiation from a peer another worker owns: pass the datagram to `owner`."""
+class ForeignInitiation(NamedTuple):
+    """An initiation from a peer another worker owns: pass the datagram to worker `owner`.
+
+    (Unrelated to `shm.handoff`, which is the ring that carries it there.)"""
 
     owner: int
 
@@ -167,7 +169,7 @@ class Device:
         plen = open_into(kp, msg, n, out)
         if plen < 0:
             return plen
-        peer: Peer = kp.owner
+        peer: Peer = kp.peer
         if kp is not peer.current and kp is peer.next:
             peer.confirm(kp, now, wall)
         if src != peer.endpoint:
@@ -241,12 +243,12 @@ class Device:
     # ------------------------------------------------------------------ handshakes
     def receive_handshake(
         self, msg: bytes, src: Any, source: bytes, now: float, wall: float, screened: bool = False
-    ) -> DropReason | bytes | Handoff | None:
+    ) -> DropReason | bytes | ForeignInitiation | None:
         """Process an initiation, response or cookie reply (already classified by size).
 
         Returns None when handled, a DropReason, a cookie reply (bytes) to send to
-        `src`, or a Handoff when another worker owns the initiating peer. `source` is
-        the packed source address for cookies and rate limits; `screened` skips the
+        `src`, or a ForeignInitiation when another worker owns the initiating peer.
+        `source` is the packed source address for cookies and rate limits; `screened` skips the
         mac/cookie checks for a message another worker already screened.
         """
         mtype = msg[0]
@@ -255,7 +257,7 @@ class Device:
             peer = self.table.pending.get(index)
             if peer is None:
                 kp = self.sessions.get(index)
-                peer = kp.owner if kp is not None else None
+                peer = kp.peer if kp is not None else None
             if peer is None:
                 return DropReason.UNKNOWN_INDEX
             result: DropReason | None = peer.receive_cookie_reply(msg, now)
@@ -270,7 +272,7 @@ class Device:
             except noise.HandshakeError as exc:
                 return exc.reason
             except _Foreign as foreign:
-                return Handoff(foreign.owner)
+                return ForeignInitiation(foreign.owner)
             peer = self.peers.get(received.peer.remote_static)
             if peer is None:
                 return DropReason.UNKNOWN_PEER

@@ -1,6 +1,6 @@
 """Our receiver indices -> the session or pending handshake they name (one per worker).
 
-Transport datagrams are routed by `sessions[index]` (a Keypair whose `owner` is
+Transport datagrams are routed by `sessions[index]` (a Keypair whose `peer` is
 the Peer); responses and cookie replies to a handshake in flight by
 `pending[index]`. Indices come from an `IndexAllocator`, so each carries the
 owning worker's id in its low byte.

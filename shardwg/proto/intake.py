@@ -28,8 +28,9 @@ class HandshakeIntake:
     def __init__(self, local: LocalIdentity, random_bytes: RandomBytes) -> None:
         self.checker = CookieChecker(local, random_bytes)
         self.limiter = RateLimiter()
+        # Raised by a deep backlog here, or from outside to the gateway-wide deadline
+        # that the supervisor sets in shared memory when any worker is loaded.
         self.under_load_until = -1.0
-        self.forced_load = False  # set from outside (shared under-load flag, tests)
         self.cookie_rate = COOKIE_REPLIES_PER_SECOND
         self._cookie_tokens = COOKIE_REPLIES_PER_SECOND
         self._cookie_time = 0.0
@@ -40,7 +41,7 @@ class HandshakeIntake:
             self.under_load_until = now + UNDER_LOAD_AFTER_TIME
 
     def under_load(self, now: float) -> bool:
-        return self.forced_load or now < self.under_load_until
+        return now < self.under_load_until
 
     def screen(self, msg: bytes, source: bytes, now: float) -> DropReason | bytes | None:
         """None: go on. bytes: a cookie reply to send to the source (message dropped).

@@ -57,9 +57,9 @@ class Keypair:
         "replay",
         "nonce",
         "recv_nonce",
-        "owner",
+        "peer",
         "send_reserved",
-        "recv_mark",
+        "recv_floor",
         "on_reserve",
     )
 
@@ -86,16 +86,16 @@ class Keypair:
         self.nonce = bytearray(12)
         self.recv_nonce = bytearray(12)
         # The Peer this session belongs to (typed loosely to keep keypair free of peer imports).
-        self.owner: Any = None
+        self.peer: Any = None
         # Crash safety (see shm/peerslot). Send: counters are reserved in blocks, each
         # published before its first use, so a replacement starts past every nonce
-        # used (the peer accepts the jump). Receive: `recv_mark` is a one-word view
+        # used (the peer accepts the jump). Receive: `recv_floor` is a one-word view
         # into shared memory raised to counter + 1 before each packet is accepted, so
         # a replacement rejects exactly what was accepted (a block here would make it
         # drop up to a block of fresh packets and stall a backed-off TCP sender).
         # Without a publisher both stay inert at the cost of one compare.
         self.send_reserved = NO_RESERVATION
-        self.recv_mark: memoryview | None = None
+        self.recv_floor: memoryview | None = None
         self.on_reserve: Callable[[Keypair], None] | None = None
 
     def expired(self, now: float) -> bool:
@@ -167,9 +167,9 @@ def open_into(kp: Keypair, msg: memoryview, length: int, out: memoryview) -> int
         )
     except InvalidTag:
         return _DROP_DECRYPT
-    mark = kp.recv_mark
-    if mark is not None and counter >= mark[0]:
-        mark[0] = counter + 1
+    floor = kp.recv_floor
+    if floor is not None and counter >= floor[0]:
+        floor[0] = counter + 1
     if not replay.accept(counter):
         return _DROP_REPLAYED
     return plain_len

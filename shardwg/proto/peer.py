@@ -172,7 +172,7 @@ class Peer:
             return exc.reason
         self.handshake = None
         kp = Keypair(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, True, now)
-        kp.owner = self
+        kp.peer = self
         self.table.bind(kp)
         # Initiator: the new session becomes current at once.
         old_next, old_prev = self.next, self.previous
@@ -217,7 +217,7 @@ class Peer:
         msg, keys = noise.create_response(self.local, received, index, eph)
         self.cookie.add_macs(msg, now)
         kp = Keypair(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, False, now)
-        kp.owner = self
+        kp.peer = self
         self.table.bind(kp)
         # Responder: the session waits in `next` until the initiator's first packet confirms it.
         if self.next is not None:

@@ -16,7 +16,7 @@ from shardwg.proto.peer import Peer
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import (
     KEYPAIR_OFFSETS,
-    KP_SEND_RESERVED,
+    KP_RECV_FLOOR,
     PEER_RECORD_SIZE,
     KeypairRecord,
     PeerRecord,
@@ -40,7 +40,7 @@ class SessionPublisher:
         self._scratch = bytearray(PEER_RECORD_SIZE)
         self._generation: dict[bytes, int] = {}
         self._seen: dict[bytes, tuple[int, int, Any]] = {}
-        self._marks: dict[int, memoryview] = {}
+        self._floors: dict[int, memoryview] = {}
         self.peers: dict[bytes, Peer] = {}
 
     def _slot(self, index: int) -> SeqlockSlot:
@@ -50,21 +50,20 @@ class SessionPublisher:
             self._slots[index] = slot
         return slot
 
-    def _recv_mark(self, index: int, which: int) -> memoryview:
+    def _recv_floor(self, index: int, which: int) -> memoryview:
         """A one-word view on session `which`'s recv_floor in slot `index` (cached)."""
         key = index * 3 + which
-        view = self._marks.get(key)
+        view = self._floors.get(key)
         if view is None:
             off = (
                 self.layout.peers_offset
                 + index * self.layout.peer_stride
                 + SLOT_HEADER
                 + KEYPAIR_OFFSETS[which]
-                + KP_SEND_RESERVED
-                + 8
+                + KP_RECV_FLOOR
             )
             view = memoryview(self.buf)[off : off + 8].cast("Q")
-            self._marks[key] = view
+            self._floors[key] = view
         return view
 
     def _kp_record(self, kp: Keypair | None, index: int, which: int) -> KeypairRecord | None:
@@ -74,13 +73,13 @@ class SessionPublisher:
             # First publication of this session: reserve the first block of send counters.
             kp.on_reserve = self._on_reserve
             kp.send_reserved = kp.send_counter + RESERVATION_BLOCK
-        # Sessions move between current/previous/next: point the mark at today's place.
-        kp.recv_mark = self._recv_mark(index, which)
+        # Sessions move between current/previous/next: point the floor at today's place.
+        kp.recv_floor = self._recv_floor(index, which)
         return keypair_record(kp, kp.send_reserved, max(kp.replay.highest + 1, 0))
 
     def _on_reserve(self, kp: Keypair) -> None:
-        if isinstance(kp.owner, Peer):
-            self.publish(kp.owner)
+        if isinstance(kp.peer, Peer):
+            self.publish(kp.peer)
 
     def publish(self, peer: Peer) -> None:
         index = self.slot_of.get(peer.public_key)
@@ -145,7 +144,7 @@ class SessionPublisher:
             if krec is None:
                 continue
             kp = restore_keypair(krec)
-            kp.owner = peer
+            kp.peer = peer
             # The first send or accept past the published bounds publishes new blocks.
             kp.on_reserve = self._on_reserve
             peer.table.restore(kp)
