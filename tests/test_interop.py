@@ -15,9 +15,9 @@ import pytest
 
 from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
-from lab.keys import keypair
+from lab.keys import genpsk, keypair
 from lab.netns import Namespace, unique_ifname, veth_link
-from lab.ping import ping
+from lab.ping import icmp_echo, ping
 from lab.transfer import Transfer
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -146,8 +146,6 @@ def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction
 
 
 def test_preshared_key(netns_factory: Harness, topo: Topology) -> None:
-    from lab.netns import genpsk
-
     gw, wg = start_pair(netns_factory, topo, gw_initiates=True, psk=genpsk())
     try:
         assert ping(topo.gw_ns, "10.0.0.2", count=3, timeout=10), gw.log_text()
@@ -156,8 +154,6 @@ def test_preshared_key(netns_factory: Harness, topo: Topology) -> None:
 
 
 def test_preshared_key_mismatch_fails(netns_factory: Harness, topo: Topology) -> None:
-    from lab.netns import genpsk
-
     # the peer keeps one psk, the gateway another: no session may form
     wg_psk, gw_psk = genpsk(), genpsk()
     gw, wg = start_pair(netns_factory, topo, gw_initiates=True, psk=gw_psk)
@@ -185,8 +181,6 @@ def test_ipv6_tunnel_over_ipv6_underlay(netns_factory: Harness, topo: Topology) 
 @pytest.mark.slow
 def test_rekey_keeps_the_flow(netns_factory: Harness, topo: Topology) -> None:
     """A continuous ping across REKEY_AFTER_TIME: the session is replaced, the flow goes on."""
-    from lab.netns import icmp_echo
-
     gw, wg = start_pair(netns_factory, topo, gw_initiates=True)
     try:
         assert ping(topo.gw_ns, "10.0.0.2", count=1, timeout=10)
