@@ -43,8 +43,8 @@ EXPOSE 51820/udp
 # The entrypoint validates the config (file or WG_* variables), checks CAP_NET_ADMIN and
 # /dev/net/tun, then execs `python -m shardwg run`: the supervisor is PID 1, gets SIGTERM
 # directly, reaps its children and exits 0 after removing the interface.
-ENTRYPOINT ["python", "-m", "shardwg.container.entrypoint"]
+ENTRYPOINT ["python", "-m", "shardwg.container"]
 STOPSIGNAL SIGTERM
 # Healthy while the gateway answers on its UAPI socket (or /healthz with SHARDWG_METRICS).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-  CMD ["python", "-m", "shardwg.container.entrypoint", "--healthcheck"]
+  CMD ["python", "-m", "shardwg.container", "--healthcheck"]

@@ -438,7 +438,9 @@ def test_k8s_sidecar_pod() -> None:
     # a native sidecar: an init container that keeps running (restartPolicy: Always)
     (sidecar,) = [c for c in spec["initContainers"] if c["name"] == "shardwg"]
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["startupProbe"]["exec"]["command"][-1] == "--healthcheck"
+    probe = ["python", "-m", "shardwg.container", "--healthcheck"]
+    assert sidecar["startupProbe"]["exec"]["command"] == probe
+    assert sidecar["livenessProbe"]["exec"]["command"] == probe
     sc = sidecar["securityContext"]
     assert sc["capabilities"]["add"] == ["NET_ADMIN"] and sc["capabilities"]["drop"] == ["ALL"]
     assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False
@@ -486,8 +488,8 @@ def test_dockerfile_and_dockerignore() -> None:
     text = (REPO_ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[0].startswith("FROM python:3.11-slim")
-    entry = "shardwg.container.entrypoint"
-    assert any(line.startswith("ENTRYPOINT") and entry in line for line in lines)
+    assert 'ENTRYPOINT ["python", "-m", "shardwg.container"]' in lines
+    assert 'CMD ["python", "-m", "shardwg.container", "--healthcheck"]' in lines
     assert "STOPSIGNAL SIGTERM" in lines
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert "--no-cache-dir" in text and "wireguard-tools" in text

@@ -28,10 +28,10 @@ from lab.netns import REPO_ROOT, RUN_PREFIX, Namespace, unique_ifname, veth_link
 from lab.ping import ping
 from lab.wggo import UAPI_DIR
 from shardwg.config.model import parse_config
-from shardwg.container import entrypoint
+from shardwg.container import command, privileges
 
 GW_PORT, PEER_PORT = 51820, 51821
-ENTRYPOINT = [sys.executable, "-m", "shardwg.container.entrypoint"]
+ENTRYPOINT = [sys.executable, "-m", "shardwg.container"]
 # what `docker run --cap-drop ALL --cap-add NET_ADMIN` leaves a root process
 ONLY_NET_ADMIN = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all",
                   "--bounding-set=-all,+net_admin", "--"]  # fmt: skip
@@ -246,7 +246,7 @@ def test_mounted_file_with_only_net_admin(netns_factory: Harness) -> None:
         ctr = Container(gw_ns, env, wrapper=ONLY_NET_ADMIN)
         ctr.wait_serving()
         caps = int(_status_field(ctr.init_pid(), "CapEff"), 16)
-        assert caps == 1 << entrypoint.CAP_NET_ADMIN, f"CapEff {caps:#x}"
+        assert caps == 1 << privileges.CAP_NET_ADMIN, f"CapEff {caps:#x}"
         start_peer(netns_factory, peer_ns, gw_pub, peer_keys)
         assert ping(peer_ns, "10.0.0.1", count=3, timeout=10), ctr.log_text()
         assert peer_keys[1] in gw_ns.run(["wg", "show", ifname]).stdout
@@ -377,7 +377,7 @@ def test_missing_capability_or_tun_exits_2(tmp_path: Path) -> None:
 def test_environment_for_the_gateway_drops_keys() -> None:
     env = {"WG_PRIVATE_KEY": "k", "WG_PEER_1_PRESHARED_KEY": "p", "WG_HIDE_KEYS": "never",
            "PATH": "/bin", "SHARDWG_WORKERS": "2"}  # fmt: skip
-    assert entrypoint.child_environment(env) == {
+    assert command.child_environment(env) == {
         "WG_HIDE_KEYS": "never", "PATH": "/bin", "SHARDWG_WORKERS": "2"
     }  # fmt: skip
 
@@ -389,18 +389,18 @@ def test_cgroup_cpu_limit(tmp_path: Path) -> None:
     (v2 / "pod" / "ctr" / "cpu.max").write_text("max 100000\n")
     cg = tmp_path / "cgroup"
     cg.write_text("0::/pod/ctr\n")
-    assert entrypoint.cgroup_cpu_limit(str(v2), str(cg)) == 3  # 2.5 CPUs, from the parent
+    assert command.cgroup_cpu_limit(str(v2), str(cg)) == 3  # 2.5 CPUs, from the parent
     (v2 / "pod" / "cpu.max").write_text("max 100000\n")
-    assert entrypoint.cgroup_cpu_limit(str(v2), str(cg)) is None
+    assert command.cgroup_cpu_limit(str(v2), str(cg)) is None
     v1 = tmp_path / "v1"
     (v1 / "cpu,cpuacct" / "docker" / "x").mkdir(parents=True)
     (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_quota_us").write_text("50000\n")
     (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_period_us").write_text("100000\n")
     cg.write_text("4:cpu,cpuacct:/docker/x\n3:memory:/docker/x\n")
-    assert entrypoint.cgroup_cpu_limit(str(v1), str(cg)) == 1
+    assert command.cgroup_cpu_limit(str(v1), str(cg)) == 1
 
 
 def test_run_supports_reads_the_cli() -> None:
-    assert entrypoint.run_supports("--config")
-    assert entrypoint.run_supports("--log-format")
-    assert not entrypoint.run_supports("--no-such-option")
+    assert command.run_supports("--config")
+    assert command.run_supports("--log-format")
+    assert not command.run_supports("--no-such-option")

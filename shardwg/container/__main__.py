@@ -1,0 +1,7 @@
+"""`python -m shardwg.container`: the container image's ENTRYPOINT and HEALTHCHECK."""
+
+import sys
+
+from shardwg.container.entrypoint import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""The gateway's command line and environment: what `python -m shardwg run` gets.
+
+Worker count (SHARDWG_WORKERS, "auto": usable cores capped by the cgroup CPU quota),
+log format, metrics address (when this shardwg has --metrics), and an environment
+without the WG_* variables, so no key lingers in the gateway's /proc/<pid>/environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from shardwg.container.environment import FOREIGN_VARS, EntrypointError, env_value
+from shardwg.container.plan import Plan
+
+MAX_WORKERS = 256
+
+
+def cgroup_cpu_limit(
+    root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
+) -> int | None:
+    """Whole CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max
+    or v1 cfs quota), rounded up; None when unlimited or unknown."""
+    limits: list[float] = []
+    try:
+        with open(proc_cgroup) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, rel = entry
+        files: tuple[str, ...]
+        if controllers == "":  # v2 unified
+            base, files = Path(root), ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base, files = Path(root) / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        parts = Path(rel.lstrip("/")).parts
+        for depth in range(len(parts), -1, -1):
+            d = base.joinpath(*parts[:depth])
+            try:
+                if len(files) == 1:
+                    quota_text, period_text = (d / files[0]).read_text().split()[:2]
+                else:
+                    quota_text = (d / files[0]).read_text().strip()
+                    period_text = (d / files[1]).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if quota_text not in ("max", "-1") and int(period_text) > 0:
+                limits.append(int(quota_text) / int(period_text))
+    if not limits:
+        return None
+    return max(1, math.ceil(min(limits)))
+
+
+def worker_count(env: Mapping[str, str]) -> int | None:
+    """SHARDWG_WORKERS as a number, or for auto/unset the usable cores capped by the cgroup
+    quota when there is one (None: leave it to shardwg run)."""
+    value = env_value(env, "SHARDWG_WORKERS")
+    if value is None or value.lower() == "auto":
+        limit = cgroup_cpu_limit()
+        if limit is None:
+            return None
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, limit, MAX_WORKERS))
+    if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+        raise EntrypointError(f"SHARDWG_WORKERS must be auto or 1..{MAX_WORKERS}, not {value!r}")
+    return int(value)
+
+
+def run_supports(option: str) -> bool:
+    """Whether this shardwg's `run` subcommand has `option` (e.g. --metrics)."""
+    from shardwg.cli import build_parser
+
+    for action in build_parser()._actions:
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and "run" in choices:
+            run_parser = choices["run"]
+            return isinstance(run_parser, argparse.ArgumentParser) and any(
+                option in a.option_strings for a in run_parser._actions
+            )
+    return False
+
+
+def run_command(p: Plan, env: Mapping[str, str], extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "shardwg", "run", "--config", p.config_path]
+    if p.interface != Path(p.config_path).stem:
+        cmd += ["--interface", p.interface]
+    workers = worker_count(env)
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    fmt = log_format(env)
+    if fmt == "json":
+        cmd += ["--log-format", "json"]
+    metrics = env_value(env, "SHARDWG_METRICS")
+    if metrics is not None:
+        if run_supports("--metrics"):
+            cmd += ["--metrics", metrics]
+        else:
+            p.warnings.append("this shardwg has no --metrics option: SHARDWG_METRICS ignored")
+    return cmd + extra
+
+
+def child_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment the gateway inherits: without the WG_* variables this entrypoint
+    consumed (keys must not linger in /proc/<pid>/environ)."""
+    return {k: v for k, v in env.items() if not k.startswith("WG_") or k in FOREIGN_VARS}
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    fmt = (env.get("SHARDWG_LOG_FORMAT") or "text").strip().lower()
+    if fmt not in ("text", "json"):
+        raise EntrypointError(f"SHARDWG_LOG_FORMAT must be text or json, not {fmt!r}")
+    return fmt
