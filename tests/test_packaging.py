@@ -122,3 +122,21 @@ def test_image_copies_only_the_package() -> None:
     let_in = {ln[1:].strip("/") for ln in ignore if ln.startswith("!")}
     assert let_in <= {"pyproject.toml", "setup.py", "shardwg"}, let_in
     assert not let_in & set(NOT_SHIPPED)
+
+
+def test_readme_and_architecture_name_every_folder() -> None:
+    """The layout table lists every folder of the package and around it; the architecture
+    document places every package folder on a floor."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout") :]
+    arch = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    packages = sorted(
+        p.parent.relative_to(REPO_ROOT).as_posix()
+        for p in (REPO_ROOT / "shardwg").glob("*/__init__.py")
+    )
+    assert len(packages) >= len(PACKAGES)
+    for folder in packages:
+        assert f"| `{folder}/` |" in table, f"README layout table lacks {folder}/"
+        assert f"`{folder}/`" in arch, f"docs/architecture.md lacks {folder}/"
+    for folder in ("lab", "fuzz", "scripts", "deploy", "configs", "docs", "tests"):
+        assert f"| `{folder}/` |" in table, f"README layout table lacks {folder}/"

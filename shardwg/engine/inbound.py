@@ -1,6 +1,6 @@
 """Inbound, UDP -> TUN: read a batch of datagrams, open transport, queue handshakes.
 
-A mixin of `Worker` (steps 1-5 of "Inbound" in engine/worker.py): it owns the
+A mixin of `Worker` (steps 1-4 of "Inbound" in engine/worker.py): it owns the
 receive and decrypt buffers; the turn calls `read_udp` once per readable socket,
 and the per-datagram loop keeps its state in locals.
 """
