@@ -100,6 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_path=args.config,
         metrics_addr=metrics_addr,
         tun_offload=args.tun_offload,
+        run_hooks=not args.no_hooks,
+        set_dns=not args.no_dns,
     )
     try:
         sup.start()
@@ -176,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--metrics", metavar="ADDR:PORT", help="serve /metrics and /healthz (e.g. 127.0.0.1:9586)"
+    )
+    run.add_argument(
+        "--no-hooks",
+        action="store_true",
+        help="do not run the config's PreUp/PostUp/PreDown/PostDown (run as root through bash)",
+    )
+    run.add_argument(
+        "--no-dns", action="store_true", help="ignore the config's DNS (no resolvconf)"
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)

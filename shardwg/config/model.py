@@ -105,7 +105,7 @@ class InterfaceConfig(msgspec.Struct, frozen=True):
     table: str | None = None  # None or "auto": main table; "off": no routes; or a number
     save_config: bool = False
     dns: list[str] = msgspec.field(default_factory=list)
-    # Hooks are kept for SaveConfig round trips but never executed by shardwg.
+    # Run by shardwg.engine.hooks at wg-quick's moments (and kept for SaveConfig round trips).
     pre_up: list[str] = msgspec.field(default_factory=list)
     post_up: list[str] = msgspec.field(default_factory=list)
     pre_down: list[str] = msgspec.field(default_factory=list)

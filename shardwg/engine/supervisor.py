@@ -26,10 +26,12 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardwg.config.model import Config
+from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
@@ -97,6 +99,9 @@ class Supervisor:
     metrics_addr: tuple[str, int] | None = None
     tun_offload: bool = False
     metrics: MetricsServer | None = None
+    run_hooks: bool = True  # wg-quick's PreUp/PostUp/PreDown/PostDown (False: --no-hooks)
+    set_dns: bool = True  # DNS = through resolvconf (False: --no-dns)
+    hooks: Hooks | None = None
     _stop: bool = False
     _wake_r: int = -1
     _wake_w: int = -1
@@ -125,11 +130,17 @@ class Supervisor:
         self.layout.write_to(buf)
         self.slot_of = {p.public_key: i for i, p in enumerate(self.config.peers)}
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
+        self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
+            self._pre_up()
             self.gateway.open()
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
                     steering.attach(group[0], n)
+            self.hooks.set_dns()
+        except HookError as exc:
+            self._teardown()
+            raise SupervisorError(str(exc)) from exc
         except BaseException:
             self._teardown()
             raise
@@ -156,6 +167,31 @@ class Supervisor:
                 self._teardown()
                 raise SupervisorError(f"--metrics {self.metrics_addr}: {exc}") from exc
             log.info("metrics on http://%s:%d/metrics", *self.metrics_addr)
+
+    def _pre_up(self) -> None:
+        """wg-quick's order: refuse an existing interface, then PreUp, then create it."""
+        assert self.hooks is not None
+        if netlink.link_exists(self.ifname):
+            raise GatewayError(f"interface {self.ifname} already exists (another instance?)")
+        if self.hooks.configured() and not self.run_hooks:
+            log.info("%d hook(s) in the config not run (--no-hooks)", self.hooks.configured())
+        elif self.hooks.configured():
+            problem = trust_problem(self.config_path)
+            if problem:
+                raise HookError(f"refusing to run hooks as root: {problem}; chmod go-w / chown "
+                                "root it, or --no-hooks")  # fmt: skip
+        self.hooks.run("PreUp")
+
+    def _pump(self) -> bool:
+        """While a hook runs: serve the UAPI and metrics; False once asked to stop."""
+        if self.uapi is not None:
+            try:
+                self.uapi.poll(0.0)
+            except Exception:
+                log.exception("uapi error")
+        if self.metrics is not None:
+            self.metrics.poll()
+        return not self._stop
 
     def _write_global(self) -> None:
         assert self.layout is not None and self.region is not None and self._global is not None
@@ -206,6 +242,14 @@ class Supervisor:
         try:
             for s in self.slots:
                 self.spawn(s)
+            try:
+                assert self.hooks is not None
+                self.hooks.run("PostUp", self._pump_signals(pending))
+                self.hooks.up = True
+            except HookError as exc:  # wg-quick: undo what came up, run nothing further
+                log.error("%s; removing %s", exc, self.ifname)
+                self._fail(1)
+                return self.exit_code
             log.info(
                 "shardwg serving %s with %d worker(s) on UDP port %d",
                 self.ifname,
@@ -241,6 +285,16 @@ class Supervisor:
         finally:
             self.shutdown()
         return self.exit_code
+
+    def _pump_signals(self, pending: list[int]) -> Callable[[], bool]:
+        """The PostUp pump: also handles signals (SIGTERM abandons the hook and the start)."""
+
+        def pump() -> bool:
+            while pending:
+                self._handle_signal(pending.pop(0))
+            return self._pump()
+
+        return pump
 
     def _handle_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -396,10 +450,25 @@ class Supervisor:
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
         self._stop = True
+        hooks, up = self.hooks, self.hooks is not None and self.hooks.up
+        if hooks is not None and up:
+            hooks.up = False
+            self._down_hook(hooks, "PreDown")
         if self.live is not None:
             self.live.save()
         self._stop_workers()
         self._teardown()
+        if hooks is not None and up:
+            self._down_hook(hooks, "PostDown")
+
+    def _down_hook(self, hooks: Hooks, phase: str) -> None:
+        """A failing down hook skips the rest of its phase but never the teardown."""
+        try:
+            # PreDown runs while the interface and the UAPI are still up: keep serving it
+            hooks.run(phase, (lambda: self._pump() or True) if phase == "PreDown" else None)
+        except HookError as exc:
+            log.error("%s", exc)
+            self.exit_code = self.exit_code or 1
 
     def _teardown(self) -> None:
         if self.metrics is not None:
@@ -415,6 +484,8 @@ class Supervisor:
         if self.gateway is not None:
             self.gateway.close()
             self.gateway = None
+        if self.hooks is not None:
+            self.hooks.unset_dns()
         if self.eventfds:
             HandoffMesh.close_eventfds(self.eventfds)
             self.eventfds = []

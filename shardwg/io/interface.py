@@ -54,6 +54,7 @@ class Gateway:
     udp6: list[socket.socket] = field(default_factory=list)
     port: int = 0
     tun_offload: bool = False
+    created: bool = False  # we made the link: close() may delete it (never someone else's)
 
     def open(self) -> None:
         if netlink.link_exists(self.ifname):
@@ -66,8 +67,9 @@ class Gateway:
             # --tun-offload turns on TSO/USO + CSUM: reads are then up to 64 KiB super-packets
             # that the worker splits and checksums before sealing.
             self.tun = TunDevice.create(
-                self.ifname, queues=self.workers, multi_queue=True, vnet_hdr=True
+                self.ifname, queues=self.workers, multi_queue=True, vnet_hdr=True, exclusive=True
             )
+            self.created = True
             self.tun.set_offload(tun_offload_flags(self.tun) if self.tun_offload else 0)
         except OSError as exc:
             raise GatewayError(f"cannot create TUN {self.ifname}: {exc}") from exc
@@ -109,7 +111,8 @@ class Gateway:
         if self.tun is not None:
             self.tun.close()
             self.tun = None
-        if netlink.link_exists(self.ifname):
+        if self.created and netlink.link_exists(self.ifname):
+            self.created = False
             try:
                 netlink.delete_link(self.ifname)
             except OSError:
