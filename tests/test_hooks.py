@@ -130,8 +130,7 @@ def test_dns_through_resolvconf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     hooks = H.Hooks("wg9", iface(dns=["10.0.0.53", "corp.example"]))
     hooks.set_dns()
     assert record.read_text() == (
-        f"args: -a {H.resolvconf_name('wg9')} -m 0 -x\n"
-        "nameserver 10.0.0.53\nsearch corp.example\n"
+        f"args: -a {H.resolvconf_name('wg9')} -m 0 -x\nnameserver 10.0.0.53\nsearch corp.example\n"
     )
     hooks.unset_dns()
     hooks.unset_dns()  # once only

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig
@@ -37,7 +38,7 @@ from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.io.interface import Gateway, GatewayError
 from shardwg.observe.metrics import HEALTHY_BEAT, MetricsServer
-from shardwg.observe.status import GatewayStatus, read_status
+from shardwg.observe.status import GatewayStatus, read_status, with_config
 from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
 from shardwg.proto.constants import (
     COOKIE_REFRESH_TIME,
@@ -501,7 +502,9 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
 
     def _status(self) -> GatewayStatus:
-        return read_status(self.ifname, interval=0)
+        """What /metrics shows: the shared-memory status, peers as the running config has them."""
+        peers = {encode_key(p.public_key): p.allowed_ips for p in self.config.peers}
+        return with_config(read_status(self.ifname, interval=0), peers)
 
     def _ready(self, st: GatewayStatus) -> tuple[bool, str]:
         if not netlink.link_exists(self.ifname):

@@ -1,5 +1,9 @@
 """`--metrics ADDR:PORT`: Prometheus text format on /metrics and readiness on /healthz.
 
+The page is prometheus_client's text exposition of a custom collector (one status read per
+scrape) on a private registry: our per-worker and per-peer families, plus the three of
+prometheus_wireguard_exporter that existing WireGuard dashboards read.
+
 Served from the supervisor's select loop with non-blocking sockets, not a
 thread: the supervisor forks replacement workers at any moment, and forking
 while another thread holds a lock is how children deadlock. A client gets a few
@@ -11,7 +15,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from shardwg.observe.status import GatewayStatus
 
@@ -34,6 +42,18 @@ _WORKER_COUNTERS = (
 )
 
 
+_PER_WORKER: tuple[tuple[str, str, str, str], ...] = (
+    ("heartbeat_age_seconds", "heartbeat_age", "gauge", "Seconds since the last heartbeat"),
+    ("peers", "peers_owned", "gauge", "Peers owned by the worker"),
+    ("restarts", "restarts", "counter", "Times the worker was replaced"),
+    *((f, f, "counter", text) for f, text in _WORKER_COUNTERS),
+    ("cpu_seconds", "cpu_seconds", "counter",
+     "CPU time (user + system) of the current worker process"),
+    ("initiations_offered", "initiations_offered", "gauge", "Cookie-less initiations/s arriving"),
+    ("initiation_share", "initiation_share", "gauge", "Share of them the kernel filter admits"),
+)  # fmt: skip
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     """`127.0.0.1:9586`, `[::1]:9586` or `:9586` (loopback)."""
     host, sep, port = text.rpartition(":")
@@ -42,72 +62,113 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# what generate_latest writes (0.0.4 text), whatever the newest format prometheus_client knows
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NONE = "(none)"  # `wg show dump`'s text for a peer without allowed IPs
 
 
-def render(st: GatewayStatus) -> str:
-    out: list[str] = []
-    iface = _esc(st.interface)
+class GatewayCollector(Collector):
+    """Every family of one scrape from one status read: our per-worker and per-peer families,
+    and prometheus_wireguard_exporter's three (`wireguard_*`, labels interface, public_key,
+    allowed_ips as `wg show dump` writes them) so existing WireGuard dashboards and alerts
+    work unchanged."""
 
-    def family(name: str, kind: str, text: str) -> None:
-        out.append(f"# HELP shardwg_{name} {text}")
-        out.append(f"# TYPE shardwg_{name} {kind}")
+    def __init__(self, status: Callable[[], GatewayStatus]) -> None:
+        self.status = status
 
-    family("workers", "gauge", "Worker processes configured")
-    out.append(f'shardwg_workers{{interface="{iface}"}} {st.workers}')
-    family("under_load", "gauge", "1 while handshakes need cookies")
-    out.append(f'shardwg_under_load{{interface="{iface}"}} {int(st.under_load)}')
-    family("worker_up", "gauge", "1 if the worker process is alive and beating")
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        yield from worker_families(st)
+        yield from peer_families(st)
+        yield from exporter_families(st)
+
+
+def worker_families(st: GatewayStatus) -> Iterator[Metric]:
+    iface = st.interface
+    g = GaugeMetricFamily("shardwg_workers", "Worker processes configured", labels=["interface"])
+    g.add_metric([iface], st.workers)
+    yield g
+    g = GaugeMetricFamily(
+        "shardwg_under_load", "1 while handshakes need cookies", labels=["interface"]
+    )
+    g.add_metric([iface], int(st.under_load))
+    yield g
+    labels = ["interface", "worker"]
+    up = GaugeMetricFamily(
+        "shardwg_worker_up", "1 if the worker process is alive and beating", labels=labels
+    )
     for w in st.worker_stats:
-        up = int(w.alive and w.heartbeat_age < HEALTHY_BEAT)
-        out.append(f'shardwg_worker_up{{interface="{iface}",worker="{w.worker}"}} {up}')
-    per_worker: list[tuple[str, str, str, str]] = [
-        ("heartbeat_age_seconds", "heartbeat_age", "gauge", "Seconds since the last heartbeat"),
-        ("peers", "peers_owned", "gauge", "Peers owned by the worker"),
-        ("restarts_total", "restarts", "counter", "Times the worker was replaced"),
-        *((f"{f}_total", f, "counter", text) for f, text in _WORKER_COUNTERS),
-        ("initiations_offered", "initiations_offered", "gauge",
-         "Cookie-less initiations/s arriving"),
-        ("initiation_share", "initiation_share", "gauge",
-         "Share of them the kernel filter admits"),
-    ]  # fmt: skip
-    for name, attr, kind, text in per_worker:
-        family(f"worker_{name}", kind, text)
+        up.add_metric([iface, str(w.worker)], int(w.alive and w.heartbeat_age < HEALTHY_BEAT))
+    yield up
+    for name, attr, kind, text in _PER_WORKER:
+        fam: Metric
+        if kind == "counter":
+            fam = CounterMetricFamily(f"shardwg_worker_{name}", text, labels=labels)
+        else:
+            fam = GaugeMetricFamily(f"shardwg_worker_{name}", text, labels=labels)
         for w in st.worker_stats:
-            out.append(
-                f'shardwg_worker_{name}{{interface="{iface}",worker="{w.worker}"}}'
-                f" {getattr(w, attr)}"
-            )
-    family("worker_drops_total", "counter", "Packets dropped, by reason")
+            fam.add_metric([iface, str(w.worker)], getattr(w, attr))
+        yield fam
+    drops = CounterMetricFamily(
+        "shardwg_worker_drops", "Packets dropped, by reason", labels=[*labels, "reason"]
+    )
     for w in st.worker_stats:
         for reason, n in sorted(w.drops.items()):
-            out.append(
-                f'shardwg_worker_drops_total{{interface="{iface}",worker="{w.worker}",'
-                f'reason="{_esc(reason)}"}} {n}'
-            )
+            drops.add_metric([iface, str(w.worker), reason], n)
+    yield drops
+
+
+def peer_families(st: GatewayStatus) -> Iterator[Metric]:
+    labels = ["interface", "public_key", "worker"]
+    rx = CounterMetricFamily("shardwg_peer_rx_bytes", "Bytes received from the peer", labels=labels)
+    tx = CounterMetricFamily("shardwg_peer_tx_bytes", "Bytes sent to the peer", labels=labels)
+    last = GaugeMetricFamily(
+        "shardwg_peer_last_handshake_seconds",
+        "Unix time of the last handshake (0: never)",
+        labels=labels,
+    )
+    age = GaugeMetricFamily(
+        "shardwg_peer_handshake_age_seconds",
+        "Seconds since the last handshake (-1: never)",
+        labels=labels,
+    )
     now = time.time()
-    for name, kind, text in (
-        ("peer_rx_bytes_total", "counter", "Bytes received from the peer"),
-        ("peer_tx_bytes_total", "counter", "Bytes sent to the peer"),
-        ("peer_last_handshake_seconds", "gauge", "Unix time of the last handshake (0: never)"),
-        ("peer_handshake_age_seconds", "gauge", "Seconds since the last handshake (-1: never)"),
-    ):
-        family(name, kind, text)
-        for p in st.peers:
-            if name == "peer_rx_bytes_total":
-                value: float = p.rx_bytes
-            elif name == "peer_tx_bytes_total":
-                value = p.tx_bytes
-            elif name == "peer_last_handshake_seconds":
-                value = p.latest_handshake
-            else:
-                value = round(now - p.latest_handshake, 3) if p.latest_handshake else -1
-            out.append(
-                f'shardwg_{name}{{interface="{iface}",public_key="{_esc(p.public_key)}",'
-                f'worker="{p.owner}"}} {value}'
-            )
-    return "\n".join(out) + "\n"
+    for p in st.peers:
+        key = [st.interface, p.public_key, str(p.owner)]
+        rx.add_metric(key, p.rx_bytes)
+        tx.add_metric(key, p.tx_bytes)
+        last.add_metric(key, p.latest_handshake)
+        age.add_metric(key, round(now - p.latest_handshake, 3) if p.latest_handshake else -1)
+    yield from (rx, tx, last, age)
+
+
+def exporter_families(st: GatewayStatus) -> Iterator[Metric]:
+    """prometheus_wireguard_exporter's names, types and labels, for every configured peer."""
+    labels = ["interface", "public_key", "allowed_ips"]
+    sent = CounterMetricFamily("wireguard_sent_bytes", "Bytes sent to the peer", labels=labels)
+    received = CounterMetricFamily(
+        "wireguard_received_bytes", "Bytes received from the peer", labels=labels
+    )
+    handshake = GaugeMetricFamily(
+        "wireguard_latest_handshake_seconds",
+        "Unix time of the last handshake (0: never)",
+        labels=labels,
+    )
+    for p in st.peers:
+        key = [st.interface, p.public_key, ",".join(p.allowed_ips) or NONE]
+        sent.add_metric(key, p.tx_bytes)
+        received.add_metric(key, p.rx_bytes)
+        handshake.add_metric(key, p.latest_handshake)
+    yield from (sent, received, handshake)
+
+
+def render(status: Callable[[], GatewayStatus] | GatewayStatus) -> str:
+    """The text exposition of one scrape, written by prometheus_client on a private registry
+    (nothing global, nothing of the process's own)."""
+    fn = status if callable(status) else (lambda: status)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(fn))
+    return generate_latest(registry).decode()
 
 
 class MetricsServer:
@@ -162,21 +223,20 @@ class MetricsServer:
         path = line[1] if len(line) >= 2 else ""
         try:
             if line and line[0] not in ("GET", "HEAD"):
-                code, body, ctype = 405, "method not allowed\n", "text/plain"
+                code, body, ctype = 405, b"method not allowed\n", "text/plain"
             elif path.split("?")[0] == "/metrics":
-                code, body = 200, render(self.status())
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
+                code, body, ctype = 200, render(self.status).encode(), CONTENT_TYPE
             elif path.split("?")[0] in ("/healthz", "/readyz"):
                 ok, why = self.ready(self.status())
-                code, body, ctype = (200 if ok else 503), why + "\n", "text/plain"
+                code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain"
             else:
-                code, body, ctype = 404, "not found\n", "text/plain"
+                code, body, ctype = 404, b"not found\n", "text/plain"
         except Exception as exc:  # reading status failed: say so, never crash the loop
-            code, body, ctype = 500, f"error: {exc}\n", "text/plain"
+            code, body, ctype = 500, f"error: {exc}\n".encode(), "text/plain"
         reason = {
             200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"
         }  # fmt: skip
-        data = body.encode()
+        data = body
         head = (
             f"HTTP/1.0 {code} {reason.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"

@@ -10,12 +10,14 @@ snapshots `interval` seconds apart. `GatewayStatus` is the stable JSON schema of
 from __future__ import annotations
 
 import base64
+import os
 import time
 from typing import Any
 
 import msgspec
 
 from shardwg.config.endpoints import format_endpoint
+from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout, decode_global
 from shardwg.shm.peerslot import decode_peer
@@ -63,6 +65,8 @@ class WorkerStatus(msgspec.Struct):
     initiations_offered: int  # cookie-less initiations/s arriving, kernel-filtered ones included
     initiation_share: float  # share of them the kernel filter admits (1.0: no filter)
     drops: dict[str, int]
+    cpu_seconds: float = 0.0  # user + system CPU time of the current worker process
+    cpu_share: float = 0.0  # cores it used over the interval (1.0: one core busy)
 
 
 class GatewayStatus(msgspec.Struct):
@@ -123,14 +127,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` from /proc (0.0 when it is gone)."""
+    if pid <= 0:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
     reader = ShmReader(interface)
     try:
         before = reader.counters()
+        cpu_before = [cpu_seconds(w.pid) for w in before]
         t0 = time.monotonic()
         if interval > 0:
             time.sleep(interval)
         after = reader.counters()
+        cpu_after = [cpu_seconds(w.pid) for w in after]
         dt = max(time.monotonic() - t0, 1e-9)
         g = reader.global_state()
         records = reader.peers()
@@ -138,7 +159,7 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         reader.close()
     now = time.monotonic()
     workers = []
-    for a, b in zip(before, after, strict=True):
+    for a, b, ca, cb in zip(before, after, cpu_before, cpu_after, strict=True):
         workers.append(
             WorkerStatus(
                 worker=b.worker,
@@ -165,6 +186,8 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
                 initiations_offered=b.initiations_offered,
                 initiation_share=1.0 / (1 << min(b.initiation_shift, 62)),
                 drops={k: v for k, v in b.drops.items() if v},
+                cpu_seconds=round(cb, 2),
+                cpu_share=round(max(0.0, cb - ca) / dt, 3) if a.pid == b.pid else 0.0,
             )
         )
     peers = [
@@ -195,3 +218,21 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         worker_stats=workers,
         drops_total=totals,
     )
+
+
+def with_config(st: GatewayStatus, peers: dict[str, list[str]]) -> GatewayStatus:
+    """The status as the running configuration sees it, the same peer list as `wg show`:
+    `peers` maps each configured public key (base64) to its allowed IPs. A configured peer
+    whose owner has not published it yet gets zero counters, a removed one whose slot is not
+    wiped yet is left out, and allowed_ips are filled in."""
+    seen = {p.public_key: p for p in st.peers}
+    out = []
+    for key, allowed in peers.items():
+        p = seen.get(key)
+        if p is None:
+            owner = owner_of(base64.b64decode(key), st.workers) if st.workers else 0
+            p = PeerStatus(key, owner, None, 0, 0, 0, False)
+        p.allowed_ips = list(allowed)
+        out.append(p)
+    st.peers = out
+    return st
