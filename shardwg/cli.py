@@ -125,6 +125,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not names:
         print("no shardwg gateway is running", file=sys.stderr)
         return 1
+    if args.watch:
+        from shardwg.observe.watch import watch
+
+        if len(names) > 1:
+            print(f"shardwg show --watch: name one of {', '.join(names)}", file=sys.stderr)
+            return 2
+        keys = sys.stdin.fileno() if sys.stdin.isatty() else -1
+        try:
+            return watch(names[0], args.count, sys.stdout, keys)
+        except (StatusError, ValueError) as exc:
+            print(f"shardwg show: {exc}", file=sys.stderr)
+            return 1
     rc = 0
     for i, name in enumerate(names):
         try:
@@ -194,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("interface", nargs="?", help="interface (default: every running one)")
     show.add_argument("--json", action="store_true", help="machine-readable (docs/show-json.md)")
     show.add_argument("--interval", type=float, default=0.5, help="seconds between rate samples")
+    show.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the per-worker load once a second, like top (q or Ctrl-C quits)",
+    )
+    show.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--watch: stop after N frames (default: until q on a terminal, 10 otherwise)",
+    )
     show.set_defaults(func=cmd_show)
 
     for name, fn, text in (

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -124,6 +127,56 @@ def served_names(body: str) -> set[str]:
     return names
 
 
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "shardwg.json"
+_METRIC = re.compile(r"\b(?:shardwg|wireguard)_[a-zA-Z0-9_]+")
+
+
+def dashboard_queries(node: object) -> list[str]:
+    """Every PromQL string in the dashboard: panel targets and template variable queries."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                found.append(value)
+            elif key == "query" and isinstance(value, str) and "(" in value:
+                found.append(value)
+            else:
+                found += dashboard_queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += dashboard_queries(item)
+    return found
+
+
+def dashboard_metric_names() -> set[str]:
+    return {m for q in dashboard_queries(json.loads(DASHBOARD.read_text())) for m in
+            _METRIC.findall(q)}  # fmt: skip
+
+
+def test_dashboard_shape() -> None:
+    """Stacked per-worker CPU and packet panels, the exporter's families, our datasource."""
+    dash = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dash["panels"]}
+    stacked = [p for p in panels.values()
+               if p.get("fieldConfig", {}).get("defaults", {}).get("custom", {})
+               .get("stacking", {}).get("mode") == "normal"]  # fmt: skip
+    stacked_exprs = " ".join(t["expr"] for p in stacked for t in p["targets"])
+    assert "rate(shardwg_worker_cpu_seconds_total" in stacked_exprs
+    assert "rate(shardwg_worker_rx_packets_total" in stacked_exprs
+    names = dashboard_metric_names()
+    assert {"wireguard_sent_bytes_total", "wireguard_received_bytes_total",
+            "wireguard_latest_handshake_seconds"} <= names  # fmt: skip
+    assert len(names) >= 15 and all("{{worker}}" in t["legendFormat"]
+                                    for p in stacked for t in p["targets"])  # fmt: skip
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}"
+    # the check itself catches a name we do not serve
+    assert _METRIC.findall('rate(shardwg_worker_bogus_total{x="y"}[1m])') == [
+        "shardwg_worker_bogus_total"
+    ]
+
+
 def test_exporter_families_match_wg_show_dump(netns_factory: Harness) -> None:
     site = metrics_gateway(netns_factory)
     try:
@@ -156,6 +209,8 @@ def test_exporter_families_match_wg_show_dump(netns_factory: Harness) -> None:
                 assert sample.value > 0, (name, key)  # pings went both ways after a handshake
         cpu = {s.labels["worker"]: s.value for s in families["shardwg_worker_cpu_seconds"].samples}
         assert set(cpu) == {"0", "1"} and all(v > 0 for v in cpu.values())
+        unknown = dashboard_metric_names() - served_names(body)
+        assert not unknown, f"deploy/grafana queries metrics the gateway does not serve: {unknown}"
     finally:
         assert site.gw.stop() == 0
 
