@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -48,19 +47,10 @@ def default_interface(config_path: str) -> str:
 
 
 def default_workers() -> int:
-    """Usable cores: CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
+    """Usable cores: CPU affinity, capped by a cgroup CPU quota (v2 or v1: containers)."""
+    from shardwg.observe.cpus import default_workers as usable
+
+    return usable()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -151,6 +141,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from shardwg.observe.check import check
+
+    text, status = check(args.json)
+    print(text)
+    return status
+
+
 def cmd_genkey(_args: argparse.Namespace) -> int:
     print(keys.generate_private_key())
     return 0
@@ -179,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a gateway in the foreground")
     run.add_argument("--config", "-c", required=True, help="wg-quick style config file")
     run.add_argument(
-        "--workers", "-w", type=int, default=0, help="worker processes (default: usable cores)",
+        "--workers",
+        "-w",
+        type=int,
+        default=0,
+        help="worker processes (default: usable cores)",
     )
     run.add_argument("--interface", "-i", help="interface name (default: config file stem)")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -219,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--watch: stop after N frames (default: until q on a terminal, 10 otherwise)",
     )
     show.set_defaults(func=cmd_show)
+
+    chk = sub.add_parser(
+        "check", help="what this machine gives the data path, and what is missing (exit 1)"
+    )
+    chk.add_argument("--json", action="store_true", help="machine-readable probes and verdicts")
+    chk.set_defaults(func=cmd_check)
 
     for name, fn, text in (
         ("genkey", cmd_genkey, "print a new private key"),

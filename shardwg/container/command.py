@@ -8,7 +8,6 @@ without the WG_* variables, so no key lingers in the gateway's /proc/<pid>/envir
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Mapping
@@ -16,48 +15,9 @@ from pathlib import Path
 
 from shardwg.container.environment import FOREIGN_VARS, EntrypointError, env_value
 from shardwg.container.plan import Plan
+from shardwg.observe.cpus import cgroup_cpu_limit
 
 MAX_WORKERS = 256
-
-
-def cgroup_cpu_limit(
-    root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
-) -> int | None:
-    """Whole CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max
-    or v1 cfs quota), rounded up; None when unlimited or unknown."""
-    limits: list[float] = []
-    try:
-        with open(proc_cgroup) as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        _, controllers, rel = entry
-        files: tuple[str, ...]
-        if controllers == "":  # v2 unified
-            base, files = Path(root), ("cpu.max",)
-        elif "cpu" in controllers.split(","):
-            base, files = Path(root) / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
-        else:
-            continue
-        parts = Path(rel.lstrip("/")).parts
-        for depth in range(len(parts), -1, -1):
-            d = base.joinpath(*parts[:depth])
-            try:
-                if len(files) == 1:
-                    quota_text, period_text = (d / files[0]).read_text().split()[:2]
-                else:
-                    quota_text = (d / files[0]).read_text().strip()
-                    period_text = (d / files[1]).read_text().strip()
-            except (OSError, ValueError):
-                continue
-            if quota_text not in ("max", "-1") and int(period_text) > 0:
-                limits.append(int(quota_text) / int(period_text))
-    if not limits:
-        return None
-    return max(1, math.ceil(min(limits)))
 
 
 def worker_count(env: Mapping[str, str]) -> int | None:

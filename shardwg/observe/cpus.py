@@ -1,0 +1,66 @@
+"""How many cores this process may use: CPU affinity, capped by a cgroup CPU quota.
+
+`shardwg run` starts one worker per usable core by default, the container entrypoint sizes
+SHARDWG_WORKERS=auto the same way, and `shardwg check` reports the three figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def affinity_cores() -> int:
+    """Cores the scheduler lets this process run on (taskset, cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_limit(
+    root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
+) -> int | None:
+    """Whole CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max
+    or v1 cfs quota), rounded up; None when unlimited or unknown."""
+    limits: list[float] = []
+    try:
+        with open(proc_cgroup) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, rel = entry
+        files: tuple[str, ...]
+        if controllers == "":  # v2 unified
+            base, files = Path(root), ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base, files = Path(root) / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        parts = Path(rel.lstrip("/")).parts
+        for depth in range(len(parts), -1, -1):
+            d = base.joinpath(*parts[:depth])
+            try:
+                if len(files) == 1:
+                    quota_text, period_text = (d / files[0]).read_text().split()[:2]
+                else:
+                    quota_text = (d / files[0]).read_text().strip()
+                    period_text = (d / files[1]).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if quota_text not in ("max", "-1") and int(period_text) > 0:
+                limits.append(int(quota_text) / int(period_text))
+    if not limits:
+        return None
+    return max(1, math.ceil(min(limits)))
+
+
+def default_workers(cores: int | None = None, limit: int | None = -1) -> int:
+    """Usable cores: affinity capped by the cgroup quota (the arguments override the probes)."""
+    cores = affinity_cores() if cores is None else cores
+    limit = cgroup_cpu_limit() if limit == -1 else limit
+    return max(1, min(cores, limit) if limit is not None else cores)
