@@ -119,7 +119,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         from shardwg.observe.watch import watch
 
         if args.json:
-            print("shardwg show: --watch draws a table; --json is for one snapshot", file=sys.stderr)
+            print("shardwg show: --watch draws a table, --json one snapshot", file=sys.stderr)
             return 2
         if len(names) > 1:
             print(f"shardwg show --watch: name one of {', '.join(names)}", file=sys.stderr)
