@@ -137,3 +137,10 @@ def test_without_privileges_it_says_why_the_probes_are_partial() -> None:
         "NET_ADMIN" in items["TUN device"]["fix"]
         or "NET_ADMIN" in items.get("multiqueue TUN", {"fix": ""})["fix"]
     )
+
+
+def test_default_workers_is_affinity_capped_by_the_quota() -> None:
+    from shardwg.observe.cpus import default_workers
+
+    assert default_workers(8, 3) == 3 and default_workers(8, None) == 8
+    assert default_workers(2, 5) == 2 and default_workers(1, None) == 1
