@@ -189,12 +189,14 @@ def test_hooks_run_at_wg_quicks_moments(netns_factory: Harness, tmp_path: Path) 
     (ns,) = netns_factory(1, "hk")
     ifname = unique_ifname("hk")
     ev = tmp_path / "evidence"
+    extra_peer = keypair()[1]
     conf = write_config(tmp_path, ifname, [
         f'PreUp = echo "preup1 %i link=$({LINK})" >> {ev}',
         f"PreUp = echo preup2 %i >> {ev}",
         f"PostUp = echo \"postup1 %i link=$({LINK}) addr=$(ip -o -4 addr show dev %i"
         f" | awk '{{print $4}}') route=$(ip route show 10.77.5.0/24 dev %i | wc -l)\" >> {ev}",
         f"PostUp = echo \"postup2 port=$(wg show %i listen-port)\" >> {ev}",  # UAPI served
+        f"PostUp = wg set %i peer {extra_peer} allowed-ips 10.77.9.0/24",  # ...and changes apply
         f'PreDown = echo "predown %i link=$({LINK}) peers=$(wg show %i peers | wc -l)" >> {ev}',
         f'PostDown = echo "postdown1 %i link=$({LINK})" >> {ev}',
         f"PostDown = echo postdown2 %i >> {ev}",
@@ -206,9 +208,10 @@ def test_hooks_run_at_wg_quicks_moments(netns_factory: Harness, tmp_path: Path) 
     assert lines[2] == f"postup1 {ifname} link=1 addr=10.77.0.1/24 route=1", lines
     assert lines[3].startswith("postup2 port=") and int(lines[3].split("=")[1]) > 0, lines
     assert len(lines) == 4  # nothing of the down phases yet
+    assert "10.77.9.0/24" in ns.ip("route", "show", "dev", ifname).stdout  # wg set took effect
     assert stop(proc) == 0, out.read_text()
     assert ev.read_text().splitlines()[4:] == [
-        f"predown {ifname} link=1 peers=1",
+        f"predown {ifname} link=1 peers=2",
         f"postdown1 {ifname} link=0",
         f"postdown2 {ifname}",
     ]
