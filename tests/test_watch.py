@@ -91,7 +91,7 @@ def test_watch_on_a_terminal_and_in_a_pipe(netns_factory: Harness) -> None:
         assert set(rows) == {0, 1} and all(int(r[5]) > 0 for r in rows.values()), piped.stdout
 
         # a terminal: redrawn in place once a second until q
-        shell = f"cd {REPO} && exec {' '.join(watch_cmd(site.gw.ifname))}"
+        shell = f"cd {REPO} && {' '.join(watch_cmd(site.gw.ifname))}"
         subprocess.run([*tmux, "new-session", "-d", "-s", "w", "-x", "140", "-y", "20", shell],
                        check=True, env=lab_env(), timeout=10)  # fmt: skip
 
@@ -116,6 +116,15 @@ def test_watch_on_a_terminal_and_in_a_pipe(netns_factory: Harness) -> None:
                                   timeout=10).returncode != 0  # fmt: skip
 
         assert wait_for(gone, 5), screen()
+
+        # Ctrl-C ends it too, and the shell behind gets its terminal back (cursor, echo)
+        marker = "after-watch"
+        subprocess.run([*tmux, "new-session", "-d", "-s", "w", "-x", "140", "-y", "20",
+                        f"{shell}; echo {marker}; sleep 30"], check=True, env=lab_env(),
+                       timeout=10)  # fmt: skip
+        assert wait_for(lambda: len(worker_rows(screen())) == 2, 10), screen()
+        subprocess.run([*tmux, "send-keys", "-t", "w", "C-c"], check=True, timeout=10)
+        assert wait_for(lambda: marker in screen(), 5), screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
         for p in pingers:
