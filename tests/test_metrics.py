@@ -235,3 +235,65 @@ def test_exporter_families_without_a_network() -> None:
           for s in families["wireguard_latest_handshake_seconds"].samples}  # fmt: skip
     assert hs == {published.public_key: 1700000123, new_key: 0}
     assert families["wireguard_received_bytes"].type == "counter"
+
+
+def test_a_slow_render_never_blocks_the_loop() -> None:
+    """/metrics is rendered by a forked child: while one renders (slowly, as 10,000 peers
+    would), /healthz answers at once, a third concurrent scrape gets 503, and the page
+    arrives whole."""
+    import socket
+
+    from shardwg.observe.metrics import MAX_RENDERERS, MetricsServer
+    from shardwg.observe.status import GatewayStatus, PeerStatus
+
+    parent = os.getpid()
+
+    def status() -> GatewayStatus:
+        if os.getpid() != parent:
+            time.sleep(1.5)  # the render child only
+        peer = PeerStatus("A" * 43 + "=", 0, None, 0, 5, 7, False, ["10.0.0.2/32"])
+        return GatewayStatus("wg0", 51820, 1, parent, 1.0, True, False, [peer], [], {})
+
+    srv = MetricsServer(("127.0.0.1", 0), status, lambda st: (True, "ok"))
+    port = srv.sock.getsockname()[1]
+
+    def request(path: str) -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        return c
+
+    def pump_until(cond, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            srv.poll()
+            if cond():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def read_all(c: socket.socket) -> bytes:
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+        c.close()
+        return data
+
+    try:
+        scrapes = [request("/metrics") for _ in range(MAX_RENDERERS)]
+        assert pump_until(lambda: len(srv.renderers) == MAX_RENDERERS, 3)
+        busy = request("/metrics")
+        health = request("/healthz")
+        t0 = time.monotonic()
+        assert pump_until(lambda: not srv.clients, 3)
+        assert time.monotonic() - t0 < 0.5  # answered while both renders still run
+        assert read_all(health).startswith(b"HTTP/1.0 200") and srv.renderers
+        assert read_all(busy).startswith(b"HTTP/1.0 503")
+        for c in scrapes:
+            page = read_all(c)
+            assert page.startswith(b"HTTP/1.0 200") and b"version=0.0.4" in page
+            body = page.split(b"\r\n\r\n", 1)[1].decode()
+            fams = {f.name: f for f in text_string_to_metric_families(body)}
+            assert fams["wireguard_sent_bytes"].samples[0].value == 7
+        assert pump_until(lambda: not srv.renderers, 3)  # children reaped
+    finally:
+        srv.close()

@@ -386,6 +386,8 @@ class Supervisor:
 
     def _check_foreign_queues(self) -> None:
         ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
+        if self.metrics is not None:  # children rendering /metrics hold our fds until they exit
+            ours |= self.metrics.renderers
         try:
             foreign = tun_io.foreign_queue_holders(self.ifname, ours)
         except OSError:
