@@ -13,35 +13,77 @@ import os
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from shardwg.config.endpoints import EndpointError, resolve
 from shardwg.engine import control
+from shardwg.engine.context import BootContext
+from shardwg.engine.exits import EXIT_BOOT_FAILURE
 from shardwg.engine.worker import Worker
 from shardwg.io import udp as udp_io
 from shardwg.proto.device import Device
 from shardwg.proto.ownership import owner_of
+from shardwg.proto.peer import Peer
 from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global
 from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.publisher import SessionPublisher
 
-if TYPE_CHECKING:
-    from shardwg.engine.supervisor import Supervisor
-
 log = logging.getLogger("shardwg.engine.worker")
 GLOBAL_SYNC_INTERVAL = 0.25
 
 
-def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.socket) -> int:
-    assert sup.layout is not None and sup.region is not None and sup.gateway is not None
-    assert sup.gateway.tun is not None
-    from shardwg.engine.supervisor import EXIT_BOOT_FAILURE
+class BootFailure(Exception):
+    """The configuration cannot work in this worker; replacing it would fail the same way."""
 
-    cfg = sup.config
-    n = sup.workers
-    buf = sup.region.buf
-    layout = sup.layout
+
+@dataclass
+class Shard:
+    """A built worker before its loop: the peers it owns and when it was built."""
+
+    worker: Worker
+    owned: list[Peer]
+    now: float
+    wall: float
+
+    def greet(self) -> None:
+        """Keepalives to owned peers that want them and have no session; first heartbeat."""
+        for peer in self.owned:
+            if peer.endpoint is not None and peer.persistent_keepalive and peer.current is None:
+                peer.send_keepalive(self.now, self.wall)
+        self.worker.counters.beat(self.now)
+
+
+def boot_worker(ctx: BootContext, index: int, restarts: int, control: socket.socket) -> int:
+    """A forked worker's life: build the shard, take the signals, serve until told to stop."""
+    try:
+        shard = build_shard(ctx, index, restarts)
+    except BootFailure as exc:
+        log.error("worker %d: cannot build its peers: %s", index, exc)
+        return EXIT_BOOT_FAILURE
+    worker = shard.worker
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    shard.greet()
+    control.setblocking(False)
+    worker.run(control.fileno())
+    return 0
+
+
+def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
+    """Build worker `index`'s device, restore its sessions (after a restart) and wire its
+    hooks; raises BootFailure when the configuration cannot work."""
+    cfg = ctx.config
+    n = ctx.workers
+    buf = ctx.buf
+    layout = ctx.layout
     try:
         device = Device(
             cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
@@ -67,16 +109,15 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
                 )
             )
     except (ValueError, OSError) as exc:
-        log.error("worker %d: cannot build its peers: %s", index, exc)
-        return EXIT_BOOT_FAILURE
+        raise BootFailure(str(exc)) from exc
 
     counters = layout.counters(buf, index)
     counters.load()
     counters.set(C.PID, os.getpid())
     counters.set(C.PEERS_OWNED, len(owned))
     counters.set(C.RESTARTS, restarts)
-    mesh = layout.mesh(buf, sup.eventfds)
-    publisher = SessionPublisher(layout, buf, sup.slot_of, index)
+    mesh = layout.mesh(buf, list(ctx.eventfds))
+    publisher = SessionPublisher(layout, buf, dict(ctx.slot_of), index)
     now, wall = time.monotonic(), time.time()
     resumed = 0
     for peer in owned:
@@ -87,13 +128,11 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
     if resumed:
         log.info("worker %d: resumed %d session(s) from shared memory", index, resumed)
 
-    udp4 = sup.gateway.udp4[index] if sup.gateway.udp4 else None
-    udp6 = sup.gateway.udp6[index] if sup.gateway.udp6 else None
     worker = Worker(
         device,
-        sup.gateway.tun.fds[index],
-        udp4,
-        udp6,
+        ctx.tun_fd,
+        ctx.udp4,
+        ctx.udp6,
         counters,
         worker_id=index,
         mesh=mesh if n > 1 else None,
@@ -104,21 +143,7 @@ def boot_worker(sup: Supervisor, index: int, restarts: int, control: socket.sock
     worker.on_tick = sync.on_tick
     worker.on_control = ShardControl(worker, publisher, n, index).handle
     sync.on_tick(worker, now, wall)
-
-    def on_term(_signum: int, _frame: Any) -> None:
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for peer in owned:
-        if peer.endpoint is not None and peer.persistent_keepalive and peer.current is None:
-            peer.send_keepalive(now, wall)
-    counters.beat(now)
-    control.setblocking(False)
-    worker.run(control.fileno())
-    return 0
+    return Shard(worker, owned, now, wall)
 
 
 class ShardControl:

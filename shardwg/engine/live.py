@@ -15,37 +15,51 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import time
-from typing import TYPE_CHECKING
 
 from shardwg.config.diff import config_from_set, diff_configs, prefixes_delta
 from shardwg.config.endpoints import EndpointError, format_endpoint, resolve
 from shardwg.config.model import Config, ConfigError, PeerConfig, format_config, load_config
 from shardwg.engine import control
+from shardwg.engine.context import EngineControl, SharedMemory
 from shardwg.io import netlink
 from shardwg.io.interface import routing_table
 from shardwg.proto.crypto import public_key
 from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.uapi import DeviceView, PeerView, SetRequest
 
-if TYPE_CHECKING:
-    from shardwg.engine.supervisor import Supervisor
-
 log = logging.getLogger("shardwg.engine.live")
 SLOT_REUSE_DELAY = 2.0  # a freed slot waits this long: its old owner may still publish once
 
 
 class LiveConfig:
-    def __init__(self, sup: Supervisor, config_path: str | None) -> None:
-        self.sup = sup
+    """Keeper of the running configuration and of which shared-memory slot each peer has.
+
+    `slot_of` is shared with the supervisor (which hands a copy to every worker it forks);
+    `memory` is attached once the region exists (the UAPI socket is opened before it).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        *,
+        ifname: str,
+        slot_of: dict[bytes, int],
+        engine: EngineControl,
+        memory: SharedMemory | None = None,
+    ) -> None:
+        self.config = config
         self.config_path = config_path
+        self.ifname = ifname
+        self.slot_of = slot_of
+        self.engine = engine
+        self.memory = memory
         self._freeing: list[tuple[float, int]] = []
 
     # ------------------------------------------------------------------ UAPI backend
     def uapi_get(self) -> DeviceView:
-        sup = self.sup
-        cfg = sup.config
+        cfg = self.config
         peers = []
         for p in cfg.peers:
             view = PeerView(
@@ -70,13 +84,13 @@ class LiveConfig:
             peers.append(view)
         return DeviceView(
             private_key=cfg.interface.private_key,
-            listen_port=sup.gateway.port if sup.gateway else 0,
+            listen_port=self.engine.listen_port(),
             fwmark=cfg.interface.fwmark,
             peers=peers,
         )
 
     def uapi_set(self, req: SetRequest) -> int:
-        cfg = self.sup.config
+        cfg = self.config
         try:
             new = config_from_set(cfg, req, public_key(cfg.interface.private_key))
         except (ValueError, ConfigError) as exc:
@@ -85,12 +99,12 @@ class LiveConfig:
         return self.apply(new, "uapi")
 
     def _record(self, key: bytes) -> PeerRecord | None:
-        sup = self.sup
-        index = sup.slot_of.get(key)
-        if index is None or sup.layout is None or sup.region is None:
+        index = self.slot_of.get(key)
+        mem = self.memory
+        if index is None or mem is None:
             return None
         try:
-            rec = decode_peer(sup.layout.peer_slot(sup.region.buf, index).read(max_retries=1000))
+            rec = decode_peer(mem.layout.peer_slot(mem.region.buf, index).read(max_retries=1000))
         except Exception:
             return None
         return rec if rec is not None and rec.public_key == key else None
@@ -98,16 +112,15 @@ class LiveConfig:
     # ------------------------------------------------------------------ applying
     def apply(self, new: Config, source: str) -> int:
         """Make `new` the running configuration; returns an errno (0: applied)."""
-        sup = self.sup
-        old = sup.config
+        old = self.config
         d = diff_configs(old, new)
         if new.interface.listen_port in (None, 0):
             # `wg syncconf` always sends listen_port (0 when unset): keep our port then.
             d.listen_port_changed = False
-        elif sup.gateway is not None and new.interface.listen_port == sup.gateway.port:
+        elif new.interface.listen_port == self.engine.listen_port():
             d.listen_port_changed = False
         if d.empty():
-            sup.config = new
+            self.config = new
             return 0
         specs: dict[bytes, control.PeerSpec] = {}
         try:
@@ -120,15 +133,15 @@ class LiveConfig:
         if free is None:
             log.warning("%s change refused: no room for %d more peers", source, len(d.added))
             return errno.ENOSPC
-        sup.config = new
+        self.config = new
         for p in d.removed:
             self._broadcast(control.RemovePeer(p.public_key))
             self._routes(p, None)
-            index = sup.slot_of.pop(p.public_key, None)
+            index = self.slot_of.pop(p.public_key, None)
             if index is not None:
                 self._freeing.append((time.monotonic() + SLOT_REUSE_DELAY, index))
         for p, index in zip(d.added, free, strict=False):
-            sup.slot_of[p.public_key] = index
+            self.slot_of[p.public_key] = index
             self._broadcast(control.AddPeer(specs[p.public_key], index))
             self._routes(None, p)
         for o, n in d.updated:
@@ -136,15 +149,14 @@ class LiveConfig:
                 control.UpdatePeer(specs[n.public_key], endpoint_changed=o.endpoint != n.endpoint)
             )
             self._routes(o, n)
-        if d.fwmark_changed and sup.gateway is not None:
-            for s in sup.gateway.udp4 + sup.gateway.udp6:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, new.interface.fwmark)
+        if d.fwmark_changed:
+            self.engine.set_fwmark(new.interface.fwmark)
         if d.private_key_changed:
             log.info("%s: private key changed; restarting workers without sessions", source)
-            sup.restart_workers(keep_sessions=False)
+            self.engine.restart_workers(keep_sessions=False)
         elif d.listen_port_changed:
             log.info("%s: listen port -> %s", source, new.interface.listen_port)
-            sup.rebind(new.interface.listen_port or 0)
+            self.engine.rebind(new.interface.listen_port or 0)
         log.info(
             "%s: %d peer(s) added, %d removed, %d updated",
             source, len(d.added), len(d.removed), len(d.updated),
@@ -152,47 +164,39 @@ class LiveConfig:
         return 0
 
     def _free_slots(self, n: int, leaving: set[bytes]) -> list[int] | None:
-        sup = self.sup
-        assert sup.layout is not None
-        used = set(sup.slot_of.values()) | {i for _t, i in self._freeing}
-        free = [i for i in range(sup.layout.peer_capacity) if i not in used]
+        assert self.memory is not None
+        used = set(self.slot_of.values()) | {i for _t, i in self._freeing}
+        free = [i for i in range(self.memory.layout.peer_capacity) if i not in used]
         return free[:n] if len(free) >= n else None
 
     def tick(self, now: float) -> None:
         """Wipe freed slots once their old owner can no longer write them."""
-        sup = self.sup
+        mem = self.memory
         due = [i for t, i in self._freeing if t <= now]
-        if not due or sup.layout is None or sup.region is None:
+        if not due or mem is None:
             return
         self._freeing = [(t, i) for t, i in self._freeing if t > now]
         for index in due:
-            if index not in sup.slot_of.values():
-                off = sup.layout.peers_offset + index * sup.layout.peer_stride
-                sup.region.zero(off, sup.layout.peer_stride)
+            if index not in self.slot_of.values():
+                off = mem.layout.peers_offset + index * mem.layout.peer_stride
+                mem.region.zero(off, mem.layout.peer_stride)
 
     def _broadcast(self, msg: control.Control) -> None:
-        data = control.encode(msg)
-        for slot in self.sup.slots:
-            if slot.control is None or not slot.pid:
-                continue  # a worker being replaced boots from the new configuration
-            try:
-                slot.control.send(data)
-            except OSError as exc:
-                log.warning("worker %d missed a change (%s); it will be replaced", slot.index, exc)
+        self.engine.broadcast(control.encode(msg))
 
     def _routes(self, old: PeerConfig | None, new: PeerConfig | None) -> None:
-        table = routing_table(self.sup.config)
+        table = routing_table(self.config)
         if table == "off":
             return
         add, remove = prefixes_delta(old, new)
         t = table if isinstance(table, int) else None
         try:
             if remove:
-                netlink.remove_routes(self.sup.ifname, remove, t)
+                netlink.remove_routes(self.ifname, remove, t)
             if add:
-                netlink.add_routes(self.sup.ifname, add, t)
+                netlink.add_routes(self.ifname, add, t)
         except OSError as exc:
-            log.warning("routes for %s not updated: %s", self.sup.ifname, exc)
+            log.warning("routes for %s not updated: %s", self.ifname, exc)
 
     # ------------------------------------------------------------------ file
     def reload(self) -> None:
@@ -206,20 +210,20 @@ class LiveConfig:
             log.error("SIGHUP: %s; configuration unchanged", exc)
             return
         # Interface-level settings that need the interface rebuilt are kept as running.
-        cur = self.sup.config.interface
+        cur = self.config.interface
         if (new.interface.addresses, new.interface.mtu) != (cur.addresses, cur.mtu):
             log.warning("SIGHUP: Address/MTU changes need a restart; kept as running")
         self.apply(new, "reload")
 
     def save(self) -> None:
         """SaveConfig = true: write the running configuration back, owner-only, atomically."""
-        if not self.config_path or not self.sup.config.interface.save_config:
+        if not self.config_path or not self.config.interface.save_config:
             return
         tmp = f"{self.config_path}.tmp{os.getpid()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(format_config(self.sup.config))
+                f.write(format_config(self.config))
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.config_path)
             log.info("configuration saved to %s", self.config_path)

@@ -32,6 +32,9 @@ from typing import Any
 
 from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
+from shardwg.engine.boot import boot_worker
+from shardwg.engine.context import BootContext, SharedMemory
+from shardwg.engine.exits import EXIT_BOOT_FAILURE, EXIT_CRASH, EXIT_FOREIGN_QUEUE
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig
 from shardwg.io import netlink, steering
@@ -62,8 +65,6 @@ QUICK_DEATH = 2.0  # a worker dying sooner than this after start counts towards 
 STORM_LIMIT = 5  # consecutive quick deaths of one worker slot that stop the gateway
 FOREIGN_CHECK_INTERVAL = 1.0
 LOOP_INTERVAL = 0.1
-EXIT_BOOT_FAILURE = 3  # a worker's exit code: configuration cannot work, do not retry
-EXIT_FOREIGN_QUEUE = 4
 _HEARTBEAT = struct.Struct("@d")
 
 
@@ -84,7 +85,7 @@ class WorkerSlot:
 
 @dataclass
 class Supervisor:
-    config: Config
+    start_config: Config  # the running one is `config` (live changes included)
     ifname: str
     workers: int
     gateway: Gateway | None = None
@@ -108,11 +109,20 @@ class Supervisor:
     _wake_w: int = -1
     _global: GlobalState | None = None
 
+    @property
+    def config(self) -> Config:
+        """The running configuration: live changes (UAPI, SIGHUP) included."""
+        return self.live.config if self.live is not None else self.start_config
+
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
         n = self.workers
         _no_core_dumps()
-        self.live = LiveConfig(self, self.config_path)
+        self.slot_of = {p.public_key: i for i, p in enumerate(self.start_config.peers)}
+        self.live = LiveConfig(
+            self.start_config, self.config_path, ifname=self.ifname, slot_of=self.slot_of,
+            engine=self,
+        )  # fmt: skip
         self.uapi = UapiServer(self.ifname, self.live)
         try:
             self.uapi.start()
@@ -129,7 +139,7 @@ class Supervisor:
             raise SupervisorError(f"shared memory for {self.ifname}: {exc}") from exc
         buf = self.region.buf
         self.layout.write_to(buf)
-        self.slot_of = {p.public_key: i for i, p in enumerate(self.config.peers)}
+        self.live.memory = SharedMemory(self.layout, self.region)
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
@@ -203,7 +213,7 @@ class Supervisor:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            code = 70
+            code = EXIT_CRASH
             try:
                 parent_end.close()
                 code = self._worker_main(slot, child_end)
@@ -220,14 +230,31 @@ class Supervisor:
         log.info("worker %d started (pid %d)", slot.index, pid)
 
     def _worker_main(self, slot: WorkerSlot, control: socket.socket) -> int:
-        from shardwg.engine.boot import boot_worker
-
+        ctx = self.boot_context(slot.index)
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
         _set_parent_death_signal()
-        return boot_worker(self, slot.index, slot.restarts, control)
+        return boot_worker(ctx, slot.index, slot.restarts, control)
+
+    def boot_context(self, index: int) -> BootContext:
+        """What worker `index` boots from: the running configuration, the shared memory,
+        its own TUN queue and UDP sockets."""
+        gw = self.gateway
+        assert self.layout is not None and self.region is not None
+        assert gw is not None and gw.tun is not None
+        return BootContext(
+            config=self.config,
+            workers=self.workers,
+            layout=self.layout,
+            buf=self.region.buf,
+            slot_of=self.slot_of,
+            eventfds=self.eventfds,
+            tun_fd=gw.tun.fds[index],
+            udp4=gw.udp4[index] if gw.udp4 else None,
+            udp6=gw.udp6[index] if gw.udp6 else None,
+        )
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -401,6 +428,24 @@ class Supervisor:
             self._fail(EXIT_FOREIGN_QUEUE)
 
     # ------------------------------------------------------------------ reconfiguration
+    # (EngineControl: what live configuration asks of the processes)
+    def listen_port(self) -> int:
+        return self.gateway.port if self.gateway is not None else 0
+
+    def broadcast(self, data: bytes) -> None:
+        for slot in self.slots:
+            if slot.control is None or not slot.pid:
+                continue  # a worker being replaced boots from the new configuration
+            try:
+                slot.control.send(data)
+            except OSError as exc:
+                log.warning("worker %d missed a change (%s); it will be replaced", slot.index, exc)
+
+    def set_fwmark(self, mark: int) -> None:
+        if self.gateway is not None:
+            for s in self.gateway.udp4 + self.gateway.udp6:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
     def _stop_workers(self) -> None:
         """Stop every worker and wait (at most 3 s, then SIGKILL); slots stay assigned."""
         live = [s for s in self.slots if s.pid]

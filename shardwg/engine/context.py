@@ -1,0 +1,64 @@
+"""What boot and live configuration need from the rest of the engine, named explicitly.
+
+Why: a worker's boot and the live configuration used to take the whole `Supervisor`
+(and import it back), so the three modules formed an import circle and nothing
+could boot a worker or apply a change without one. Now the supervisor hands over
+small contexts: a frozen `BootContext` per worker (configuration, shared memory,
+the worker's own queue and sockets), `SharedMemory` (layout and region) and an
+`EngineControl` (the few things live configuration asks of the processes). The
+in-memory engine tests build the same contexts around socketpairs and loopback
+sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shardwg.config.model import Config
+from shardwg.shm.layout import Layout
+from shardwg.shm.region import SharedRegion
+
+
+@dataclass(frozen=True)
+class BootContext:
+    """Everything one worker builds its shard from, captured when it is forked."""
+
+    config: Config
+    workers: int  # how many workers share the peers (ownership is by owner_of)
+    layout: Layout
+    buf: Any  # the shared region's mapping (counters, peer slots, rings, global block)
+    slot_of: Mapping[bytes, int]  # peer public key -> its shared-memory slot
+    eventfds: Sequence[int]  # one wake-up eventfd per worker (handoff rings)
+    tun_fd: int  # this worker's TUN queue (speaks virtio_net_hdr frames)
+    udp4: socket.socket | None  # this worker's member of the reuseport group, per family
+    udp6: socket.socket | None
+
+
+@dataclass(frozen=True)
+class SharedMemory:
+    """The region and its layout, as live configuration reads and wipes peer slots."""
+
+    layout: Layout
+    region: SharedRegion
+
+
+class EngineControl(Protocol):
+    """The process side of the engine, as live configuration drives it (the supervisor)."""
+
+    def listen_port(self) -> int:
+        """The UDP port the workers listen on now (0 before the sockets exist)."""
+
+    def broadcast(self, data: bytes) -> None:
+        """Send one encoded control message to every running worker."""
+
+    def set_fwmark(self, mark: int) -> None:
+        """Mark every UDP socket's outgoing packets."""
+
+    def restart_workers(self, keep_sessions: bool) -> None:
+        """Replace every worker; sessions resume from shared memory if `keep_sessions`."""
+
+    def rebind(self, port: int) -> None:
+        """Move the UDP group to a new port and restart the workers."""
