@@ -1,0 +1,171 @@
+"""The real worker, in memory and without root: handshakes, transport, handoffs, a crash.
+
+Every worker here is the product's `Worker`, booted by `engine.boot.boot_worker` in a forked
+process from the same context the supervisor builds; only its TUN queue is a socketpair
+(lab/tuntest) and its UDP sockets live on 127.0.0.1 (lab/bindtest). The netns tests
+(test_sharding, test_interop) run the same paths against the kernel and wireguard-go.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from lab.bindtest import Wire
+from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
+from lab.tuntest import ipv4_udp
+from shardwg.proto.constants import MessageType
+from shardwg.proto.ownership import owner_of
+
+GW_IP, PEER_IP = "10.7.0.1", "10.7.0.2"
+
+
+def counter_of(datagram: bytes) -> int:
+    """The nonce counter of a transport message (little-endian u64 at offset 8)."""
+    assert datagram[0] == MessageType.TRANSPORT
+    return int(struct.unpack_from("<Q", datagram, 8)[0])
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[MemoryGateway]]:
+    made: list[MemoryGateway] = []
+    yield made
+    for gw in made:
+        gw.close()
+
+
+def test_handshake_and_transport_both_ways(gateways: list[MemoryGateway]) -> None:
+    a_priv, a_pub = new_key()
+    b_priv, b_pub = new_key()
+    b = MemoryGateway(config(b_priv, [peer(a_pub, [f"{GW_IP}/32"])]))
+    gateways.append(b)
+    a = MemoryGateway(config(a_priv, [peer(b_pub, [f"{PEER_IP}/32"], b.addr)]))
+    gateways.append(a)
+    for gw in (a, b):
+        gw.start()
+        gw.wait_ready()
+
+    out = ipv4_udp(GW_IP, PEER_IP, 4000, 5000, os.urandom(300))
+    a.tun[0].write(out)  # no session yet: A stages it and initiates
+    got = b.read_tun(timeout=5)
+    assert got == (0, out), "A's packet did not come out of B's TUN unchanged"
+
+    back = [ipv4_udp(PEER_IP, GW_IP, 5000, 4000, os.urandom(n)) for n in (1, 200, 1372)]
+    for pkt in back:
+        b.tun[0].write(pkt)  # B learned A's endpoint from the handshake
+    assert [a.read_tun() for _ in back] == [(0, pkt) for pkt in back]
+
+    assert wait_for(lambda: a.total().rx_packets >= 4 and b.total().tx_packets >= 3)
+    sa, sb = a.total(), b.total()
+    assert sa.handshakes_sent >= 1 and sa.handshakes_completed == 1
+    assert sb.handshakes_received >= 1 and sb.handshakes_completed == 1
+    assert sum(sa.drops.values()) == 0 and sum(sb.drops.values()) == 0
+    rec = b.record(a_pub)
+    assert rec is not None and rec.current is not None  # B published the session
+    assert rec.endpoint == ("127.0.0.1", a.group.port)
+
+
+def test_handoff_between_two_workers(gateways: list[MemoryGateway]) -> None:
+    """The peer's initiation lands on the worker that does not own it and is handed to the
+    owner; a packet the host puts on the non-owner's queue is handed over and sealed by the
+    owner. Datagrams after the handshake reach the owner directly (steering)."""
+    p_priv, p_pub = key_owned_by(1, 2)  # owned by the gateway's worker 1
+    owner, other = owner_of(p_pub, 2), 0
+    assert owner == 1
+    g_priv, g_pub = new_key()
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{PEER_IP}/32"])]), workers=2)
+    gateways.append(g)
+    wire = Wire(g.addr, for_b=g.group.sender_towards(other))  # P's datagrams hash to worker 0
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)]))
+    gateways.append(p)
+    try:
+        for gw in (g, p):
+            gw.start()
+            gw.wait_ready()
+
+        first = ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"from the peer")
+        p.tun[0].write(first)
+        assert g.read_tun(timeout=5, pump=wire.pump) == (owner, first)
+        assert wait_for(lambda: g.stats()[owner].handshakes_completed == 1)
+        st = g.stats()
+        assert st[other].handoffs_out >= 1 and st[owner].handoffs_in >= 1
+        assert st[other].handshakes_completed == 0 and st[owner].handshakes_completed == 1
+        assert len(wire.sent("a>b", MessageType.INITIATION)) >= 1
+
+        out = [ipv4_udp(GW_IP, PEER_IP, 4000, 5000, os.urandom(64 + i)) for i in range(5)]
+        before = g.stats()[other].handoffs_out
+        for pkt in out:
+            g.tun[other].write(pkt)  # the host hashed this flow to the non-owner's queue
+        got = [p.read_tun(timeout=5, pump=wire.pump) for _ in out]
+        assert got == [(0, pkt) for pkt in out]
+        # counters reach shared memory on the worker's next turn
+        assert wait_for(lambda: g.stats()[other].handoffs_out == before + len(out))
+        st = g.stats()
+        assert st[other].tx_packets == 0, "only the owner seals and sends"
+        assert sum(sum(s.drops.values()) for s in st) == 0
+    finally:
+        wire.close()
+
+
+def test_killed_worker_resumes_from_its_slot_without_handshake(
+    gateways: list[MemoryGateway],
+) -> None:
+    """SIGKILL the gateway's worker mid-session; its replacement restores the session from
+    shared memory: traffic goes on both ways with no handshake, its first nonce is past
+    every counter its predecessor reserved, and an old datagram replayed is refused."""
+    p_priv, p_pub = new_key()
+    g_priv, g_pub = new_key()
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{PEER_IP}/32"])]))
+    gateways.append(g)
+    wire = Wire(g.addr)
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)]))
+    gateways.append(p)
+    try:
+        for gw in (g, p):
+            gw.start()
+            gw.wait_ready()
+        up = [ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"up %d" % i) for i in range(3)]
+        for pkt in up:
+            p.tun[0].write(pkt)
+        assert [g.read_tun(5, wire.pump) for _ in up] == [(0, pkt) for pkt in up]
+        down = ipv4_udp(GW_IP, PEER_IP, 4000, 5000, b"down before")
+        g.tun[0].write(down)
+        assert p.read_tun(5, wire.pump) == (0, down)
+
+        rec = g.record(p_pub)
+        assert rec is not None and rec.current is not None
+        reserved = rec.current.send_reserved
+        old_up = wire.sent("a>b", MessageType.TRANSPORT)[-1]
+        handshakes = len(wire.sent("a>b", MessageType.INITIATION))
+        old_pid = g.pids[0]
+
+        g.kill(0)
+        g.replace(0)
+        g.wait_ready()
+        assert g.pids[0] != old_pid and g.stats()[0].restarts == 1
+        logged = len(wire.log)
+
+        down2 = ipv4_udp(GW_IP, PEER_IP, 4000, 5000, b"down after")
+        g.tun[0].write(down2)
+        assert p.read_tun(5, wire.pump) == (0, down2)
+        sent_after = [d.data for d in wire.log[logged:] if d.direction == "b>a"]
+        assert sent_after and sent_after[0][0] == MessageType.TRANSPORT
+        assert counter_of(sent_after[0]) >= reserved, "nonce reuse after the restart"
+
+        up2 = ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"up after")
+        p.tun[0].write(up2)
+        assert g.read_tun(5, wire.pump) == (0, up2)
+
+        replayed = g.total().drops["replayed"]
+        wire.inject("a>b", old_up)  # accepted by the dead worker
+        wire.inject("a>b", wire.sent("a>b", MessageType.TRANSPORT)[-1])  # by the replacement
+        assert wait_for(lambda: g.total().drops["replayed"] == replayed + 2, 5, wire.pump)
+        assert g.read_tun(0.2, wire.pump) is None
+
+        assert len(wire.sent("a>b", MessageType.INITIATION)) == handshakes
+        assert not [d for d in wire.log[logged:] if d.data[0] != MessageType.TRANSPORT]
+    finally:
+        wire.close()
