@@ -197,9 +197,11 @@ class MemoryGateway:
         return C.total(self.stats())
 
     def record(self, public: bytes) -> PeerRecord | None:
+        """The peer's record in its shared-memory slot (None: no slot, or never written)."""
         index = self.slot_of.get(public)
-        if index is None:
-            return None
+        return None if index is None else self.record_at(index)
+
+    def record_at(self, index: int) -> PeerRecord | None:
         return decode_peer(self.layout.peer_slot(self.region.buf, index).read())
 
     def read_tun(self, timeout: float = 2.0, pump: Callable[[], object] | None = None

@@ -1,0 +1,138 @@
+"""Live configuration against real workers, without root: peers added, updated, removed.
+
+The real `LiveConfig` diffs and broadcasts control messages to real forked workers
+(lab/enginetest); traffic through in-memory TUN queues and loopback sockets shows each
+change took effect in the owner (protocol state) and in the other worker (routing of a
+remote peer), and that the sessions of untouched peers survive.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
+from lab.tuntest import ipv4_udp
+from shardwg.engine.live import SLOT_REUSE_DELAY
+from shardwg.uapi import PeerChange, SetRequest
+
+GW_IP, P_IP, Q_IP, Q_NET_HOST = "10.7.0.1", "10.7.0.2", "10.7.0.3", "10.7.9.5"
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[MemoryGateway]]:
+    made: list[MemoryGateway] = []
+    yield made
+    for gw in made:
+        gw.close()
+
+
+def exchange(g: MemoryGateway, peer_gw: MemoryGateway, peer_ip: str, queue: int,
+             src: str | None = None) -> bool:  # fmt: skip
+    """One packet each way between the gateway (host writes on `queue`) and a peer."""
+    up = ipv4_udp(src or peer_ip, GW_IP, 5000, 4000, os.urandom(40))
+    peer_gw.tun[0].write(up)
+    got_up = g.read_tun(timeout=5)
+    down = ipv4_udp(GW_IP, src or peer_ip, 4000, 5000, os.urandom(40))
+    g.tun[queue].write(down)
+    got_down = peer_gw.read_tun(timeout=5)
+    return got_up is not None and got_up[1] == up and got_down == (0, down)
+
+
+def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
+    g_priv, g_pub = new_key()
+    p_priv, p_pub = key_owned_by(0, 2)
+    q_priv, q_pub = key_owned_by(1, 2)  # each worker owns one peer: every change crosses both
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
+    gateways.append(g)
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
+    gateways.append(p)
+    for gw in (g, p):
+        gw.start()
+        gw.wait_ready()
+    assert exchange(g, p, P_IP, queue=0)
+
+    # add Q (SIGHUP / syncconf path: a whole new Config)
+    g.tun[0].write(ipv4_udp(GW_IP, Q_IP, 4000, 5000, b"nobody yet"))
+    assert wait_for(lambda: g.total().drops["no_route"] == 1)
+    cfg = g.live.config
+    added = config(g_priv, [*cfg.peers, peer(q_pub, [f"{Q_IP}/32"])])
+    assert g.live.apply(added, "test") == 0
+    assert g.slot_of[q_pub] == 1 and g.live.config is added
+    q = MemoryGateway(config(q_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
+    gateways.append(q)
+    q.start()
+    q.wait_ready()
+    assert exchange(g, q, Q_IP, queue=1)  # the owner learned Q
+    assert exchange(g, q, Q_IP, queue=0)  # the other worker routes Q's prefix to the owner
+    assert wait_for(lambda: g.stats()[1].peers_owned == 2 - 1 and g.stats()[0].peers_owned == 1)
+    view = {pv.public_key: pv for pv in g.live.uapi_get().peers}
+    assert set(view) == {p_pub, q_pub}
+    assert wait_for(lambda: (r := g.record(q_pub)) is not None and r.last_handshake_wall > 0)
+    view = {pv.public_key: pv for pv in g.live.uapi_get().peers}
+    assert view[q_pub].endpoint == f"127.0.0.1:{q.group.port}"
+    assert view[q_pub].last_handshake_sec > 0
+
+    # update Q's allowed IPs (`wg set` path); its session survives
+    q.tun[0].write(ipv4_udp(Q_NET_HOST, GW_IP, 5000, 4000, b"not yet allowed"))
+    assert wait_for(lambda: g.total().drops["source_not_allowed"] == 1)
+    assert g.read_tun(timeout=0.1) is None
+    change = PeerChange(public_key=q_pub, update_only=True, allowed_ips_add=["10.7.9.0/24"])
+    assert g.live.uapi_set(SetRequest(peers=[change])) == 0
+    assert [pc.allowed_ips for pc in g.live.config.peers if pc.public_key == q_pub] == [
+        [f"{Q_IP}/32", "10.7.9.0/24"]
+    ]
+    completed = g.total().handshakes_completed
+    assert exchange(g, q, Q_IP, queue=0, src=Q_NET_HOST)
+    assert exchange(g, q, Q_IP, queue=1, src=Q_NET_HOST)
+    assert g.total().handshakes_completed == completed
+
+    # remove Q; P is untouched
+    slot = g.slot_of[q_pub]
+    assert g.live.uapi_set(SetRequest(peers=[PeerChange(public_key=q_pub, remove=True)])) == 0
+    assert q_pub not in g.slot_of
+    routed = g.total().drops["no_route"]
+    g.tun[0].write(ipv4_udp(GW_IP, Q_IP, 4000, 5000, b"gone"))
+    g.tun[1].write(ipv4_udp(GW_IP, Q_NET_HOST, 4000, 5000, b"gone"))
+    assert wait_for(lambda: g.total().drops["no_route"] == routed + 2)
+    unknown = g.total().drops["unknown_index"]
+    q.tun[0].write(ipv4_udp(Q_IP, GW_IP, 5000, 4000, b"still sending"))
+    assert wait_for(lambda: g.total().drops["unknown_index"] == unknown + 1)
+    assert g.read_tun(timeout=0.1) is None
+    assert exchange(g, p, P_IP, queue=1)
+    assert g.total().handshakes_completed == completed
+
+    # the freed slot is wiped once its old owner can no longer write it
+    g.live.tick(time.monotonic())
+    assert g.record_at(slot) is not None
+    g.live.tick(time.monotonic() + SLOT_REUSE_DELAY + 1)
+    assert g.record_at(slot) is None
+
+
+def test_new_private_key_restarts_workers_without_sessions(
+    gateways: list[MemoryGateway],
+) -> None:
+    g_priv, g_pub = new_key()
+    p_priv, p_pub = new_key()
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
+    gateways.append(g)
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
+    gateways.append(p)
+    for gw in (g, p):
+        gw.start()
+        gw.wait_ready()
+    assert exchange(g, p, P_IP, queue=0)
+    rec = g.record(p_pub)
+    assert rec is not None and rec.current is not None
+    pids = list(g.pids)
+
+    new_priv, _ = new_key()
+    assert g.live.uapi_set(SetRequest(private_key=new_priv)) == 0
+    g.wait_ready()
+    assert set(g.pids).isdisjoint(pids)
+    assert [s.restarts for s in g.stats()] == [1, 1]
+    rec = g.record(p_pub)
+    assert rec is not None and rec.current is None, "a session of the old key survived"
