@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from shardwg.proto import noise
@@ -97,6 +97,7 @@ class Device:
     ) -> Peer:
         if public_key in self.peers:
             raise ValueError("peer already present")
+        prefixes = _networks(allowed_ips or ())  # a bad prefix refuses the whole peer
         crypto = noise.PeerCrypto.build(self.local, public_key, preshared_key)
         peer = Peer(
             self.local,
@@ -110,18 +111,19 @@ class Device:
             events=self.events,
         )
         self.peers[public_key] = peer
-        for prefix in allowed_ips or ():
-            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), peer)
+        for net in prefixes:
+            self.allowed.insert(net, peer)
         return peer
 
     def add_remote_peer(self, public_key: bytes, allowed_ips: list[str], owner: int) -> RemotePeer:
         """A peer another worker owns: routed here only to be handed over."""
         if public_key in self.peers or public_key in self.remote:
             raise ValueError("peer already present")
+        prefixes = _networks(allowed_ips)
         remote = RemotePeer(public_key, owner)
         self.remote[public_key] = remote
-        for prefix in allowed_ips:
-            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), remote)
+        for net in prefixes:
+            self.allowed.insert(net, remote)
         return remote
 
     def remove_peer(self, public_key: bytes) -> None:
@@ -136,10 +138,12 @@ class Device:
         peer.staged.clear()
 
     def set_allowed_ips(self, peer: Peer | RemotePeer, allowed_ips: list[str]) -> None:
-        """Replace a peer's prefixes (a prefix another peer held moves to this one)."""
+        """Replace a peer's prefixes (a prefix another peer held moves to this one); a bad
+        prefix leaves the old ones in place."""
+        prefixes = _networks(allowed_ips)
         self.allowed.remove_value(peer)
-        for prefix in allowed_ips:
-            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), peer)
+        for net in prefixes:
+            self.allowed.insert(net, peer)
 
     def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> None:
         """A new PSK applies from the next handshake; current sessions keep their keys."""
@@ -299,3 +303,8 @@ class Device:
         for peer in self.peers.values():
             if now >= peer.next_deadline():
                 peer.tick(now, wall)
+
+
+def _networks(prefixes: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Parse every prefix before any is applied: ValueError leaves the device untouched."""
+    return [ipaddress.ip_network(prefix, strict=False) for prefix in prefixes]
