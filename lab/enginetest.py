@@ -202,6 +202,22 @@ class MemoryGateway:
         index = self.slot_of.get(public)
         return None if index is None else self.record_at(index)
 
+    def session(self, public: bytes, timeout: float = 5.0) -> PeerRecord:
+        """The peer's record once it holds a current session (the owner publishes at the end
+        of the loop turn that confirmed it, which may be after the packets of that turn)."""
+        found: list[PeerRecord] = []
+
+        def published() -> bool:
+            rec = self.record(public)
+            if rec is None or rec.current is None:
+                return False
+            found.append(rec)
+            return True
+
+        if not wait_for(published, timeout):
+            raise TimeoutError(f"no current session published for {public.hex()[:8]}")
+        return found[-1]
+
     def record_at(self, index: int) -> PeerRecord | None:
         return decode_peer(self.layout.peer_slot(self.region.buf, index).read())
 

@@ -99,9 +99,7 @@ def floor_of(module: str) -> tuple[str, int] | None:
     best = None
     for pkg, floor in FLOORS.items():
         inside = module.startswith(pkg + ".") and pkg != "shardwg"  # the root: exactly
-        if (module == pkg or inside) and (
-            best is None or len(pkg) > len(best[0])
-        ):
+        if (module == pkg or inside) and (best is None or len(pkg) > len(best[0])):
             best = (pkg, floor)
     return best
 

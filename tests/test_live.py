@@ -42,6 +42,13 @@ def exchange(g: MemoryGateway, peer_gw: MemoryGateway, peer_ip: str, queue: int,
     return got_up is not None and got_up[1] == up and got_down == (0, down)
 
 
+def current_index(g: MemoryGateway, key: bytes) -> int:
+    """The gateway's receiver index of the peer's current session (its identity)."""
+    rec = g.session(key)
+    assert rec.current is not None
+    return rec.current.local_index
+
+
 def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
     g_priv, g_pub = new_key()
     p_priv, p_pub = key_owned_by(0, 2)
@@ -68,7 +75,7 @@ def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
     q.wait_ready()
     assert exchange(g, q, Q_IP, queue=1)  # the owner learned Q
     assert exchange(g, q, Q_IP, queue=0)  # the other worker routes Q's prefix to the owner
-    assert wait_for(lambda: g.stats()[1].peers_owned == 2 - 1 and g.stats()[0].peers_owned == 1)
+    assert wait_for(lambda: [s.peers_owned for s in g.stats()] == [1, 1])
     view = {pv.public_key: pv for pv in g.live.uapi_get().peers}
     assert set(view) == {p_pub, q_pub}
     assert wait_for(lambda: (r := g.record(q_pub)) is not None and r.last_handshake_wall > 0)
@@ -85,10 +92,12 @@ def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
     assert [pc.allowed_ips for pc in g.live.config.peers if pc.public_key == q_pub] == [
         [f"{Q_IP}/32", "10.7.9.0/24"]
     ]
-    completed = g.total().handshakes_completed
+    assert wait_for(lambda: g.total().handshakes_completed == 2)  # P's and Q's
+    session = current_index(g, q_pub)
     assert exchange(g, q, Q_IP, queue=0, src=Q_NET_HOST)
     assert exchange(g, q, Q_IP, queue=1, src=Q_NET_HOST)
-    assert g.total().handshakes_completed == completed
+    time.sleep(0.2)  # a few worker turns: a new handshake would be in the counters by now
+    assert g.total().handshakes_completed == 2 and current_index(g, q_pub) == session
 
     # remove Q; P is untouched
     slot = g.slot_of[q_pub]
@@ -102,8 +111,10 @@ def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
     q.tun[0].write(ipv4_udp(Q_IP, GW_IP, 5000, 4000, b"still sending"))
     assert wait_for(lambda: g.total().drops["unknown_index"] == unknown + 1)
     assert g.read_tun(timeout=0.1) is None
+    p_session = current_index(g, p_pub)
     assert exchange(g, p, P_IP, queue=1)
-    assert g.total().handshakes_completed == completed
+    time.sleep(0.2)
+    assert g.total().handshakes_completed == 2 and current_index(g, p_pub) == p_session
 
     # the freed slot is wiped once its old owner can no longer write it
     g.live.tick(time.monotonic())
@@ -125,8 +136,7 @@ def test_new_private_key_restarts_workers_without_sessions(
         gw.start()
         gw.wait_ready()
     assert exchange(g, p, P_IP, queue=0)
-    rec = g.record(p_pub)
-    assert rec is not None and rec.current is not None
+    g.session(p_pub)
     pids = list(g.pids)
 
     new_priv, _ = new_key()
