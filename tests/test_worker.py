@@ -14,9 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab.bindtest import Wire
+from lab.bindtest import LoopbackGroup, Wire
 from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
-from lab.tuntest import ipv4_udp
+from lab.tuntest import TunQueue, ipv4_udp
+from shardwg.io import tun as tun_io
+from shardwg.io.vnet import VNET_HDR_LEN, ZERO_HDR
 from shardwg.proto.constants import MessageType
 from shardwg.proto.ownership import owner_of
 
@@ -27,6 +29,39 @@ def counter_of(datagram: bytes) -> int:
     """The nonce counter of a transport message (little-endian u64 at offset 8)."""
     assert datagram[0] == MessageType.TRANSPORT
     return int(struct.unpack_from("<Q", datagram, 8)[0])
+
+
+def test_the_tun_double_reads_and_writes_like_a_queue() -> None:
+    """What the worker relies on: one frame per read, EAGAIN (not an error) when empty, one
+    frame per write, the vnet header in front."""
+    with TunQueue() as q:
+        packets = [ipv4_udp(GW_IP, PEER_IP, 1, 2, os.urandom(n)) for n in (0, 100, 1400)]
+        for pkt in packets:
+            q.write(pkt)
+        bufs = [memoryview(bytearray(2048)) for _ in range(8)]
+        sizes = [0] * 8
+        assert tun_io.read_batch(q.fd, bufs, sizes, 8) == 3
+        got = [bytes(b[VNET_HDR_LEN:n]) for b, n in zip(bufs[:3], sizes[:3], strict=True)]
+        assert got == packets
+        assert tun_io.read_batch(q.fd, bufs, sizes, 8) == 0
+        assert tun_io.write_packet(q.fd, ZERO_HDR + packets[1])
+        assert q.read(1.0) == packets[1] and q.read(0.0) is None
+
+
+def test_a_chosen_sender_keeps_hashing_to_its_member() -> None:
+    """The handoff test's premise: initiation-sized datagrams from `sender_towards(i)` land
+    on member i every time (the steering program hashes type 1 like a runt)."""
+    group = LoopbackGroup(2)
+    try:
+        for member in (0, 1):
+            sender = group.sender_towards(member)
+            initiation = bytes([MessageType.INITIATION, 0, 0, 0]) + os.urandom(144)
+            for _ in range(5):
+                sender.sendto(initiation, group.addr)
+                assert group.member_hit() == member
+            sender.close()
+    finally:
+        group.close()
 
 
 @pytest.fixture
