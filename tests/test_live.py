@@ -9,13 +9,17 @@ remote peer), and that the sessions of untouched peers survive.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
 from lab.tuntest import ipv4_udp
+from shardwg.config.model import Config, format_config, load_config
 from shardwg.engine.live import SLOT_REUSE_DELAY
 from shardwg.uapi import PeerChange, SetRequest
 
@@ -146,3 +150,41 @@ def test_new_private_key_restarts_workers_without_sessions(
     assert [s.restarts for s in g.stats()] == [1, 1]
     rec = g.record(p_pub)
     assert rec is not None and rec.current is None, "a session of the old key survived"
+
+
+def test_sighup_reload_and_save_config(gateways: list[MemoryGateway], tmp_path: Path) -> None:
+    """The file paths of live configuration: a reload applies the file's difference to the
+    running workers (P gains a prefix, its session stays); SaveConfig writes the running
+    configuration back, owner-only."""
+    g_priv, g_pub = new_key()
+    p_priv, p_pub = new_key()
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
+    gateways.append(g)
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
+    gateways.append(p)
+    for gw in (g, p):
+        gw.start()
+        gw.wait_ready()
+    assert exchange(g, p, P_IP, queue=0)
+    session = current_index(g, p_pub)
+
+    path = tmp_path / "gw.conf"
+    wider = Config(
+        replace(g.live.config.interface, save_config=True),
+        [peer(p_pub, [f"{P_IP}/32", "10.7.9.0/24"])],
+    )
+    path.write_text(format_config(wider))
+    g.live.config_path = str(path)
+    g.live.reload()
+    assert g.live.config == wider
+    for queue in (0, 1):
+        assert exchange(g, p, P_IP, queue=queue, src=Q_NET_HOST)
+    assert current_index(g, p_pub) == session
+
+    path.unlink()
+    g.live.save()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_config(str(path)) == wider
+    path.write_text("[Interface]\nthis is not a config\n")
+    g.live.reload()  # refused: logged, the running configuration stays
+    assert g.live.config == wider
