@@ -40,8 +40,8 @@ from shardwg.engine.live import LiveConfig
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.io.interface import Gateway, GatewayError
-from shardwg.observe.metrics import HEALTHY_BEAT, MetricsServer
-from shardwg.observe.status import GatewayStatus, read_status, with_config
+from shardwg.observe.metrics import MetricsServer
+from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus, read_status, with_config
 from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
 from shardwg.proto.constants import (
     COOKIE_REFRESH_TIME,

@@ -15,8 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from shardwg.observe.metrics import HEALTHY_BEAT
-from shardwg.observe.status import GatewayStatus
+from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus
 
 NONE = "(none)"  # `wg show dump`'s text for a peer without allowed IPs
 

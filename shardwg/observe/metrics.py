@@ -27,7 +27,6 @@ CLIENT_TIMEOUT = 3.0
 MAX_REQUEST = 8192
 MAX_RENDERERS = 2  # /metrics answers being rendered by children at once
 RENDER_DEADLINE = 30  # seconds a rendering child may live (SIGALRM)
-HEALTHY_BEAT = 1.0  # a worker whose heartbeat is older than this is not ready
 
 
 def parse_addr(text: str) -> tuple[str, int]:

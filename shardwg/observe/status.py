@@ -128,6 +128,7 @@ def _alive(pid: int) -> bool:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+HEALTHY_BEAT = 1.0  # a worker whose heartbeat is older than this is not ready
 
 
 def cpu_seconds(pid: int) -> float:
