@@ -20,7 +20,8 @@ from msgspec.structs import replace
 from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
 from lab.tuntest import ipv4_udp
 from shardwg.config.model import Config, format_config, load_config
-from shardwg.engine.live import SLOT_REUSE_DELAY
+from shardwg.engine.live import SLOT_REUSE_DELAY, LiveConfig
+from shardwg.engine.supervisor import Supervisor
 from shardwg.uapi import PeerChange, SetRequest
 
 GW_IP, P_IP, Q_IP, Q_NET_HOST = "10.7.0.1", "10.7.0.2", "10.7.0.3", "10.7.9.5"
@@ -188,3 +189,20 @@ def test_sighup_reload_and_save_config(gateways: list[MemoryGateway], tmp_path: 
     path.write_text("[Interface]\nthis is not a config\n")
     g.live.reload()  # refused: logged, the running configuration stays
     assert g.live.config == wider
+
+
+def test_the_supervisor_reads_the_running_configuration(
+    gateways: list[MemoryGateway],
+) -> None:
+    """After a live change the supervisor's `config` (forked workers boot from it, /metrics
+    lists its peers) is the running one, not the one it started with."""
+    started = config(new_key()[0], [peer(new_key()[1], [f"{P_IP}/32"])])
+    g = MemoryGateway(started)  # for its shared memory; no worker runs
+    gateways.append(g)
+    sup = Supervisor(started, g.ifname, 1)
+    assert sup.config is started
+    changed = config(started.interface.private_key, [])
+    sup.live = LiveConfig(started, None, ifname=g.ifname, slot_of=dict(g.slot_of), engine=sup,
+                          memory=g.live.memory)  # fmt: skip
+    assert sup.live.apply(changed, "test") == 0  # removes the peer: nothing running to tell
+    assert sup.config is changed and sup.start_config is started
