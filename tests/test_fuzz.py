@@ -3,7 +3,7 @@
 Every seed in fuzz/corpus and ~200 derandomized hypothesis examples per target, so
 a regression in an attacker-facing parser or a broken security property (forged
 message accepted, replay accepted, hostile input breaking an honest session) fails
-CI. Findings in code owned elsewhere are pinned below as strict xfails until fixed.
+CI. Findings in code owned elsewhere keep a regression test below once fixed.
 """
 
 from __future__ import annotations
@@ -161,22 +161,19 @@ def test_mutate_reaches_every_edit() -> None:
 
 
 # --------------------------------------------------------------------------- findings
-# Crashes found by the campaign in code this file does not own: minimal reproducers,
-# strict xfail until the owner fixes them (then the xfail turns into a failure: delete it).
+# Findings in code this file does not own, fixed since: their reproducers stay as
+# regression tests.
 
 
 def test_rate_limiter_table_recovers_after_idle() -> None:
     """Found while reviewing the handshake DoS path for SECURITY.md (not by the fuzzer).
 
     Under load, each source with a valid mac2 gets a RateLimiter bucket; the table is
-    capped at 65536 entries and "unknown sources are refused until `gc`", but nothing
-    calls `gc` (grep: no caller in shardwg/). An attacker who can receive cookies at
-    65536 addresses (one IPv6 /48 is 65536 /64s) fills it once, and from then on every
-    new honest peer's initiation is dropped RATE_LIMITED whenever the worker is under
-    load, until the worker restarts. wireguard-go collects idle entries every second.
-    Expected: the periodic tick (Device.tick, which the worker calls every
-    TICK_INTERVAL) or the worker loop runs `intake.limiter.gc(now)`. If the fix lands
-    in the engine rather than Device.tick, move this test to the worker's tests.
+    capped at 65536 entries. An attacker who can receive cookies at 65536 addresses
+    (one IPv6 /48 is 65536 /64s) could fill it, and while it is full every new honest
+    peer's initiation is dropped RATE_LIMITED under load. Device.tick now runs
+    `intake.limiter.gc(now)` once a second (as wireguard-go does), so idle sources are
+    forgotten and an honest initiation gets through again.
     """
     fx = handshakes.handshake_fixture(handshakes._INIT, load=True)
     w, b = fx.world, fx.receiver
@@ -185,4 +182,4 @@ def test_rate_limiter_table_recovers_after_idle() -> None:
         limiter.allow(bytes([10, i >> 8, i & 0xFF, 1]), w.now - 10.0)
     assert len(limiter) == 65536
     b.tick(w.now, w.wall)
-    assert w.deliver(b, fx.message, fx.src) is None  # today: DropReason.RATE_LIMITED
+    assert w.deliver(b, fx.message, fx.src) is None  # without gc: DropReason.RATE_LIMITED

@@ -31,7 +31,8 @@ class AddPeer(msgspec.Struct, tag="add"):
 
 
 class UpdatePeer(msgspec.Struct, tag="update"):
-    """Replace a peer's settings; sessions survive unless the caller says otherwise."""
+    """Replace a peer's allowed IPs, preshared key, keepalive and (if `endpoint_changed`)
+    endpoint; its sessions always survive."""
 
     peer: PeerSpec
     endpoint_changed: bool = False

@@ -39,8 +39,9 @@ Outbound (TUN -> UDP)
 Ownership and crash safety: one worker owns a peer's sessions, counters, replay
 window and timers, and nothing on the packet path takes a lock. Sessions are
 published to the peer's seqlocked shared-memory slot when they change, with send
-and receive counters reserved in blocks ahead of use, so a replacement worker
-resumes them without a handshake, never reusing a nonce or re-accepting a packet.
+counters reserved in blocks ahead of use and the receive high-water mark raised in
+shared memory before each packet is accepted, so a replacement worker resumes them
+without a handshake, never reusing a nonce or re-accepting a packet.
 Every error on one packet is counted by reason and the rest of the batch goes on.
 """
 

@@ -1,6 +1,6 @@
 """Every cryptographic primitive WireGuard needs, behind one small module.
 
-Bindings were chosen by measurement on the target machine (scripts/cryptobench):
+Bindings were chosen by measurement on the target machine (a one-off comparison, not kept):
 `cryptography`'s ChaCha20Poly1305 is ~4x faster than PyNaCl's for a 1420-byte
 packet, so it carries transport data; PyNaCl's raw-bytes X25519 is ~2x faster
 than building `cryptography` key objects per handshake, and PyNaCl is the only
