@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from shardwg.proto import crypto
-from shardwg.proto.cookie import CookieChecker, CookieGenerator
+from shardwg.proto.cookie import ROTATE_INTERVAL, CookieChecker, CookieGenerator
 from shardwg.proto.noise import (
     LocalIdentity,
     PeerCrypto,
@@ -184,3 +184,31 @@ def test_add_macs_rejects_other_sizes() -> None:
     s = Setup()
     with pytest.raises(ValueError):
         s.gen.add_macs(bytearray(100), 0.0)
+
+
+def test_schedule_switches_at_the_published_instant_and_honours_the_previous_briefly() -> None:
+    s = Setup()
+    a, b = b"\x0a" * 32, b"\x0b" * 32
+    s.checker.set_schedule(a, 0.0, b, ROTATE_INTERVAL)
+    assert s.checker.current_secret(ROTATE_INTERVAL - 0.01) == (a, 0.0)
+    assert s.checker.current_secret(ROTATE_INTERVAL) == (b, ROTATE_INTERVAL)
+    # A cookie given under `a` just before the switch ...
+    before = ROTATE_INTERVAL - 0.01
+    assert s.gen.consume_reply(
+        s.checker.create_reply(bytes(s.initiation(before)), SRC, before), before
+    )
+    # ... is honoured after it while `a` is younger than COOKIE_REFRESH_TIME, then refused.
+    assert s.checker.check_mac2(bytes(s.initiation(ROTATE_INTERVAL + 1)), SRC, ROTATE_INTERVAL + 1)
+    assert s.checker.check_mac2(bytes(s.initiation(119.99)), SRC, 119.99)
+    assert not s.checker.check_mac2(bytes(s.initiation(120.0)), SRC, 120.0)
+    # Nothing is accepted under a successor before its switch.
+    late = Setup()
+    late.checker.set_secret(b, ROTATE_INTERVAL)
+    assert late.gen.consume_reply(
+        late.checker.create_reply(bytes(late.initiation(ROTATE_INTERVAL)), SRC, ROTATE_INTERVAL),
+        ROTATE_INTERVAL,
+    )
+    s.checker.set_schedule(a, 0.0, b, ROTATE_INTERVAL)
+    early = ROTATE_INTERVAL - 1
+    assert not s.checker.check_mac2(bytes(late.initiation(early)), SRC, early)
+    assert s.checker.check_mac2(bytes(late.initiation(ROTATE_INTERVAL)), SRC, ROTATE_INTERVAL)

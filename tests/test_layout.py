@@ -94,7 +94,7 @@ def test_read_from_recovers_layout_from_a_real_region(region: SharedRegion) -> N
         reader.close()
 
     # Every accessor lands where the map says, and parts do not clobber each other.
-    state = GlobalState(3, 40, 7, b"s" * 32, 1.5, 2.5, os.getpid(), "wg0", 51820, 1.7e9)
+    state = GlobalState(3, 40, 7, 2.5, os.getpid(), "wg0", 51820, 1.7e9)
     lay.global_slot(region.buf).write(encode_global(state))
     for i in (0, 39):
         rec = PeerRecord(public_key=bytes([i + 1]) * 32, owner=i % 3, generation=i)
@@ -139,14 +139,13 @@ def test_read_from_rejects_mismatches() -> None:
 
 
 def test_global_state_codec() -> None:
-    state = GlobalState(16, 1024, 2**64 - 1, bytes(range(32)), 3.25, 4.5, 2**31, "a" * 15, 1, 2.0)
+    state = GlobalState(16, 1024, 2**64 - 1, 4.5, 2**31, "a" * 15, 1, 2.0)
     assert decode_global(encode_global(state)) == state
     assert decode_global(bytes(GLOBAL_SIZE)) is None
     with pytest.raises(ValueError):
         decode_global(b"XXXX" + encode_global(state)[4:])
     for bad in (
         GlobalState(1, 1, interface="a" * 16),
-        GlobalState(1, 1, cookie_secret=bytes(31)),
         GlobalState(1, 1, listen_port=70000),
     ):
         with pytest.raises(ValueError):

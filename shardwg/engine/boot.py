@@ -29,6 +29,7 @@ from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global
 from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.publisher import SessionPublisher
+from shardwg.shm.secrets import SecretArea, decode_cookie
 
 log = logging.getLogger("shardwg.engine.worker")
 GLOBAL_SYNC_INTERVAL = 0.25
@@ -139,7 +140,8 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
         publisher=publisher,
     )
     worker.known_endpoints = lambda: known_endpoints(layout, buf)
-    sync = GlobalSync(layout, buf)
+    assert sup.secrets is not None
+    sync = GlobalSync(layout, buf, sup.secrets)
     worker.on_tick = sync.on_tick
     worker.on_control = ShardControl(worker, publisher, n, index).handle
     sync.on_tick(worker, now, wall)
@@ -231,25 +233,29 @@ def known_endpoints(layout: Any, buf: Any) -> list[bytes]:
 class GlobalSync:
     """Keeps a worker's cookie secret and under-load flag in step with the supervisor."""
 
-    def __init__(self, layout: Any, buf: Any) -> None:
+    def __init__(self, layout: Any, buf: Any, secrets: SecretArea) -> None:
         self.slot = layout.global_slot(buf)
+        self.cookie_slot = secrets.cookie_slot()
         self.next_sync = 0.0
-        self.secret_born = -1.0
+        self.cookie_switch = -1.0
 
     def on_tick(self, worker: Worker, now: float, wall: float) -> None:
         worker.counters.set(C.HANDSHAKE_BACKLOG, len(worker.handshake_queue))
         if now < self.next_sync:
             return
         self.next_sync = now + GLOBAL_SYNC_INTERVAL
+        intake = worker.device.intake
         try:
+            cookie = decode_cookie(self.cookie_slot.read())
             g = decode_global(self.slot.read())
         except Exception:  # a torn or missing block: keep what we have
             return
+        if cookie is not None and cookie.next_born != self.cookie_switch:
+            intake.checker.set_schedule(
+                cookie.current, cookie.current_born, cookie.next, cookie.next_born
+            )
+            self.cookie_switch = cookie.next_born
         if g is None:
             return
-        intake = worker.device.intake
-        if g.cookie_secret_born != self.secret_born:
-            intake.checker.set_secret(g.cookie_secret, g.cookie_secret_born)
-            self.secret_born = g.cookie_secret_born
         if g.under_load_until > intake.under_load_until:
             intake.under_load_until = g.under_load_until

@@ -9,8 +9,9 @@ and datagrams that arrive meanwhile wait in that socket's buffer.
 Signal handlers only set flags and poke a wake-up pipe; the loop does the work
 (`_handle_signals`). Every turn it reaps dead workers (replaced at once),
 kills stuck ones (heartbeat older than STUCK_AFTER), rotates the shared cookie
-secret, publishes the shared under-load flag, and checks that no foreign
-process has attached a queue to our TUN.
+secret (each successor published ROTATE_INTERVAL ahead of its switch, so all
+workers switch at one instant), publishes the shared under-load flag, and checks
+that no foreign process has attached a queue to our TUN.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ from shardwg.observe.metrics import MetricsServer
 from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus, read_status, with_config
 from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
 from shardwg.proto.constants import (
-    COOKIE_REFRESH_TIME,
     UNDER_LOAD_AFTER_TIME,
     UNDER_LOAD_QUEUE_SIZE,
 )
+from shardwg.proto.cookie import ROTATE_INTERVAL
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
 from shardwg.shm.region import RegionError, SharedRegion, region_name
+from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
 from shardwg.uapi.server import UapiServer
 
 log = logging.getLogger("shardwg.engine.supervisor")
@@ -90,6 +92,7 @@ class Supervisor:
     workers: int
     gateway: Gateway | None = None
     region: SharedRegion | None = None
+    secrets: SecretArea | None = None  # session keys and cookie secrets: never in `region`
     layout: Layout | None = None
     slot_of: dict[bytes, int] = field(default_factory=dict)
     slots: list[WorkerSlot] = field(default_factory=list)
@@ -108,6 +111,7 @@ class Supervisor:
     _wake_r: int = -1
     _wake_w: int = -1
     _global: GlobalState | None = None
+    _cookie: CookieSecrets | None = None
 
     @property
     def config(self) -> Config:
@@ -140,6 +144,7 @@ class Supervisor:
         buf = self.region.buf
         self.layout.write_to(buf)
         self.live.memory = SharedMemory(self.layout, self.region)
+        self.secrets = SecretArea(capacity)  # before the first fork: every worker inherits it
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
@@ -158,11 +163,12 @@ class Supervisor:
         if self.config.interface.table == "off":
             log.info("Table = off: no routes added")
         now = time.monotonic()
+        self._publish_cookie(
+            CookieSecrets(os.urandom(32), now, os.urandom(32), now + ROTATE_INTERVAL)
+        )
         self._global = GlobalState(
             workers=n,
             peer_capacity=capacity,
-            cookie_secret=os.urandom(32),
-            cookie_secret_born=now,
             supervisor_pid=os.getpid(),
             interface=self.ifname,
             listen_port=self.gateway.port,
@@ -395,10 +401,11 @@ class Supervisor:
         g = self._global
         assert g is not None and self.layout is not None and self.region is not None
         changed = False
-        if now - g.cookie_secret_born >= COOKIE_REFRESH_TIME:
-            g.cookie_secret = os.urandom(32)
-            g.cookie_secret_born = now
-            changed = True
+        c = self._cookie
+        if c is not None and self.secrets is not None and now >= c.next_born:
+            # Workers switched to `next` at next_born by themselves; publish its successor.
+            switch = max(c.next_born, now) + ROTATE_INTERVAL
+            self._publish_cookie(CookieSecrets(c.next, c.next_born, os.urandom(32), switch))
         stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
         if any(
             s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE
@@ -410,6 +417,11 @@ class Supervisor:
                 changed = True
         if changed:
             self._write_global()
+
+    def _publish_cookie(self, cookie: CookieSecrets) -> None:
+        assert self.secrets is not None
+        self._cookie = cookie
+        self.secrets.cookie_slot().write(encode_cookie(cookie))
 
     def _check_foreign_queues(self) -> None:
         ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
@@ -471,6 +483,9 @@ class Supervisor:
             self.region.zero(
                 self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
             )
+            if self.secrets is not None:
+                for i in range(self.secrets.peer_capacity):
+                    self.secrets.zero_keys(i)
         for s in self.slots:
             s.restarts += 1
             self.spawn(s)
@@ -537,8 +552,12 @@ class Supervisor:
         if self.eventfds:
             HandoffMesh.close_eventfds(self.eventfds)
             self.eventfds = []
+        if self.secrets is not None:
+            self.secrets.wipe()  # key material never outlives the gateway
+            self.secrets.close()
+            self.secrets = None
         if self.region is not None:
-            self.region.zero()  # key material never outlives the gateway
+            self.region.zero()
             self.region.close()
             self.region.unlink()
             self.region = None

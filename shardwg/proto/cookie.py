@@ -78,21 +78,30 @@ class CookieGenerator:
         return True
 
 
+# A shared secret is replaced this long before it expires, so the one it replaces is still
+# honoured for a while: a cookie given out just before a switch works just after it.
+ROTATE_MARGIN = 10.0
+ROTATE_INTERVAL = COOKIE_REFRESH_TIME - ROTATE_MARGIN
+
+
 class CookieChecker:
     """Responder side: checks mac1/mac2 and builds cookie replies.
 
-    One per worker; a supervisor can share one secret among workers with
-    `set_secret` so a cookie earned from one worker is honoured by all.
+    One per worker. Alone it mints a secret when it has none fresh. Behind a
+    supervisor, `set_schedule` hands every worker the same current secret and its
+    successor with the instant of the switch, so all workers switch together and a
+    cookie earned from one worker is honoured by all. mac2 is accepted under every
+    known secret that is born and younger than COOKIE_REFRESH_TIME (the active one,
+    and the one it replaced, for ROTATE_MARGIN seconds).
     """
 
-    __slots__ = ("_mac1_key", "_cookie_key", "_random_bytes", "_secret", "_born")
+    __slots__ = ("_mac1_key", "_cookie_key", "_random_bytes", "_secrets")
 
     def __init__(self, local: LocalIdentity, random_bytes: Callable[[int], bytes]) -> None:
         self._mac1_key = local.mac1_key
         self._cookie_key = local.cookie_key
         self._random_bytes = random_bytes
-        self._secret: bytes | None = None
-        self._born = 0.0
+        self._secrets: list[tuple[float, bytes]] = []  # (born, secret), oldest first, <= 3
 
     def check_mac1(self, msg: bytes | memoryview) -> bool:
         try:
@@ -101,30 +110,33 @@ class CookieChecker:
             return False
         return hmac.compare_digest(crypto.mac(self._mac1_key, msg[:o1]), msg[o1:o2])
 
-    def _fresh_secret(self, now: float) -> bytes | None:
-        if self._secret is None or now - self._born >= COOKIE_REFRESH_TIME:
-            return None
-        return self._secret
+    def _active(self, now: float) -> tuple[float, bytes] | None:
+        """The newest secret already born, if still fresh."""
+        for born, secret in reversed(self._secrets):
+            if born <= now:
+                return (born, secret) if now - born < COOKIE_REFRESH_TIME else None
+        return None
 
     def check_mac2(self, msg: bytes | memoryview, source: bytes, now: float) -> bool:
-        """True if mac2 was made with the cookie we would give `source` right now."""
-        secret = self._fresh_secret(now)
-        if secret is None:
-            return False
+        """True if mac2 was made with a cookie we gave `source` under a live secret."""
         try:
             _o1, o2 = _mac_offsets(len(msg))
         except ValueError:
             return False
-        cookie = crypto.mac(secret, source)
-        return hmac.compare_digest(crypto.mac(cookie, msg[:o2]), msg[o2:])
+        for born, secret in reversed(self._secrets):
+            if born <= now and now - born < COOKIE_REFRESH_TIME:
+                cookie = crypto.mac(secret, source)
+                if hmac.compare_digest(crypto.mac(cookie, msg[:o2]), msg[o2:]):
+                    return True
+        return False
 
     def current_secret(self, now: float) -> tuple[bytes, float]:
-        """(secret, born), replacing the secret first if it is stale; for sharing it out."""
-        secret = self._fresh_secret(now)
-        if secret is None:
-            secret = self._random_bytes(KEY_LEN)
-            self.set_secret(secret, now)
-        return secret, self._born
+        """(secret, born) cookies are made with now; a fresh one is minted if none is live."""
+        active = self._active(now)
+        if active is None:
+            self.set_secret(self._random_bytes(KEY_LEN), now)
+            active = self._secrets[-1]
+        return active[1], active[0]
 
     def create_reply(self, msg: bytes | memoryview, source: bytes, now: float) -> bytes:
         """A 64-byte cookie reply to the sender of handshake message `msg`."""
@@ -139,7 +151,16 @@ class CookieChecker:
         return COOKIE_REPLY.pack(MessageType.COOKIE_REPLY, sender, nonce, enc)
 
     def set_secret(self, secret: bytes, born: float) -> None:
+        """Learn `secret`, in use from `born` on (older secrets stay honoured while fresh)."""
         if len(secret) != KEY_LEN:
             raise ValueError("cookie secret must be 32 bytes")
-        self._secret = bytes(secret)
-        self._born = born
+        entry = (born, bytes(secret))
+        if entry not in self._secrets:
+            self._secrets.append(entry)
+            self._secrets.sort(key=lambda e: e[0])
+            del self._secrets[:-3]  # previous, current, next
+
+    def set_schedule(self, current: bytes, born: float, following: bytes, switch: float) -> None:
+        """The supervisor's shared secrets: `current` from `born`, `following` from `switch`."""
+        self.set_secret(current, born)
+        self.set_secret(following, switch)

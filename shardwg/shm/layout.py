@@ -29,13 +29,13 @@ from shardwg.shm.region import HEADER_SIZE
 from shardwg.shm.seqlock import SeqlockSlot, slot_stride
 
 LAYOUT_MAGIC = b"SWLAYOUT"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: no secrets in the named region
 _BLOCK = struct.Struct("<8sIIIIIIQ")
 LAYOUT_BLOCK_SIZE = 64
 MAX_WORKERS = 256  # the receiver index carries the owner in one byte
 
 _GLOBAL_MAGIC = b"SWGS"
-_GLOBAL = struct.Struct("<4sIIIQ32sddQ16sHxxxxxxd")
+_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxd")
 GLOBAL_SIZE = _GLOBAL.size
 
 
@@ -46,13 +46,11 @@ def _align(n: int) -> int:
 @dataclass(slots=True)
 class GlobalState:
     """Gateway-wide state; written only by the supervisor. Times are CLOCK_MONOTONIC
-    except started_wall (Unix seconds)."""
+    except started_wall (Unix seconds). No secret: the cookie secret is in shm/secrets.py."""
 
     workers: int
     peer_capacity: int
     config_generation: int = 0
-    cookie_secret: bytes = bytes(32)
-    cookie_secret_born: float = 0.0
     under_load_until: float = 0.0
     supervisor_pid: int = 0
     interface: str = ""
@@ -62,8 +60,6 @@ class GlobalState:
 
 def encode_global(state: GlobalState) -> bytes:
     """GLOBAL_SIZE bytes; ValueError on a field that does not fit."""
-    if len(state.cookie_secret) != 32:
-        raise ValueError("cookie_secret must be 32 bytes")
     name = state.interface.encode()
     if len(name) > 15 or b"\0" in name:
         raise ValueError(f"bad interface name {state.interface!r}")
@@ -74,8 +70,6 @@ def encode_global(state: GlobalState) -> bytes:
             state.workers,
             state.peer_capacity,
             state.config_generation,
-            state.cookie_secret,
-            state.cookie_secret_born,
             state.under_load_until,
             state.supervisor_pid,
             name,
@@ -99,13 +93,11 @@ def decode_global(data: bytes | bytearray | memoryview) -> GlobalState | None:
         workers=v[2],
         peer_capacity=v[3],
         config_generation=v[4],
-        cookie_secret=v[5],
-        cookie_secret_born=v[6],
-        under_load_until=v[7],
-        supervisor_pid=v[8],
-        interface=v[9].rstrip(b"\0").decode(),
-        listen_port=v[10],
-        started_wall=v[11],
+        under_load_until=v[5],
+        supervisor_pid=v[6],
+        interface=v[7].rstrip(b"\0").decode(),
+        listen_port=v[8],
+        started_wall=v[9],
     )
 
 
@@ -182,7 +174,7 @@ class Layout:
             buf, HEADER_SIZE
         )
         if magic != LAYOUT_MAGIC or version != LAYOUT_VERSION:
-            raise ValueError("no shardwg v1 layout block in this region")
+            raise ValueError(f"no shardwg v{LAYOUT_VERSION} layout block in this region")
         if rec_size != PEER_RECORD_SIZE:
             raise ValueError(
                 f"peer records of {rec_size} bytes, this build uses {PEER_RECORD_SIZE}"
