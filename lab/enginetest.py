@@ -33,12 +33,14 @@ from shardwg.engine.context import BootContext, SharedMemory
 from shardwg.engine.exits import EXIT_CRASH
 from shardwg.engine.live import LiveConfig
 from shardwg.proto import crypto
+from shardwg.proto.cookie import ROTATE_INTERVAL
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, encode_global
 from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.shm.region import SharedRegion, region_name
+from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
 
 log = logging.getLogger("lab.enginetest")
 _names = itertools.count()
@@ -90,15 +92,18 @@ class MemoryGateway:
         self.restarts = [0] * workers
         self.controls: list[socket.socket | None] = [None] * workers
         now = time.monotonic()
+        self.secrets = SecretArea(self.layout.peer_capacity)  # inherited by the forked shards
+        self.secrets.cookie_slot().write(encode_cookie(CookieSecrets(
+            os.urandom(32), now, os.urandom(32), now + ROTATE_INTERVAL
+        )))  # fmt: skip
         self.global_state = GlobalState(
-            workers=workers, peer_capacity=capacity, cookie_secret=os.urandom(32),
-            cookie_secret_born=now, supervisor_pid=os.getpid(), interface=self.ifname,
-            listen_port=self.group.port, started_wall=time.time(),
+            workers=workers, peer_capacity=capacity, supervisor_pid=os.getpid(),
+            interface=self.ifname, listen_port=self.group.port, started_wall=time.time(),
         )  # fmt: skip
         self.layout.global_slot(self.region.buf).write(encode_global(self.global_state))
         self.live = LiveConfig(
             cfg, None, ifname=self.ifname, slot_of=self.slot_of, engine=self,
-            memory=SharedMemory(self.layout, self.region),
+            memory=SharedMemory(self.layout, self.region, self.secrets),
         )  # fmt: skip
         self.public_key = crypto.public_key(cfg.interface.private_key)
 
@@ -113,6 +118,7 @@ class MemoryGateway:
             workers=self.workers,
             layout=self.layout,
             buf=self.region.buf,
+            secrets=self.secrets,
             slot_of=self.slot_of,
             eventfds=self.eventfds,
             tun_fd=self.tun[index].fd,
@@ -257,6 +263,8 @@ class MemoryGateway:
             self.region.zero(
                 self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
             )
+            for i in range(self.layout.peer_capacity):
+                self.secrets.zero_keys(i)
         for i in range(self.workers):
             self.restarts[i] += 1
         self.start()
@@ -274,6 +282,9 @@ class MemoryGateway:
             q.close()
         self.group.close()
         HandoffMesh.close_eventfds(self.eventfds)
+        self.secrets.wipe()
+        with contextlib.suppress(BufferError):  # views of shards built here may remain
+            self.secrets.close()
         self.region.zero()
         self.region.unlink()
         try:

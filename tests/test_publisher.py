@@ -20,6 +20,7 @@ from shardwg.proto.keypair import RESERVATION_BLOCK
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.shm.publisher import SessionPublisher
+from shardwg.shm.secrets import SecretArea
 
 SLOT = 2
 
@@ -40,7 +41,10 @@ class Published:
         self.layout = Layout(workers=2, peer_capacity=4)
         self.buf = bytearray(self.layout.total_size)
         self.slot_of = {self.p.peer_a.public_key: SLOT}
-        self.pub = SessionPublisher(self.layout, self.buf, dict(self.slot_of), worker_id=1)
+        self.secrets = SecretArea(self.layout.peer_capacity, bytearray(1 << 16))
+        self.pub = SessionPublisher(
+            self.layout, self.buf, dict(self.slot_of), worker_id=1, secrets=self.secrets
+        )
         self.pub.track(self.p.peer_a)
         self.p.send(self.p.a, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))
         self.p.pump()
@@ -67,7 +71,13 @@ def test_track_publishes_a_peer_before_any_session() -> None:
     p = Pair()
     layout = Layout(workers=1, peer_capacity=4)
     buf = bytearray(layout.total_size)
-    pub = SessionPublisher(layout, buf, {p.peer_b.public_key: 1}, worker_id=0)
+    pub = SessionPublisher(
+        layout,
+        buf,
+        {p.peer_b.public_key: 1},
+        worker_id=0,
+        secrets=SecretArea(4, bytearray(1 << 16)),
+    )
     pub.track(p.peer_b)
     rec = record(layout, buf, 1)
     assert rec is not None and rec.public_key == p.peer_b.public_key
@@ -123,7 +133,7 @@ def test_replacement_resumes_without_nonce_reuse_or_replay() -> None:
     # B "dies"; a new device with B's key and a new publisher restore from the slot
     b2 = Device(s.p.key_b, s.p.b.random_bytes, worker_id=1)
     peer_a2 = b2.add_peer(s.p.peer_a.public_key, allowed_ips=["10.0.0.1/32", "fd00::1/128"])
-    pub2 = SessionPublisher(s.layout, s.buf, dict(s.slot_of), worker_id=1)
+    pub2 = SessionPublisher(s.layout, s.buf, dict(s.slot_of), worker_id=1, secrets=s.secrets)
     assert pub2.restore(peer_a2, s.p.now)
     assert peer_a2.current is not None and peer_a2.endpoint == ADDR_A
     s.p.b, s.p.peer_a = b2, peer_a2
@@ -171,7 +181,7 @@ def test_restore_refuses_what_is_not_this_peers_session(case: str) -> None:
         slot_of[s.p.peer_a.public_key] = 3
     elif case == "other key":
         other = crypto.public_key(crypto.generate_private_key(bytes(range(32))))
-        SessionPublisher(s.layout, s.buf, {other: 3}, 0).track(
+        SessionPublisher(s.layout, s.buf, {other: 3}, 0, s.secrets).track(
             b2.add_peer(other, allowed_ips=["10.0.0.9/32"])
         )
         slot_of[s.p.peer_a.public_key] = 3
@@ -180,6 +190,6 @@ def test_restore_refuses_what_is_not_this_peers_session(case: str) -> None:
         off = s.layout.peers_offset + SLOT * s.layout.peer_stride
         odd = slot.sequence() | 1  # a writer died mid-write
         s.buf[off : off + 8] = odd.to_bytes(8, "little")
-    pub2 = SessionPublisher(s.layout, s.buf, slot_of, worker_id=1)
+    pub2 = SessionPublisher(s.layout, s.buf, slot_of, worker_id=1, secrets=s.secrets)
     assert not pub2.restore(fresh, s.p.now)
     assert fresh.current is None

@@ -118,7 +118,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
     counters.set(C.PEERS_OWNED, len(owned))
     counters.set(C.RESTARTS, restarts)
     mesh = layout.mesh(buf, list(ctx.eventfds))
-    publisher = SessionPublisher(layout, buf, dict(ctx.slot_of), index)
+    publisher = SessionPublisher(layout, buf, dict(ctx.slot_of), index, ctx.secrets)
     now, wall = time.monotonic(), time.time()
     resumed = 0
     for peer in owned:
@@ -140,8 +140,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
         publisher=publisher,
     )
     worker.known_endpoints = lambda: known_endpoints(layout, buf)
-    assert sup.secrets is not None
-    sync = GlobalSync(layout, buf, sup.secrets)
+    sync = GlobalSync(layout, buf, ctx.secrets)
     worker.on_tick = sync.on_tick
     worker.on_control = ShardControl(worker, publisher, n, index).handle
     sync.on_tick(worker, now, wall)

@@ -4,7 +4,7 @@ Why: a worker's boot and the live configuration used to take the whole `Supervis
 (and import it back), so the three modules formed an import circle and nothing
 could boot a worker or apply a change without one. Now the supervisor hands over
 small contexts: a frozen `BootContext` per worker (configuration, shared memory,
-the worker's own queue and sockets), `SharedMemory` (layout and region) and an
+the worker's own queue and sockets), `SharedMemory` (layout, region, secrets) and an
 `EngineControl` (the few things live configuration asks of the processes). The
 in-memory engine tests build the same contexts around socketpairs and loopback
 sockets.
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from shardwg.config.model import Config
 from shardwg.shm.layout import Layout
 from shardwg.shm.region import SharedRegion
+from shardwg.shm.secrets import SecretArea
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class BootContext:
     workers: int  # how many workers share the peers (ownership is by owner_of)
     layout: Layout
     buf: Any  # the shared region's mapping (counters, peer slots, rings, global block)
+    secrets: SecretArea  # session keys and cookie secrets, never in the named region
     slot_of: Mapping[bytes, int]  # peer public key -> its shared-memory slot
     eventfds: Sequence[int]  # one wake-up eventfd per worker (handoff rings)
     tun_fd: int  # this worker's TUN queue (speaks virtio_net_hdr frames)
@@ -43,6 +45,7 @@ class SharedMemory:
 
     layout: Layout
     region: SharedRegion
+    secrets: SecretArea  # a removed peer's keys are wiped with its slot
 
 
 class EngineControl(Protocol):

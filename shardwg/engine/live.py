@@ -180,6 +180,7 @@ class LiveConfig:
             if index not in self.slot_of.values():
                 off = mem.layout.peers_offset + index * mem.layout.peer_stride
                 mem.region.zero(off, mem.layout.peer_stride)
+                mem.secrets.zero_keys(index)
 
     def _broadcast(self, msg: control.Control) -> None:
         self.engine.broadcast(control.encode(msg))

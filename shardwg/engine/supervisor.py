@@ -143,8 +143,8 @@ class Supervisor:
             raise SupervisorError(f"shared memory for {self.ifname}: {exc}") from exc
         buf = self.region.buf
         self.layout.write_to(buf)
-        self.live.memory = SharedMemory(self.layout, self.region)
         self.secrets = SecretArea(capacity)  # before the first fork: every worker inherits it
+        self.live.memory = SharedMemory(self.layout, self.region, self.secrets)
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
@@ -248,13 +248,14 @@ class Supervisor:
         """What worker `index` boots from: the running configuration, the shared memory,
         its own TUN queue and UDP sockets."""
         gw = self.gateway
-        assert self.layout is not None and self.region is not None
+        assert self.layout is not None and self.region is not None and self.secrets is not None
         assert gw is not None and gw.tun is not None
         return BootContext(
             config=self.config,
             workers=self.workers,
             layout=self.layout,
             buf=self.region.buf,
+            secrets=self.secrets,
             slot_of=self.slot_of,
             eventfds=self.eventfds,
             tun_fd=gw.tun.fds[index],

@@ -5,9 +5,9 @@ replacement worker resume the peer's sessions after a crash (no new handshake, n
 reused nonce, no replay accepted twice) and lets `shardwg show`/UAPI read
 endpoints, handshake times and byte counts from any process.
 
-Key material lives here (send/recv keys of up to three sessions): the region is
-created 0600 and MADV_DONTDUMP by shm/region.py, and the supervisor wipes it with
-`SharedRegion.zero()` before unlinking it on exit.
+No key material lives here: this record is in the named region that `shardwg show`
+maps whole. Each session's keys are in the workers' anonymous mapping
+(shm/secrets.py), tagged with the session's local index; the publisher pairs them.
 
 Nonce and replay safety across a crash, without a write per packet:
 - `send_reserved`: the writer publishes it before using counters below it (e.g.
@@ -27,9 +27,8 @@ is 8-aligned in a seqlock slot), PEER_RECORD_SIZE bytes:
   8 u32 owner, u32 generation; 16 f64 last_handshake_wall; 24 u64 rx; 32 u64 tx
  40 public key[32]; 72 last TAI64N[12]; 84 endpoint (u8 family 0/4/6, u16 port,
     16-byte address, u32 scope id); pad to 112
-112, 216, 320: three sessions of 104 bytes: f64 created, u64 send_reserved,
-    u64 recv_floor, u32 local_index, u32 remote_index, send key[32], recv key[32],
-    u8 is_initiator, pad
+112, 152, 192: three sessions of 40 bytes: f64 created, u64 send_reserved,
+    u64 recv_floor, u32 local_index, u32 remote_index, u8 is_initiator, pad
 An all-zero record is a free slot.
 """
 
@@ -45,9 +44,9 @@ from shardwg.proto.replay import ReplayWindow
 from shardwg.shm.handoff import addr_fields, addr_from_fields
 
 MAGIC = b"SWPR"
-VERSION = 1
+VERSION = 2  # 2: session keys moved out to shm/secrets.py
 _HEAD_FMT = "4sHHIIdQQ32s12sBH16sI5x"
-_KP_FMT = "dQQII32s32sB7x"
+_KP_FMT = "dQQIIB7x"
 _HEAD_SIZE = struct.calcsize("<" + _HEAD_FMT)
 KEYPAIR_SIZE = struct.calcsize("<" + _KP_FMT)
 KEYPAIR_OFFSETS = tuple(_HEAD_SIZE + i * KEYPAIR_SIZE for i in range(3))  # current/prev/next
@@ -59,22 +58,21 @@ _RECORD = struct.Struct("<" + _HEAD_FMT + 3 * _KP_FMT + f"{_PAD}x")
 _COUNTERS = struct.Struct("<QQ")
 _ZERO = bytes(PEER_RECORD_SIZE)
 _HAS = (1, 2, 4)
-_KP_FIELDS = 8
+_KP_FIELDS = 6
 _HEAD_FIELDS = 14
 
-assert _HEAD_SIZE == 112 and KEYPAIR_SIZE == 104 and _RECORD.size == PEER_RECORD_SIZE <= 512
+assert _HEAD_SIZE == 112 and KEYPAIR_SIZE == 40 and _RECORD.size == PEER_RECORD_SIZE <= 512
 
 
 @dataclass(slots=True)
 class KeypairRecord:
-    """One published session; `created` is CLOCK_MONOTONIC (system-wide, same in every process)."""
+    """One published session, without its keys (shm/secrets.py holds them, by local index).
+    `created` is CLOCK_MONOTONIC (system-wide, same in every process)."""
 
     local_index: int
     remote_index: int
     is_initiator: bool
     created: float
-    send_key: bytes
-    recv_key: bytes
     send_reserved: int  # every send counter below this may already have been used
     recv_floor: int  # every receive counter below this may already have been accepted
 
@@ -103,17 +101,13 @@ def _check_len(name: str, value: bytes, n: int) -> None:
 
 def _kp_values(kp: KeypairRecord | None) -> tuple[Any, ...]:
     if kp is None:
-        return (0.0, 0, 0, 0, 0, b"", b"", 0)
-    _check_len("send_key", kp.send_key, 32)
-    _check_len("recv_key", kp.recv_key, 32)
+        return (0.0, 0, 0, 0, 0, 0)
     return (
         kp.created,
         kp.send_reserved,
         kp.recv_floor,
         kp.local_index,
         kp.remote_index,
-        kp.send_key,
-        kp.recv_key,
         1 if kp.is_initiator else 0,
     )
 
@@ -170,9 +164,9 @@ def decode_peer(data: bytes | bytearray | memoryview) -> PeerRecord | None:
         if not flags & bit:
             sessions.append(None)
             continue
-        if f[7] > 1:
-            raise ValueError(f"bad is_initiator byte {f[7]}")
-        sessions.append(KeypairRecord(f[3], f[4], bool(f[7]), f[0], f[5], f[6], f[1], f[2]))
+        if f[5] > 1:
+            raise ValueError(f"bad is_initiator byte {f[5]}")
+        sessions.append(KeypairRecord(f[3], f[4], bool(f[5]), f[0], f[1], f[2]))
     return PeerRecord(
         public_key=v[8],
         owner=v[3],
@@ -202,14 +196,13 @@ assert KP_RECV_FLOOR == KP_SEND_RESERVED + 8  # encode_counters writes both as o
 
 
 def keypair_record(kp: Keypair, send_reserved: int, recv_floor: int) -> KeypairRecord:
-    """What to publish for `kp`, with the caller's reservation and floor."""
+    """What to publish for `kp` (its keys go to shm/secrets.py), with the caller's
+    reservation and floor."""
     return KeypairRecord(
         kp.local_index,
         kp.remote_index,
         kp.is_initiator,
         kp.created,
-        kp.send_key,
-        kp.recv_key,
         send_reserved,
         recv_floor,
     )
@@ -230,10 +223,10 @@ def floor_window(recv_floor: int) -> ReplayWindow:
     return ReplayWindow.restore(highest.to_bytes(8, "little") + b"\xff" * ring_bytes)
 
 
-def restore_keypair(rec: KeypairRecord) -> Keypair:
+def restore_keypair(rec: KeypairRecord, send_key: bytes, recv_key: bytes) -> Keypair:
     """Rebuild a session in a replacement worker: sends from send_reserved, floor on receive."""
     kp = Keypair(
-        rec.send_key, rec.recv_key, rec.local_index, rec.remote_index, rec.is_initiator, rec.created
+        send_key, recv_key, rec.local_index, rec.remote_index, rec.is_initiator, rec.created
     )
     kp.send_counter = rec.send_reserved
     kp.replay = floor_window(rec.recv_floor)

@@ -5,6 +5,11 @@ It is rewritten when a session is derived, confirmed or zeroed, when a
 keypair's counter reservation runs out (once per RESERVATION_BLOCK packets),
 and at most once a second when traffic counters or the endpoint changed. A
 replacement worker restores sessions from it; `shardwg show` and the UAPI read it.
+
+The sessions' keys go to the peer's key slot in the workers' anonymous mapping
+(shm/secrets.py), written before the record whenever the set of sessions changes,
+so the named region never holds a key. `restore` pairs keys and sessions by local
+index; a session whose keys it cannot find is not resumed (a fresh handshake).
 """
 
 from __future__ import annotations
@@ -25,15 +30,25 @@ from shardwg.shm.peerslot import (
     keypair_record,
     restore_keypair,
 )
+from shardwg.shm.secrets import SecretArea, decode_keys, encode_keys
 from shardwg.shm.seqlock import SLOT_HEADER, SeqlockSlot
+
+_NO_KEYS: tuple[int, ...] = ()
 
 
 class SessionPublisher:
     def __init__(
-        self, layout: Layout, buf: Any, slot_of: dict[bytes, int], worker_id: int
+        self,
+        layout: Layout,
+        buf: Any,
+        slot_of: dict[bytes, int],
+        worker_id: int,
+        secrets: SecretArea,
     ) -> None:
         self.layout = layout
         self.buf = buf
+        self.secrets = secrets
+        self._keys_of: dict[int, tuple[int, ...]] = {}  # slot -> local indices in its key slot
         self.slot_of = slot_of
         self.worker_id = worker_id
         self._slots: dict[int, SeqlockSlot] = {}
@@ -103,8 +118,22 @@ class SessionPublisher:
         )
         scratch = self._scratch
         encode_peer(rec, scratch)
+        self._publish_keys(peer, index)
         self._slot(index).write(scratch)
         self._seen[peer.public_key] = (peer.rx_bytes, peer.tx_bytes, peer.endpoint)
+
+    def _publish_keys(self, peer: Peer, index: int) -> None:
+        """Write the sessions' keys to the key slot if the set of sessions changed."""
+        sessions = (peer.current, peer.previous, peer.next)
+        tag = tuple(kp.local_index if kp is not None else -1 for kp in sessions)
+        if self._keys_of.get(index, _NO_KEYS) == tag:
+            return
+        keys = [
+            (kp.local_index, kp.send_key, kp.recv_key) if kp is not None else None
+            for kp in sessions
+        ]
+        self.secrets.key_slot(index).write(encode_keys(keys))
+        self._keys_of[index] = tag
 
     def publish_dirty(self) -> None:
         """Republish peers whose counters or endpoint moved since their last publication."""
@@ -133,6 +162,10 @@ class SessionPublisher:
             return False
         if rec is None or rec.public_key != peer.public_key:
             return False
+        try:
+            keys = decode_keys(self.secrets.key_slot(index).read())
+        except Exception:  # torn by a writer that died mid-write: handshake anew
+            keys = {}
         self._generation[peer.public_key] = rec.generation
         peer.endpoint = rec.endpoint if rec.endpoint is not None else peer.endpoint
         peer.last_handshake_wall = rec.last_handshake_wall
@@ -141,9 +174,10 @@ class SessionPublisher:
         restored = False
         for name in ("current", "previous", "next"):
             krec = getattr(rec, name)
-            if krec is None:
+            pair = keys.get(krec.local_index) if krec is not None else None
+            if krec is None or pair is None:
                 continue
-            kp = restore_keypair(krec)
+            kp = restore_keypair(krec, *pair)
             kp.peer = peer
             # The first send or accept past the published bounds publishes new blocks.
             kp.on_reserve = self._on_reserve

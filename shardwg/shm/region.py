@@ -1,17 +1,18 @@
 """A POSIX shared memory region (posix_ipc.SharedMemory + mmap) with a small header.
 
-Why a header: the region outlives a crashed supervisor in /dev/shm and holds key
-material. The next `create` must tell a leftover (creator dead: wipe and replace)
-from a live gateway on the same interface (refuse). The header at offset 0 records
-magic, layout version, creator pid, the creator's start time (from /proc, so a
-recycled pid is not mistaken for the creator) and the size. Layouts place their
-data at offsets >= HEADER_SIZE.
+Why a header: the region outlives a crashed supervisor in /dev/shm. The next
+`create` must tell a leftover (creator dead: drop and replace) from a live gateway
+on the same interface (refuse). The header at offset 0 records magic, layout
+version, creator pid, the creator's start time (from /proc, so a recycled pid is
+not mistaken for the creator) and the size. Layouts place their data at offsets
+>= HEADER_SIZE.
 
 Not safe against two processes creating the same name at the same instant (both
 could judge a leftover stale): there is one supervisor per interface.
 
-Pages are marked MADV_DONTDUMP so key material stays out of core dumps. They are
-not mlocked; tmpfs pages can reach swap.
+No secret lives here (shm/secrets.py keeps session keys and the cookie secret in an
+anonymous mapping only the gateway's processes share): `shardwg show` maps this
+region whole. Pages are still marked MADV_DONTDUMP; they are not mlocked.
 """
 
 from __future__ import annotations
@@ -176,13 +177,14 @@ def _reclaim(name: str) -> None:
             raise RegionBusy(f"{name} is in use by live process {pid}")
     elif time.time() - st.st_ctime < _HALF_CREATED_GRACE:
         raise RegionBusy(f"{name} has no header yet; its creator may still be starting")
-    # Stale: wipe what a dead gateway left (keys) before letting the name go.
+    # Stale: drop its pages before letting the name go. Truncating frees them in one call
+    # whatever the size (a planted region can claim terabytes; mapping or zeroing it whole
+    # would not be bounded), and nothing can read them afterwards. Regions of this layout
+    # hold no key (shm/secrets.py); older ones did.
     try:
         old = posix_ipc.SharedMemory(name)
         try:
-            if old.size:
-                with mmap.mmap(old.fd, old.size) as m:
-                    m[:] = bytes(old.size)
+            os.ftruncate(old.fd, 0)
         finally:
             old.close_fd()
         posix_ipc.unlink_shared_memory(name)
