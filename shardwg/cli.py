@@ -47,9 +47,13 @@ def default_interface(config_path: str) -> str:
 
 
 def default_workers() -> int:
-    """Usable cores: CPU affinity, capped by a cgroup CPU quota (v2 or v1: containers)."""
+    """Usable cores: CPU affinity, capped by a cgroup CPU quota (v2 or v1: containers); one
+    where more than one worker is not sound (shm/ordering.py)."""
     from shardwg.observe.cpus import default_workers as usable
+    from shardwg.shm import ordering
 
+    if not ordering.multi_worker_ok():
+        return 1
     return usable()
 
 

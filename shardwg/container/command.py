@@ -16,15 +16,18 @@ from pathlib import Path
 from shardwg.container.environment import FOREIGN_VARS, EntrypointError, env_value
 from shardwg.container.plan import Plan
 from shardwg.observe.cpus import cgroup_cpu_limit
+from shardwg.shm import ordering
 
 MAX_WORKERS = 256
 
 
 def worker_count(env: Mapping[str, str]) -> int | None:
     """SHARDWG_WORKERS as a number, or for auto/unset the usable cores capped by the cgroup
-    quota when there is one (None: leave it to shardwg run)."""
+    quota when there is one (None: leave it to shardwg run); 1 off x86-64."""
     value = env_value(env, "SHARDWG_WORKERS")
     if value is None or value.lower() == "auto":
+        if not ordering.multi_worker_ok():
+            return 1  # more than one worker needs x86-64 (shm/ordering.py)
         limit = cgroup_cpu_limit()
         if limit is None:
             return None

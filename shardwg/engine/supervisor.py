@@ -51,6 +51,7 @@ from shardwg.proto.constants import (
 from shardwg.proto.cookie import ROTATE_INTERVAL
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
+from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
 from shardwg.shm.region import RegionError, SharedRegion, region_name
@@ -121,6 +122,10 @@ class Supervisor:
     # ------------------------------------------------------------------ set-up
     def start(self) -> None:
         n = self.workers
+        try:
+            ordering.check_workers(n)
+        except ValueError as exc:
+            raise SupervisorError(str(exc)) from exc
         _no_core_dumps()
         self.slot_of = {p.public_key: i for i, p in enumerate(self.start_config.peers)}
         self.live = LiveConfig(

@@ -31,7 +31,8 @@ store is never made visible before an earlier load, so a consumer that sees the
 new `head` sees the whole record, and the producer never overwrites a record the
 consumer has not finished copying. Each step is a separate C call, so CPython
 cannot reorder them either. Weakly ordered CPUs would need barriers Python cannot
-express; tests/test_ring.py has the two-process torture test that checks it.
+express, so more than one worker is refused there (shm/ordering.py);
+tests/test_ring.py has the two-process torture test that checks x86-64.
 
 Each side caches the other side's index and re-reads it only when the ring looks
 full (producer) or empty (consumer): fewer loads of a cache line the other core

@@ -16,8 +16,9 @@ through a `memoryview.cast("Q")` (one 8-byte `memcpy`, which compiles to one
 `mov`). On x86-64, stores become visible in program order and loads are not
 reordered with other loads, and every step here is a separate C call the compiler
 cannot reorder. That is all the protocol needs there. Weakly ordered CPUs (arm64)
-would need barriers Python cannot express: `tests/test_seqlock.py` is the torture
-test that proves it on each machine.
+would need barriers Python cannot express, so the supervisor refuses more than one
+worker there (shm/ordering.py); `tests/test_seqlock.py` is the torture test that
+proves the x86-64 case.
 
 A writer that died between its two steps leaves the sequence odd; the next
 `write` moves it to a fresh odd value and finishes normally, so a replacement
