@@ -171,7 +171,8 @@ PEER = f"[Peer]\nPublicKey = {PUB1}\n"
         (HEAD + "ListenPort =\n", 3, "not a number"),
         (HEAD + "Address = 10.0.0.1/33\n", 3, "Address '10.0.0.1/33'"),
         (HEAD + "Address = 10.0.0.1/24, nope\n", 3, "Address 'nope'"),
-        (HEAD + "MTU = 575\n", 3, "MTU 575 out of range 576..65535"),
+        (HEAD + "MTU = 575\n", 3, "MTU 575 out of range 576..65475"),
+        (HEAD + "MTU = 65535\n", 3, "one UDP datagram"),  # + 32 B sealed: over 65,507 B
         (HEAD + "MTU = 65536\n", 3, "out of range"),
         (HEAD + "MTU = 1279\nAddress = fd00::1/64\n", 3, "needed by IPv6"),
         (HEAD + "FwMark = 0x100000000\n", 3, "FwMark"),
@@ -216,6 +217,11 @@ def test_fwmark_forms(value: str, expected: int) -> None:
 )
 def test_table_forms(value: str, expected: str) -> None:
     assert parse_config(HEAD + f"Table = {value}\n").interface.table == expected
+
+
+def test_mtu_up_to_what_one_udp_datagram_carries() -> None:
+    assert parse_config(HEAD + "MTU = 9000\n").interface.mtu == 9000
+    assert parse_config(HEAD + "MTU = 65475\n").interface.mtu == 65475  # 65475 + 32 + 28 = 65535
 
 
 def test_mtu_ipv4_only_may_be_small_and_later_keys_override() -> None:

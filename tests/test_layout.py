@@ -150,3 +150,12 @@ def test_global_state_codec() -> None:
     ):
         with pytest.raises(ValueError):
             encode_global(bad)
+
+
+@pytest.mark.parametrize("mtu", [1280, 1420, 2048, 9000, 65475])
+def test_ring_slots_carry_a_whole_mtu_packet(mtu: int) -> None:
+    """Handed-over TUN packets are up to MTU bytes: a 2048-byte slot dropped jumbo ones."""
+    for workers in (2, 4, 16):
+        lay = Layout.sized(workers, 8, mtu=mtu)
+        assert lay.ring_slot_size >= mtu
+        assert lay.mesh(bytearray(lay.total_size)).outgoing(0)[1].push(bytes(mtu))

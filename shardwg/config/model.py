@@ -17,7 +17,7 @@ from collections.abc import Callable
 import msgspec
 
 from shardwg.config.keys import decode_key, encode_key
-from shardwg.proto.constants import DEFAULT_MTU
+from shardwg.proto.constants import DEFAULT_MTU, TRANSPORT_MIN_SIZE
 
 __all__ = [
     "Config",
@@ -32,7 +32,10 @@ __all__ = [
 ]
 
 MAX_CONFIG_BYTES = 16 << 20  # ~80k peers; anything bigger is a wrong file, not a config
-MIN_MTU, MIN_MTU_IPV6, MAX_MTU = 576, 1280, 65535
+MIN_MTU, MIN_MTU_IPV6 = 576, 1280
+# A sealed packet is the MTU plus 32 bytes (header and tag) and must fit one UDP datagram
+# over IPv4: 65535 - 20 (IPv4) - 8 (UDP) - 32 = 65475.
+MAX_MTU = 65535 - 20 - 8 - TRANSPORT_MIN_SIZE
 _HOSTNAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?"
 )
@@ -143,6 +146,16 @@ def _int(text: str, lo: int, hi: int, what: str) -> int:
     return value
 
 
+def _mtu(text: str) -> int:
+    value = _int(text, 0, 1 << 32, "MTU")
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise ValueError(
+            f"MTU {value} out of range {MIN_MTU}..{MAX_MTU}: a sealed packet (MTU + "
+            f"{TRANSPORT_MIN_SIZE} bytes) must fit one UDP datagram over IPv4"
+        )
+    return value
+
+
 def _fwmark(text: str) -> int:
     if text.lower() == "off":
         return 0
@@ -219,7 +232,7 @@ _INTERFACE_KEYS: dict[str, _Spec] = {
     "fwmark": ("fwmark", "set", _fwmark),
     "address": ("addresses", "extend", _addresses),
     "dns": ("dns", "extend", _words),
-    "mtu": ("mtu", "set", _ranged(MIN_MTU, MAX_MTU, "MTU")),
+    "mtu": ("mtu", "set", _mtu),
     "table": ("table", "set", _table),
     "saveconfig": ("save_config", "set", _bool),
     "preup": ("pre_up", "append", str),

@@ -54,7 +54,9 @@ class OutboundPath:
         self._pk_sizes = [0] * BATCH
         self._pk_kinds = [0] * BATCH
         self._pk_auxs = [0] * BATCH
-        self._seg_pkt = [memoryview(bytearray(2048)) for _ in range(BATCH)]
+        # One MTU-sized segment each (segment.split), plus room for its padding.
+        seg_size = max(2048, self.device.mtu + PLAIN_HEADROOM)
+        self._seg_pkt = [memoryview(bytearray(seg_size)) for _ in range(BATCH)]
         self._seg_sizes = [0] * BATCH
         self.gso = udpgso.GsoBatcher()
 

@@ -141,7 +141,7 @@ class Supervisor:
                 f"UAPI socket for {self.ifname}: {exc} (is another instance running?)"
             ) from exc
         capacity = max(256, 2 * len(self.config.peers))
-        self.layout = Layout.sized(n, capacity)
+        self.layout = Layout.sized(n, capacity, mtu=self.config.interface.mtu)
         try:
             self.region = SharedRegion.create(region_name(self.ifname), self.layout.total_size)
         except RegionError as exc:

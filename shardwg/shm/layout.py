@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardwg.shm.counters import WorkerCounters, counters_size
-from shardwg.shm.handoff import HandoffMesh
+from shardwg.shm.handoff import INITIATION_PAYLOAD_SIZE, HandoffMesh
 from shardwg.shm.peerslot import PEER_RECORD_SIZE
 from shardwg.shm.region import HEADER_SIZE
 from shardwg.shm.seqlock import SeqlockSlot, slot_stride
@@ -33,6 +33,7 @@ LAYOUT_VERSION = 2  # 2: no secrets in the named region
 _BLOCK = struct.Struct("<8sIIIIIIQ")
 LAYOUT_BLOCK_SIZE = 64
 MAX_WORKERS = 256  # the receiver index carries the owner in one byte
+RING_SLOT_SIZE = 2048  # the smallest ring slot: a 1420-byte MTU packet, an initiation
 
 _GLOBAL_MAGIC = b"SWGS"
 _GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxd")
@@ -108,7 +109,7 @@ class Layout:
     workers: int
     peer_capacity: int
     ring_slots: int = 256
-    ring_slot_size: int = 2048
+    ring_slot_size: int = 2048  # RING_SLOT_SIZE; `sized` raises it to the MTU
     layout_offset: int = field(init=False)
     global_offset: int = field(init=False)
     counters_offset: int = field(init=False)
@@ -137,17 +138,21 @@ class Layout:
         put(self, "total_size", _align(self.handoff_offset + mesh))
 
     @classmethod
-    def sized(cls, workers: int, peer_capacity: int, mesh_budget: int = 32 << 20) -> Layout:
-        """A layout whose handoff mesh fits `mesh_budget` bytes.
+    def sized(
+        cls, workers: int, peer_capacity: int, mesh_budget: int = 32 << 20, mtu: int = 1420
+    ) -> Layout:
+        """A layout whose ring slots carry a whole `mtu`-byte packet (a handed-over TUN packet
+        is up to MTU bytes) and whose handoff mesh fits `mesh_budget` bytes.
 
         The mesh grows as workers squared (16 workers at 256 slots is ~124 MiB of
         tmpfs once every ring has cycled), so ring slots shrink from 256 (power of
         two, at least 16) as workers grow.
         """
+        slot_size = max(RING_SLOT_SIZE, mtu, INITIATION_PAYLOAD_SIZE)
         slots = 256
-        while slots > 16 and HandoffMesh.size(workers, slots, 2048) > mesh_budget:
+        while slots > 16 and HandoffMesh.size(workers, slots, slot_size) > mesh_budget:
             slots //= 2
-        return cls(workers, peer_capacity, slots)
+        return cls(workers, peer_capacity, slots, slot_size)
 
     def write_to(self, buf: Any) -> None:
         """Record the parameters in the layout block (the creator does this once)."""
