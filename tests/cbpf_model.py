@@ -7,18 +7,26 @@ from __future__ import annotations
 from shardwg.io.cbpf import (
     BPF_A,
     BPF_ABS,
+    BPF_ALU,
     BPF_B,
     BPF_H,
+    BPF_IMM,
+    BPF_IND,
     BPF_JA,
     BPF_JEQ,
     BPF_JGE,
+    BPF_JGT,
     BPF_JMP,
     BPF_LD,
     BPF_LEN,
     BPF_MEM,
+    BPF_MISC,
     BPF_RET,
     BPF_ST,
+    BPF_SUB,
+    BPF_TAX,
     BPF_W,
+    BPF_X,
     SKF_AD_OFF,
     SKF_AD_RANDOM,
     SKF_NET_OFF,
@@ -33,7 +41,7 @@ class Aborted(Exception):
 def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> int:
     """Run `prog` on a packet whose IP header is `net` and whose data (what offset 0 loads)
     is `transport` (a UDP socket filter: the UDP header, then the payload)."""
-    a = 0
+    a = x = 0
     mem = [0] * 16
     pc = 0
     steps = 0
@@ -48,9 +56,13 @@ def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> 
                 a = len(transport)
             elif mode == BPF_MEM:
                 a = mem[k]
+            elif mode == BPF_IMM:
+                a = k
             else:
-                assert mode == BPF_ABS, hex(code)
+                assert mode in (BPF_ABS, BPF_IND), hex(code)
                 off = k - (1 << 32) if k & 0x80000000 else k
+                if mode == BPF_IND:
+                    off += x
                 width = {BPF_W: 4, BPF_H: 2, BPF_B: 1}[size]
                 if off == SKF_AD_OFF + SKF_AD_RANDOM:
                     a = random_u32
@@ -61,13 +73,20 @@ def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> 
                     a = int.from_bytes(data[base : base + width], "big")
         elif cls == BPF_ST:
             mem[k] = a
+        elif cls == BPF_ALU:
+            assert code == BPF_ALU | BPF_SUB, hex(code)
+            a = (a - k) & 0xFFFFFFFF
+        elif cls == BPF_MISC:
+            assert code == BPF_MISC | BPF_TAX, hex(code)
+            x = a
         elif cls == BPF_JMP:
             op = code & 0xF0
             if op == BPF_JA:
                 pc += k
             else:
-                taken = a == k if op == BPF_JEQ else a >= k
-                assert op in (BPF_JEQ, BPF_JGE), hex(code)
+                operand = x if code & BPF_X else k
+                assert op in (BPF_JEQ, BPF_JGE, BPF_JGT), hex(code)
+                taken = {BPF_JEQ: a == operand, BPF_JGE: a >= operand, BPF_JGT: a > operand}[op]
                 pc += jt if taken else jf
         elif cls == BPF_RET:
             return a if code & 0x18 == BPF_A else k

@@ -96,17 +96,35 @@ def test_everything_else_passes(pair: tuple[socket.socket, socket.socket]) -> No
         # a retry that carries a cookie's mac2: any of its four words non-zero
         *(initiation(bytes(4 * w) + b"\x00\x00\x00\x01" + bytes(12 - 4 * w)) for w in range(4)),
         initiation(size=INITIATION_SIZE - 1),  # wrong size: the worker counts it as bad_size
-        initiation(size=INITIATION_SIZE + 1),
         initiation().replace(b"\x01\x00\x00\x00", b"\x01\x00\x00\x07", 1),  # reserved bytes set
         bytes([MessageType.RESPONSE, 0, 0, 0]) + bytes(88),
         bytes([MessageType.COOKIE_REPLY, 0, 0, 0]) + bytes(60),
         bytes([MessageType.TRANSPORT, 0, 0, 0]) + bytes(INITIATION_SIZE - 4),  # same size
+        bytes([MessageType.TRANSPORT, 0, 0, 0]) + bytes(1400),  # longer: transport passes
         b"",
         b"\x01",
     ]
     for msg in keep:
         tx.send(msg)
     assert received(rx) == keep
+
+
+def test_longer_than_an_initiation_passes_only_as_transport(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """What a merged receive could hide (module docstring): shed like cookie-less initiations."""
+    rx, tx = pair
+    F.set_shift(rx, F.MAX_SHIFT)
+    shed = [
+        initiation(size=INITIATION_SIZE + 1),  # not transport first
+        initiation() * 3,  # a burst of initiations, as GRO would merge them
+        bytes([MessageType.RESPONSE, 0, 0, 0]) + bytes(200),
+        bytes([MessageType.TRANSPORT, 0, 0, 0]) + bytes(300) + initiation(),  # 148-byte last
+    ]
+    for msg in shed:
+        tx.send(msg)
+    assert received(rx) == []
+    assert F.kernel_drops(rx) >= len(shed)
 
 
 def test_half_share_passes_about_half(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -197,17 +215,26 @@ def ip_header(src: bytes) -> bytes:
 
 
 def shed(payload: bytes, source: bytes, endpoints: list[bytes], lucky: bool) -> bool:
-    """The filter's contract, written plainly."""
-    cookieless = (
-        len(payload) == INITIATION_SIZE
-        and payload[:4] == bytes([MessageType.INITIATION, 0, 0, 0])
-        and payload[INITIATION_MAC2_OFFSET:INITIATION_SIZE] == bytes(16)
-    )
-    return cookieless and source not in endpoints and not lucky
+    """The filter's contract, written plainly: one cookie-less initiation, or a longer
+    (perhaps merged) receive that does not start with a transport message or whose last
+    148 bytes start with an initiation's type word."""
+    word = bytes([MessageType.INITIATION, 0, 0, 0])
+    if len(payload) == INITIATION_SIZE:
+        candidate = payload[:4] == word and payload[INITIATION_MAC2_OFFSET:] == bytes(16)
+    elif len(payload) > INITIATION_SIZE:
+        candidate = (
+            payload[:4] != bytes([MessageType.TRANSPORT, 0, 0, 0])
+            or payload[-INITIATION_SIZE:][:4] == word
+        )
+    else:
+        candidate = False
+    return candidate and source not in endpoints and not lucky
 
 
 @given(
-    kind=st.sampled_from(["cookieless", "with mac2", "other type", "wrong size", "random"]),
+    kind=st.sampled_from(
+        ["cookieless", "with mac2", "other type", "wrong size", "random", "merged", "merged last"]
+    ),
     body=st.binary(min_size=0, max_size=200),
     v6=st.booleans(),
     src_host=st.integers(0, 3),
@@ -238,6 +265,16 @@ def test_program_matches_its_contract(
         payload = bytes([body[0] % 5 if body else 2, 0, 0, 0]) + initiation()[4:]
     elif kind == "wrong size":
         payload = initiation(size=len(body) % 300 if len(body) % 300 != INITIATION_SIZE else 1)
+    elif kind == "merged":  # a burst of 148-byte datagrams, any of them an initiation
+        n = 2 + len(body) % 130
+        payload = b"".join(
+            initiation() if (body[i % len(body)] if body else i) % 3 == 0 else b"\x04" * 148
+            for i in range(n)
+        )[: 148 * n - (body[0] % 100 if body else 0)]
+        if body and body[-1] % 2:  # a transport-typed first datagram
+            payload = bytes([MessageType.TRANSPORT, 0, 0, 0]) + payload[4:]
+    elif kind == "merged last":  # datagrams of S > 148 bytes, a 148-byte initiation last
+        payload = bytes([4, 0, 0, 0]) + body.ljust(200, b"\x07") + initiation()
     else:
         payload = body
     source = addr(src_host) + src_port.to_bytes(2, "big")

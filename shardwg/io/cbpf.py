@@ -11,11 +11,13 @@ import socket
 import struct
 
 # Opcodes (linux/bpf_common.h).
-BPF_LD, BPF_ST, BPF_JMP, BPF_RET = 0x00, 0x02, 0x05, 0x06
+BPF_LD, BPF_ST, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x02, 0x04, 0x05, 0x06, 0x07
 BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_ABS, BPF_MEM, BPF_LEN = 0x20, 0x60, 0x80
-BPF_JA, BPF_JEQ, BPF_JGE = 0x00, 0x10, 0x30
-BPF_K, BPF_A = 0x00, 0x10
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN = 0x00, 0x20, 0x40, 0x60, 0x80
+BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE = 0x00, 0x10, 0x20, 0x30
+BPF_SUB = 0x10
+BPF_TAX = 0x00
+BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
 
 # Negative load offsets (linux/filter.h): relative to the network header, or ancillary data.
 SKF_NET_OFF = -0x100000

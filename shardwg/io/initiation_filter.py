@@ -15,19 +15,29 @@ a new program (setsockopt replaces the old one atomically). The filter belongs t
 the socket, not the process: a replacement worker inherits whatever its predecessor
 attached, so a worker clears it when it starts.
 
-UDP GRO: a filter runs once per skb. With UDP_GRO on the socket, the kernel may
-hand it a burst of datagrams from one source as one merged skb (GRO on the
-receiving device, or a sender's UDP_SEGMENT buffer that crossed a veth unsplit),
-whose length is not the initiation's: a flood merged this way passed whole
-(tests/test_initiation_gro.py: 5,639 and 16,256 of 16,384). So while a filter is
-attached, UDP_GRO is off on the socket: the kernel then splits merged skbs before
-the filter and it sees one datagram at a time. GRO comes back with shift 0. That
-costs the batching of GRO receives only while under load.
-
 The program passes everything except a type-1 message of exactly the initiation's
 size whose mac2 is all zero; of those it passes the ones from known peer endpoints
 (source address and port; the IP header is reached through SKF_NET_OFF) and a random
 1 in 2**shift of the rest.
+
+Merged receives: a worker's socket has UDP_GRO on, so the kernel may hand it a burst
+of datagrams from one source as one skb (GRO on the receiving device merges equal
+sized datagrams of a flow, up to 64; a sender's UDP_SEGMENT buffer, up to 128, can
+cross a veth unsplit), and a filter runs once per skb. Such an skb's length is not
+an initiation's, so a merged flood of cookie-less initiations passed whole
+(tests/test_initiation_gro.py). Its datagrams sit back to back after one UDP
+header, all of one size S but the last, which may be shorter. The only honest skb
+longer than an initiation starts with a transport message (type 4; a handshake
+message never comes in bursts), and an honest transport datagram is never 148 bytes
+(32 + a multiple of 16, or 32 + MTU). So an skb longer than an initiation is a
+candidate, shed like a cookie-less initiation, if it does not start with a transport
+message, or if its last 148 bytes start with an initiation's type word (a 148-byte
+last datagram; an honest skb matches by chance with odds 2**-32). What is left, a
+burst of S = 148 datagrams behind a transport-typed first one, reaches the worker,
+which drops any receive of merged 148-byte datagrams whole, in one step
+(engine/inbound.py). Scanning every 148-byte place in the kernel would need ~800
+instructions, more option memory than older kernels allow a socket (20 KiB); turning
+UDP_GRO off under load would cost the honest traffic its batching exactly then.
 """
 
 from __future__ import annotations
@@ -37,10 +47,13 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from shardwg.io import cbpf, udpgso
+from shardwg.io import cbpf
 from shardwg.io.cbpf import (
     BPF_ABS,
+    BPF_ALU,
     BPF_H,
+    BPF_IND,
+    BPF_JA,
     BPF_JEQ,
     BPF_JGE,
     BPF_JMP,
@@ -48,8 +61,11 @@ from shardwg.io.cbpf import (
     BPF_LD,
     BPF_LEN,
     BPF_MEM,
+    BPF_MISC,
     BPF_RET,
     BPF_ST,
+    BPF_SUB,
+    BPF_TAX,
     BPF_W,
     SKF_AD_OFF,
     SKF_AD_RANDOM,
@@ -72,6 +88,8 @@ MAC2_OFFSET = UDP_HEADER + INITIATION_SIZE - 16
 SRC_V4 = SKF_NET_OFF + 12
 SRC_V6 = SKF_NET_OFF + 8
 MAX_ENDPOINTS = 256  # known sources per program: 256 x 11 instructions fit the 4096 limit
+INITIATION_WORD = int(MessageType.INITIATION) << 24  # type || 3 reserved zero bytes
+TRANSPORT_WORD = int(MessageType.TRANSPORT) << 24
 _MEMINFO = struct.Struct(f"={SK_MEMINFO_VARS}I")
 
 
@@ -108,13 +126,20 @@ def program(shift: int, endpoints: Sequence[bytes] = ()) -> list[Insn]:
     """
     if not 1 <= shift <= MAX_SHIFT:
         raise ValueError(f"shift must be 1..{MAX_SHIFT}, got {shift}")
-    insns: list[Insn] = [(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0)]  # A = UDP length
-    insns += _pass_unless(UDP_HEADER + INITIATION_SIZE)
-    insns.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER))  # A = type || reserved
-    insns += _pass_unless(int(MessageType.INITIATION) << 24)
+    merged = _merged_check()
+    single: list[Insn] = [(BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER)]  # A = type || reserved
+    single += _pass_unless(INITIATION_WORD)
     for word in range(4):  # any non-zero mac2 word: pass (a retry answering our cookie)
-        insns.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, MAC2_OFFSET + 4 * word))
-        insns += _pass_unless(0)
+        single.append((BPF_LD | BPF_W | BPF_ABS, 0, 0, MAC2_OFFSET + 4 * word))
+        single += _pass_unless(0)
+    single.append((BPF_JMP | BPF_JA, 0, 0, len(merged)))  # a candidate: past the merged check
+    insns: list[Insn] = [
+        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # A = UDP length
+        (BPF_JMP | BPF_JEQ | BPF_K, 1, 0, UDP_HEADER + INITIATION_SIZE),
+        (BPF_JMP | BPF_JA, 0, 0, len(single)),  # not one initiation's length
+        *single,
+        *merged,
+    ]
     if endpoints:
         insns.append((BPF_LD | BPF_H | BPF_ABS, 0, 0, 0))  # A = UDP source port
         insns.append((BPF_ST, 0, 0, 0))  # M[0] = A
@@ -131,6 +156,23 @@ def program(shift: int, endpoints: Sequence[bytes] = ()) -> list[Insn]:
     return insns
 
 
+def _merged_check() -> list[Insn]:
+    """For an skb longer than one initiation (A holds its length): PASS if it starts with a
+    transport message and does not end with a 148-byte initiation; fall through past the
+    end (a candidate) otherwise. Shorter ones PASS."""
+    return [
+        (BPF_JMP | BPF_JGE | BPF_K, 1, 0, UDP_HEADER + INITIATION_SIZE),
+        (BPF_RET | BPF_K, 0, 0, PASS),  # shorter than an initiation: not one
+        (BPF_ALU | BPF_SUB | BPF_K, 0, 0, INITIATION_SIZE),
+        (BPF_MISC | BPF_TAX, 0, 0, 0),  # X = where a 148-byte last datagram would start
+        (BPF_LD | BPF_W | BPF_IND, 0, 0, 0),
+        (BPF_JMP | BPF_JEQ | BPF_K, 3, 0, INITIATION_WORD),  # a candidate
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER),
+        (BPF_JMP | BPF_JEQ | BPF_K, 0, 1, TRANSPORT_WORD),  # not transport: a candidate
+        (BPF_RET | BPF_K, 0, 0, PASS),
+    ]
+
+
 def endpoints_for(sock: socket.socket, endpoints: Sequence[bytes]) -> list[bytes]:
     """The endpoints of the socket's family (ip || port: 6 bytes for IPv4, 18 for IPv6)."""
     size = 6 if sock.family == socket.AF_INET else 18
@@ -139,8 +181,7 @@ def endpoints_for(sock: socket.socket, endpoints: Sequence[bytes]) -> list[bytes
 
 def set_shift(sock: socket.socket, shift: int, endpoints: Sequence[bytes] = ()) -> None:
     """Admit 1 / 2**shift of cookie-less initiations on `sock`, all of them from `endpoints`
-    of the socket's family; shift 0 removes the filter. UDP_GRO is off while a filter is on
-    (see the module docstring) and on again without one."""
+    of the socket's family; shift 0 removes the filter."""
     _set(sock, shift, endpoints_for(sock, endpoints))
 
 
@@ -151,10 +192,7 @@ def _set(sock: socket.socket, shift: int, mine: list[bytes]) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:  # none attached: already admitting everything
                 raise
-        udpgso.enable_gro(sock)  # merged receives are harmless again
         return
-    # First: from here on the kernel splits merged skbs before the filter sees them.
-    udpgso.disable_gro(sock)
     cbpf.attach(sock, SO_ATTACH_FILTER, program(shift, mine))
 
 

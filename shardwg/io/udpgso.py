@@ -142,14 +142,6 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
-def disable_gro(sock: socket.socket) -> None:
-    """Turn UDP_GRO off: every receive is one datagram again (initiation_filter needs that)."""
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 0)
-    except OSError:
-        pass  # a kernel without UDP_GRO never merges
-
-
 def recv_gro(
     sock: socket.socket, buf: bytearray | memoryview, stats: UdpStats = STATS
 ) -> tuple[int, int, Any] | None:
@@ -180,6 +172,7 @@ def recv_gro(
                     seg = _SEG.unpack_from(data)[0]
         return n, (seg if 0 < seg < n else n), addr
     return None
+
 
 
 class GsoBatcher:
