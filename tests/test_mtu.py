@@ -73,7 +73,7 @@ def _send(count: int, size: int, ports: int) -> int:
 
 
 def _start(
-    netns_factory: Harness, mtu: int
+    netns_factory: Harness, mtu: int, gw_args: list[str] | None = None
 ) -> tuple[Namespace, Namespace, ShardwgGateway, WireguardGo]:
     gw_ns, peer_ns = netns_factory(2)
     veth_link(gw_ns, peer_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], mtu=mtu + 200)
@@ -87,7 +87,7 @@ def _start(
         gw_ns, unique_ifname("swg"), gw_keys[0], GW_PORT,
         [{"public_key": peer_keys[1], "allowed_ips": ["10.0.0.2/32"],
           "endpoint": f"10.99.0.2:{PEER_PORT}"}],
-        ["10.0.0.1/24"], workers=2, mtu=mtu,
+        ["10.0.0.1/24"], workers=2, mtu=mtu, extra_args=gw_args,
     )  # fmt: skip
     assert ping(gw_ns, "10.0.0.2", count=1, timeout=10), gw.log_text()
     return gw_ns, peer_ns, gw, wg
@@ -116,11 +116,15 @@ def test_jumbo_one_way_udp_from_many_ports_is_all_delivered(netns_factory: Harne
     assert (got, bad) == (sent, 0), f"{got}/{sent} delivered ({bad} of another size); drops {drops}"
 
 
-def test_jumbo_tcp_transfer(netns_factory: Harness) -> None:
-    gw_ns, peer_ns, gw, _wg = _start(netns_factory, MTU)
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "tun-offload"])
+def test_jumbo_tcp_transfer(netns_factory: Harness, offload: bool) -> None:
+    """With --tun-offload the TUN hands over super-packets that are cut into MTU-sized
+    segments: their buffers must hold a 9000-byte segment too."""
+    gw_ns, peer_ns, gw, _wg = _start(netns_factory, MTU, ["--tun-offload"] if offload else None)
     size = 64 << 20
     result = Transfer(peer_ns, gw_ns, "10.0.0.2", 5001, size).run()
     sha = "ok" if result.ok else "MISMATCH"
-    print(f"\nMTU {MTU} TCP gw -> wireguard-go: {size >> 20} MiB in {result.seconds:.2f} s, "
+    how = " (tun offload)" if offload else ""
+    print(f"\nMTU {MTU} TCP{how} gw -> wireguard-go: {size >> 20} MiB in {result.seconds:.2f} s, "
           f"{result.mbit_s / 1000:.2f} Gbit/s, sha256 {sha}")  # fmt: skip
     assert result.ok and result.received_bytes == size, gw.log_text()
