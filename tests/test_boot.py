@@ -23,6 +23,7 @@ from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global, encode_global
 from shardwg.shm.peerslot import PeerRecord, encode_peer
+from shardwg.shm.secrets import CookieSecrets, decode_cookie, encode_cookie
 
 
 @pytest.fixture
@@ -78,15 +79,19 @@ def test_global_sync_follows_the_supervisors_block(gw: MemoryGateway) -> None:
     intake = s.worker.device.intake
     assert s.worker.on_tick is not None
     g = decode_global(gw.layout.global_slot(gw.region.buf).read())
-    assert g is not None
+    cookie = decode_cookie(gw.secrets.cookie_slot().read())  # the workers' anonymous mapping
+    assert g is not None and cookie is not None
     now = time.monotonic()
-    assert intake.checker.current_secret(now)[0] == g.cookie_secret
+    assert intake.checker.current_secret(now)[0] == cookie.current
     assert not intake.under_load(now)
-    g.cookie_secret, g.cookie_secret_born = bytes(range(32)), now
+    # The supervisor moves on: a new current secret and its successor, switching at now + 5.
+    new, following = bytes(range(32)), bytes(range(1, 33))
+    gw.secrets.cookie_slot().write(encode_cookie(CookieSecrets(new, now, following, now + 5)))
     g.under_load_until = now + 10
     gw.layout.global_slot(gw.region.buf).write(encode_global(g))
     s.worker.on_tick(s.worker, now + 1, time.time())
-    assert intake.checker.current_secret(now + 1) == (bytes(range(32)), now)
+    assert intake.checker.current_secret(now + 1) == (new, now)
+    assert intake.checker.current_secret(now + 5) == (following, now + 5)  # switched by itself
     assert intake.under_load(now + 1)
 
 
