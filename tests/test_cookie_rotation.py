@@ -62,7 +62,7 @@ def test_cookie_from_one_worker_is_honoured_by_the_other_through_rotations() -> 
     layout = Layout(2, 0)
     buf = bytearray(layout.total_size)
     start = 1000.0
-    secrets = SecretArea(0, bytearray(SecretArea(0, bytearray(4096)).size))
+    secrets = SecretArea(0, bytearray(SecretArea.size_for(0)))
     sup = _supervisor(layout, buf, secrets, start)
     checkers = [CookieChecker(responder, os.urandom) for _ in range(2)]
     workers = [_worker(c) for c in checkers]

@@ -9,14 +9,22 @@ real POSIX region and read its bytes back from /dev/shm.
 from __future__ import annotations
 
 import contextlib
+import json
+import mmap
 import os
 import subprocess
 import sys
 
+import pytest
+
+from lab.harness import Harness
+from lab.keys import keypair
+from lab.netns import unique_ifname, veth_link
+from lab.ping import ping
 from shardwg.shm.layout import Layout
 from shardwg.shm.publisher import SessionPublisher
 from shardwg.shm.region import SharedRegion
-from shardwg.shm.secrets import SecretArea, decode_keys, encode_keys
+from shardwg.shm.secrets import SecretArea, decode_cookie, decode_keys, encode_keys
 from tests.pairs import Pair, ipv4_packet
 
 
@@ -91,7 +99,7 @@ def _published(pair: Pair) -> tuple[Layout, bytearray, SecretArea, dict[bytes, i
     layout = Layout(2, 4)
     buf = bytearray(layout.total_size)
     layout.write_to(buf)
-    secrets = SecretArea(layout.peer_capacity, bytearray(SecretArea(4, bytearray(1 << 16)).size))
+    secrets = SecretArea(layout.peer_capacity, bytearray(SecretArea.size_for(4)))
     slot_of = {pair.peer_b.public_key: 2}
     SessionPublisher(layout, buf, slot_of, 0, secrets).publish(pair.peer_b)
     return layout, buf, secrets, slot_of
@@ -130,3 +138,59 @@ def test_session_without_matching_keys_is_not_resumed() -> None:
     assert not pub.restore(fresh.peer_b, pair.now)
     assert fresh.peer_b.current is None
     assert decode_keys(secrets.key_slot(2).read()) == {}  # republished: no sessions, no keys
+
+
+def _secret_mapping(pid: int, size: int) -> bytes:
+    """The bytes of process `pid`'s anonymous shared mapping of `size` bytes (page-rounded):
+    MAP_SHARED|MAP_ANONYMOUS shows in /proc/PID/maps as "/dev/zero (deleted)"."""
+    want = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi - lo == want and " ".join(fields[5:]) == "/dev/zero (deleted)":
+                with open(f"/proc/{pid}/mem", "rb") as mem:
+                    mem.seek(lo)
+                    return mem.read(size)
+    raise AssertionError(f"no {want}-byte anonymous shared mapping in {pid}")
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_gateway_keys_are_in_the_workers_mapping_not_the_named_region(
+    netns_factory: Harness,
+) -> None:
+    """End to end against wireguard-go: after a handshake, the session keys a worker holds
+    (read from its own anonymous mapping through /proc) appear nowhere in /dev/shm."""
+    gw_ns, peer_ns = netns_factory(2)
+    veth_link(gw_ns, peer_ns, ["10.99.0.1/24"], ["10.99.0.2/24"])
+    gw_keys, peer_keys = keypair(), keypair()
+    netns_factory.wireguard_go(
+        peer_ns, unique_ifname("wgp"), peer_keys[0], 51821,
+        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.1/32"], "endpoint": None}],
+        ["10.0.0.2/24"],
+    )  # fmt: skip
+    gw = netns_factory.gateway(
+        gw_ns, unique_ifname("swg"), gw_keys[0], 51820,
+        [{"public_key": peer_keys[1], "allowed_ips": ["10.0.0.2/32"],
+          "endpoint": "10.99.0.2:51821"}],
+        ["10.0.0.1/24"], workers=2,
+    )  # fmt: skip
+    assert ping(gw_ns, "10.0.0.2", count=2, timeout=10), gw.log_text()
+    with open(f"/dev/shm/shardwg-{gw.ifname}", "rb") as f:
+        named = f.read()
+    layout = Layout.read_from(bytearray(named))
+    status = json.loads(gw_ns.run([sys.executable, "-m", "shardwg", "show", "--json",
+                                   gw.ifname]).stdout)  # fmt: skip
+    owner = status["peers"][0]["owner"]
+    pid = status["worker_stats"][owner]["pid"]
+    area = SecretArea(layout.peer_capacity, bytearray(SecretArea.size_for(layout.peer_capacity)))
+    raw = _secret_mapping(pid, area.size)
+    area.buf[: len(raw)] = raw
+    keys = [k for i in range(layout.peer_capacity) for k in decode_keys(area.key_slot(i).read())
+            .values()]  # fmt: skip
+    assert keys, "no session keys in the worker's mapping after a handshake"
+    for send, recv in keys:
+        assert send not in named and recv not in named
+    cookie = decode_cookie(area.cookie_slot().read())
+    assert cookie is not None and cookie.current not in named and cookie.next not in named

@@ -91,11 +91,18 @@ class SecretArea:
     """The cookie slot and `peer_capacity` key slots over `buf` (default: a new
     anonymous shared mapping; tests pass a bytearray)."""
 
+    _COOKIE_STRIDE = _align(slot_stride(_COOKIE.size, 64))
+    _KEY_STRIDE = _align(slot_stride(KEYS_SIZE, 64))
+
+    @classmethod
+    def size_for(cls, peer_capacity: int) -> int:
+        return cls._COOKIE_STRIDE + peer_capacity * cls._KEY_STRIDE
+
     def __init__(self, peer_capacity: int, buf: Any = None) -> None:
         self.peer_capacity = peer_capacity
-        self._cookie_stride = _align(slot_stride(_COOKIE.size, 64))
-        self._key_stride = _align(slot_stride(KEYS_SIZE, 64))
-        self.size = self._cookie_stride + peer_capacity * self._key_stride
+        self._cookie_stride = self._COOKIE_STRIDE
+        self._key_stride = self._KEY_STRIDE
+        self.size = self.size_for(peer_capacity)
         if buf is None:
             buf = mmap.mmap(-1, self.size)  # MAP_SHARED | MAP_ANONYMOUS: shared across fork
             if hasattr(mmap, "MADV_DONTDUMP"):
