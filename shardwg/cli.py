@@ -96,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tun_offload=args.tun_offload,
         run_hooks=not args.no_hooks,
         set_dns=not args.no_dns,
+        placement=args.placement,
     )
     try:
         sup.start()
@@ -207,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--no-dns", action="store_true", help="ignore the config's DNS (no resolvconf)"
+    )
+    run.add_argument(
+        "--placement",
+        choices=("load", "count", "hash"),
+        default="load",
+        help="which worker owns each peer: balanced by count, then moved by measured load "
+        "(load, the default); by count only; or by a hash of the key (hash, as before)",
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)

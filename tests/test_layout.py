@@ -19,6 +19,7 @@ from shardwg.shm.layout import (
     encode_global,
 )
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, PeerRecord, decode_peer, encode_peer
+from shardwg.shm.placement import table_size
 from shardwg.shm.region import HEADER_SIZE, SharedRegion
 from shardwg.shm.seqlock import SLOT_HEADER
 
@@ -32,6 +33,7 @@ def _parts(lay: Layout) -> list[tuple[str, int, int]]:
         ("counters", lay.counters_offset, counters.counters_size(lay.workers)),
         ("peers", lay.peers_offset, lay.peer_capacity * lay.peer_stride),
         ("handoff", lay.handoff_offset, HandoffMesh.size(lay.workers, lay.ring_slots, 2048)),
+        ("placement", lay.placement_offset, SLOT_HEADER + table_size(lay.peer_capacity)),
     ]
 
 

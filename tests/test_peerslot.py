@@ -126,7 +126,7 @@ def _corrupt(offset: int, value: bytes) -> bytearray:
     [
         (0, b"XXXX"),  # magic
         (4, struct.pack("<H", 99)),  # version
-        (6, struct.pack("<H", 8)),  # unknown flag
+        (6, struct.pack("<H", 16)),  # unknown flag (bit 3 is "handed")
         (84, b"\x05"),  # endpoint family
         (KEYPAIR_OFFSETS[1] + 32, b"\x02"),  # is_initiator not a bool
     ],
@@ -245,3 +245,16 @@ def test_restored_keypair_rejects_tampering() -> None:
     msg, n = _seal(theirs, b"x" * 40)
     msg[20] ^= 1
     assert _open(restored, msg, n) == -1 - DropReason.DECRYPT_FAILED
+
+
+def test_handed_flag_round_trips() -> None:
+    rec = _full()
+    rec.handed = True
+    out = bytearray(PEER_RECORD_SIZE)
+    encode_peer(rec, out)
+    back = decode_peer(out)
+    assert back is not None and back.handed and back.current is not None
+    rec.handed = False
+    encode_peer(rec, out)
+    back = decode_peer(out)
+    assert back is not None and not back.handed

@@ -1,9 +1,10 @@
 """What a freshly forked worker does before its loop: build the device for its shard.
 
-It adds the peers it owns (by `owner_of`), registers the others as remote so
-their packets are handed over, restores sessions a predecessor published in
-shared memory (a replacement resumes without a handshake), and keeps the
-shared cookie secret and under-load flag in step from the supervisor's block.
+It adds the peers the supervisor's placement table gives it, registers the others
+as remote so their packets are handed over, restores sessions a predecessor
+published in shared memory (a replacement resumes without a handshake; a peer moved
+here by placement the same way, engine/adoption.py), and keeps the shared cookie
+secret and under-load flag in step from the supervisor's block.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 
 from shardwg.config.endpoints import EndpointError, resolve
 from shardwg.engine import control
+from shardwg.engine.adoption import ShardPlacement
 from shardwg.engine.context import BootContext
 from shardwg.engine.exits import EXIT_BOOT_FAILURE
 from shardwg.engine.worker import Worker
 from shardwg.io import udp as udp_io
 from shardwg.proto.device import Device
-from shardwg.proto.ownership import owner_of
 from shardwg.proto.peer import Peer
 from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global
@@ -85,47 +86,27 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
     n = ctx.workers
     buf = ctx.buf
     layout = ctx.layout
-    try:
-        device = Device(
-            cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
-        )
-        owned = []
-        for p in cfg.peers:
-            owner = owner_of(p.public_key, n)
-            if owner != index:
-                device.add_remote_peer(p.public_key, list(p.allowed_ips), owner)
-                continue
-            try:
-                endpoint = resolve(p.endpoint) if p.endpoint is not None else None
-            except EndpointError as exc:
-                log.warning("worker %d: %s; waiting for the peer to contact us", index, exc)
-                endpoint = None
-            owned.append(
-                device.add_peer(
-                    p.public_key,
-                    preshared_key=p.preshared_key,
-                    allowed_ips=list(p.allowed_ips),
-                    endpoint=endpoint,
-                    persistent_keepalive=p.persistent_keepalive,
-                )
-            )
-    except (ValueError, OSError) as exc:
-        raise BootFailure(str(exc)) from exc
-
     counters = layout.counters(buf, index)
     counters.load()
     counters.set(C.PID, os.getpid())
-    counters.set(C.PEERS_OWNED, len(owned))
     counters.set(C.RESTARTS, restarts)
     mesh = layout.mesh(buf, list(ctx.eventfds))
     publisher = SessionPublisher(layout, buf, dict(ctx.slot_of), index, ctx.secrets)
     now, wall = time.monotonic(), time.time()
-    resumed = 0
-    for peer in owned:
-        if restarts and publisher.restore(peer, now):
-            resumed += 1
-        else:
-            publisher.track(peer)
+    try:
+        device = Device(
+            cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
+        )
+        specs = {p.public_key: boot_spec(p, index) for p in cfg.peers}
+        placement = ShardPlacement(
+            device, publisher, layout, buf, index, specs, ring_pusher(mesh, index, n), counters.v
+        )
+        placement.refresh()
+        placement.reconcile(now, wall)  # ours: adopted (restored if our slot); others: remote
+    except (ValueError, OSError) as exc:
+        raise BootFailure(str(exc)) from exc
+    owned = list(device.peers.values())
+    resumed = sum(1 for p in owned if p.current is not None)
     if resumed:
         log.info("worker %d: resumed %d session(s) from shared memory", index, resumed)
 
@@ -139,12 +120,53 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
         mesh=mesh if n > 1 else None,
         publisher=publisher,
     )
+    worker.placement = placement
+    placement.push = worker.push_handoff
+    device.forward = worker.forward_transport
     worker.known_endpoints = lambda: known_endpoints(layout, buf)
     sync = GlobalSync(layout, buf, ctx.secrets)
-    worker.on_tick = sync.on_tick
+
+    def on_tick(w: Worker, now: float, wall: float) -> None:
+        sync.on_tick(w, now, wall)
+        placement.on_tick(now, wall)
+        if w.held and not placement.incoming:
+            w.replay_held(now, wall)
+
+    worker.on_tick = on_tick
     worker.on_control = ShardControl(worker, publisher, n, index).handle
     sync.on_tick(worker, now, wall)
     return Shard(worker, owned, now, wall)
+
+
+def boot_spec(p: Any, index: int) -> control.PeerSpec:
+    """A configured peer as a worker keeps it (every worker keeps every peer: any may
+    adopt any after a placement move)."""
+    try:
+        endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+    except EndpointError as exc:
+        log.warning("worker %d: %s; waiting for the peer to contact us", index, exc)
+        endpoint = None
+    return control.PeerSpec(
+        public_key=p.public_key,
+        preshared_key=p.preshared_key,
+        allowed_ips=list(p.allowed_ips),
+        endpoint=list(endpoint) if endpoint is not None else None,
+        persistent_keepalive=p.persistent_keepalive,
+    )
+
+
+def ring_pusher(mesh: Any, index: int, workers: int) -> Any:
+    """(dst, payload, kind) -> pushed? on our ring towards dst, before the Worker exists."""
+
+    def push(dst: int, data: bytes | memoryview, kind: int) -> bool:
+        if workers < 2 or dst == index or not 0 <= dst < workers:
+            return False
+        if not mesh.ring(index, dst).push(data, kind):
+            return False
+        mesh.wake(dst)
+        return True
+
+    return push
 
 
 class ShardControl:
@@ -166,35 +188,38 @@ class ShardControl:
         if isinstance(msg, control.Stop):
             return False
         try:
+            placement = self.worker.placement
             if isinstance(msg, control.RemovePeer):
                 self.device.remove_peer(msg.public_key)
                 self.publisher.forget(msg.public_key)
                 self.publisher.slot_of.pop(msg.public_key, None)  # the slot is freed
+                if placement is not None:
+                    placement.forget(msg.public_key)
             elif isinstance(msg, control.AddPeer):
                 if msg.slot >= 0:  # our copy of slot_of dates from the fork
                     self.publisher.slot_of[msg.peer.public_key] = msg.slot
                 self._add(msg.peer, now, wall)
             elif isinstance(msg, control.UpdatePeer):
+                if placement is not None and msg.peer.public_key in placement.specs:
+                    placement.specs[msg.peer.public_key] = msg.peer
                 self._update(msg.peer, msg.endpoint_changed)
+            elif isinstance(msg, control.Placement) and placement is not None:
+                if placement.refresh():
+                    placement.reconcile(now, wall)
+                    self.worker.replay_held(now, wall)
         except ValueError as exc:
             log.error("worker %d: control change not applied: %s", self.index, exc)
         self.worker.counters.set(C.PEERS_OWNED, len(self.device.peers))
         return True
 
     def _add(self, spec: control.PeerSpec, now: float, wall: float) -> None:
-        owner = owner_of(spec.public_key, self.workers)
-        if owner != self.index:
-            self.device.add_remote_peer(spec.public_key, list(spec.allowed_ips), owner)
-            return
-        peer = self.device.add_peer(
-            spec.public_key,
-            preshared_key=spec.preshared_key,
-            allowed_ips=list(spec.allowed_ips),
-            endpoint=spec.endpoint_tuple(),
-            persistent_keepalive=spec.persistent_keepalive,
-        )
-        self.publisher.track(peer)
-        if peer.endpoint is not None and peer.persistent_keepalive:
+        placement = self.worker.placement
+        assert placement is not None
+        placement.specs[spec.public_key] = spec
+        placement.refresh()  # the supervisor placed the peer before telling us
+        placement.reconcile(now, wall, [spec.public_key])
+        peer = self.device.peers.get(spec.public_key)
+        if peer is not None and peer.endpoint is not None and peer.persistent_keepalive:
             peer.send_keepalive(now, wall)
 
     def _update(self, spec: control.PeerSpec, endpoint_changed: bool) -> None:

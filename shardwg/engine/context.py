@@ -28,7 +28,7 @@ class BootContext:
     """Everything one worker builds its shard from, captured when it is forked."""
 
     config: Config
-    workers: int  # how many workers share the peers (ownership is by owner_of)
+    workers: int  # how many workers share the peers (owners: the placement table)
     layout: Layout
     buf: Any  # the shared region's mapping (counters, peer slots, rings, global block)
     secrets: SecretArea  # session keys and cookie secrets, never in the named region

@@ -46,7 +46,11 @@ class Stop(msgspec.Struct, tag="stop"):
     pass
 
 
-Control = AddPeer | UpdatePeer | RemovePeer | Stop
+class Placement(msgspec.Struct, tag="placement"):
+    """The supervisor rewrote the placement table: re-read it (engine/adoption.py)."""
+
+
+Control = AddPeer | UpdatePeer | RemovePeer | Stop | Placement
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Control)

@@ -11,13 +11,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shardwg.engine.budgets import BATCH
-from shardwg.proto.constants import DropReason
+from shardwg.engine.budgets import BATCH, PLAIN_HEADROOM
+from shardwg.io import tun as tun_io
+from shardwg.io.vnet import VNET_HDR_LEN
+from shardwg.proto.constants import MAX_DATAGRAM, DropReason
+from shardwg.proto.device import Device
 from shardwg.shm import counters as C
-from shardwg.shm.handoff import HandoffKind, HandoffMesh, unpack_initiation
+from shardwg.shm.handoff import (
+    HandoffKind,
+    HandoffMesh,
+    pack_transport,
+    unpack_initiation,
+    unpack_transport,
+)
 from shardwg.shm.ring import SpscRing
 
+if TYPE_CHECKING:
+    from shardwg.engine.adoption import ShardPlacement
+
 _DROP_BASE = C.DROP_BASE
+HELD_MAX = 1024  # packets held for peers about to be adopted
 
 
 class HandoffRings:
@@ -26,6 +39,10 @@ class HandoffRings:
     # From the worker (the packet buffers are OutboundPath's):
     mesh: HandoffMesh | None
     v: list[int]
+    device: Device
+    tun_fd: int
+    worker_id: int
+    placement: ShardPlacement | None
     _pk_pkt: list[memoryview]
     _pk_sizes: list[int]
     _pk_kinds: list[int]
@@ -50,8 +67,35 @@ class HandoffRings:
         else:
             self._out_rings, self._in_rings = [], []
         self._to_wake: set[int] = set()
+        # Packets for peers the placement table just gave us, while their old owner
+        # still holds the slot: replayed once we adopt them (engine/adoption.py).
+        self.held: list[tuple[bytes, int]] = []
+        self._handed_plain = memoryview(bytearray(VNET_HDR_LEN + MAX_DATAGRAM + PLAIN_HEADROOM))
+
+    def push_handoff(self, owner: int, data: bytes | memoryview, kind: int) -> bool:
+        """One record onto our ring towards `owner` (placement control records)."""
+        ring = self._out_rings[owner] if owner < len(self._out_rings) else None
+        if ring is None or not ring.push(data, kind):
+            return False
+        self._to_wake.add(owner)
+        return True
+
+    def forward_transport(self, owner: int, msg: memoryview, n: int, src: Any) -> None:
+        """Device.forward: a datagram under an index we gave away with its peer."""
+        if self._forwarding:
+            self._hand_over(owner, pack_transport(msg[:n], src), HandoffKind.TRANSPORT)
+        else:  # already handed once: never bounce it around
+            self.v[_DROP_BASE + DropReason.UNKNOWN_INDEX] += 1
+
+    _forwarding = True
 
     def _hand_over(self, owner: int, data: bytes | memoryview, kind: int) -> None:
+        if owner == self.worker_id:  # ours by the table, not adopted yet: hold it
+            if len(self.held) < HELD_MAX:
+                self.held.append((bytes(data), kind))
+            else:
+                self.v[_DROP_BASE + DropReason.HANDOFF_FULL] += 1
+            return
         ring = self._out_rings[owner] if owner < len(self._out_rings) else None
         if ring is None or not ring.push(data, kind):
             self.v[_DROP_BASE + DropReason.HANDOFF_FULL] += 1
@@ -69,30 +113,77 @@ class HandoffRings:
                 continue
             total += n
             self.v[C.HANDOFFS_IN] += n
-            packets = 0
+            kinds = self._pk_kinds
             for i in range(n):
-                if self._pk_kinds[i] == HandoffKind.INITIATION:
-                    msg, addr = unpack_initiation(self._pk_pkt[i][: self._pk_sizes[i]])
-                    self._queue_handshake(msg, addr, True, now)
-                else:
-                    packets += 1
-            if packets == n:
+                if kinds[i] != HandoffKind.TUN_PACKET:
+                    self._read_mixed(n, now, wall)
+                    break
+            else:
                 self.send_packets(self._pk_pkt, self._pk_sizes, n, now, wall)
-            elif packets:
-                self._send_mixed(n, now, wall)
         return total
 
-    def _send_mixed(self, n: int, now: float, wall: float) -> None:
-        """A batch holding both packets and initiations: move packets to the front."""
-        j = 0
+    def _read_mixed(self, n: int, now: float, wall: float) -> None:
+        """Records in ring order: a RELEASE must take effect before the packets behind it."""
+        kinds, views, sizes = self._pk_kinds, self._pk_pkt, self._pk_sizes
+        run = 0  # packets at the front of the buffers, not sent yet
         for i in range(n):
-            if self._pk_kinds[i] != HandoffKind.INITIATION:
-                if i != j:
-                    size = self._pk_sizes[i]
-                    self._pk_pkt[j][:size] = self._pk_pkt[i][:size]
-                    self._pk_sizes[j] = size
-                j += 1
-        self.send_packets(self._pk_pkt, self._pk_sizes, j, now, wall)
+            kind = kinds[i]
+            if kind == HandoffKind.TUN_PACKET:
+                if i != run:
+                    views[run][: sizes[i]] = views[i][: sizes[i]]
+                    sizes[run] = sizes[i]
+                run += 1
+                continue
+            if run:
+                self.send_packets(views, sizes, run, now, wall)
+                run = 0
+            try:
+                self._read_record(kind, views[i][: sizes[i]], now, wall)
+            except ValueError:
+                self.v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
+        if run:
+            self.send_packets(views, sizes, run, now, wall)
+
+    def _read_record(self, kind: int, payload: memoryview, now: float, wall: float) -> None:
+        if kind == HandoffKind.INITIATION:
+            msg, addr = unpack_initiation(payload)
+            self._queue_handshake(msg, addr, True, now)
+        elif kind == HandoffKind.TRANSPORT:
+            datagram, src = unpack_transport(payload)
+            self._open_handed(datagram, src, now, wall)
+        elif kind == HandoffKind.RELEASE and self.placement is not None:
+            self.placement.on_release(bytes(payload), now, wall)
+            self.replay_held(now, wall)
+
+    def _open_handed(self, msg: memoryview, addr: Any, now: float, wall: float) -> None:
+        """A transport datagram its old worker passed on: open it here, write it to our TUN."""
+        out = self._handed_plain
+        self._forwarding = False
+        try:
+            res = self.device.receive_transport(msg, len(msg), addr, out[VNET_HDR_LEN:], now, wall)
+        finally:
+            self._forwarding = True
+        if res > 0:
+            if not tun_io.write_packet(self.tun_fd, out[: VNET_HDR_LEN + res]):
+                self.v[_DROP_BASE + DropReason.TUN_WRITE_ERROR] += 1
+        elif res < 0:
+            self.v[_DROP_BASE - 1 - res] += 1
+
+    def replay_held(self, now: float, wall: float) -> None:
+        """After an adoption: what we held goes its way again (still ours-to-be: held again)."""
+        if not self.held:
+            return
+        held, self.held = self.held, []
+        for data, kind in held:
+            if kind == HandoffKind.TUN_PACKET:
+                buf = memoryview(bytearray(len(data) + PLAIN_HEADROOM))
+                buf[: len(data)] = data
+                self.send_packets([buf], [len(data)], 1, now, wall)
+            else:
+                try:
+                    self._read_record(kind, memoryview(data), now, wall)
+                except ValueError:
+                    self.v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
 
     def wake_owners(self) -> None:
         if self._to_wake and self.mesh is not None:

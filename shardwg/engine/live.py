@@ -22,6 +22,7 @@ from shardwg.config.endpoints import EndpointError, format_endpoint, resolve
 from shardwg.config.model import Config, ConfigError, PeerConfig, format_config, load_config
 from shardwg.engine import control
 from shardwg.engine.context import EngineControl, SharedMemory
+from shardwg.engine.placer import Placer
 from shardwg.io import netlink
 from shardwg.io.interface import routing_table
 from shardwg.proto.crypto import public_key
@@ -55,6 +56,9 @@ class LiveConfig:
         self.slot_of = slot_of
         self.engine = engine
         self.memory = memory
+        # The placement table's keeper (engine/placer.py), attached with the region: every
+        # added peer is placed before a worker hears of it, and counts are evened after.
+        self.placer: Placer | None = None
         self._freeing: list[tuple[float, int]] = []
 
     # ------------------------------------------------------------------ UAPI backend
@@ -140,10 +144,16 @@ class LiveConfig:
             index = self.slot_of.pop(p.public_key, None)
             if index is not None:
                 self._freeing.append((time.monotonic() + SLOT_REUSE_DELAY, index))
+            if self.placer is not None:
+                self.placer.remove(p.public_key)
         for p, index in zip(d.added, free, strict=False):
             self.slot_of[p.public_key] = index
+            if self.placer is not None:  # placed before any worker hears of it
+                self.placer.add(p.public_key, index)
             self._broadcast(control.AddPeer(specs[p.public_key], index))
             self._routes(None, p)
+        if self.placer is not None and (d.added or d.removed):
+            self.placer.rebalance()  # a few moves at most, so counts stay even
         for o, n in d.updated:
             self._broadcast(
                 control.UpdatePeer(specs[n.public_key], endpoint_changed=o.endpoint != n.endpoint)

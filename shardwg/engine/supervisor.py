@@ -33,11 +33,13 @@ from typing import Any
 
 from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
+from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
 from shardwg.engine.exits import EXIT_BOOT_FAILURE, EXIT_CRASH, EXIT_FOREIGN_QUEUE
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig
+from shardwg.engine.placer import Placer
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.io.interface import Gateway, GatewayError
@@ -49,11 +51,11 @@ from shardwg.proto.constants import (
     UNDER_LOAD_QUEUE_SIZE,
 )
 from shardwg.proto.cookie import ROTATE_INTERVAL
-from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
+from shardwg.shm.placement import Mode
 from shardwg.shm.region import RegionError, SharedRegion, region_name
 from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
 from shardwg.uapi.server import UapiServer
@@ -108,6 +110,8 @@ class Supervisor:
     run_hooks: bool = True  # wg-quick's PreUp/PostUp/PreDown/PostDown (False: --no-hooks)
     set_dns: bool = True  # DNS = through resolvconf (False: --no-dns)
     hooks: Hooks | None = None
+    placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
+    placer: Placer | None = None
     _stop: bool = False
     _wake_r: int = -1
     _wake_w: int = -1
@@ -150,6 +154,9 @@ class Supervisor:
         self.layout.write_to(buf)
         self.secrets = SecretArea(capacity)  # before the first fork: every worker inherits it
         self.live.memory = SharedMemory(self.layout, self.region, self.secrets)
+        self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
+        self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
+        self.live.placer = self.placer
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
@@ -319,6 +326,8 @@ class Supervisor:
                 self._reap(now)
                 self._check_heartbeats(now)
                 self._maintain_global(now)
+                if self.placer is not None:
+                    self.placer.tick(now)
                 if now >= next_foreign:
                     self._check_foreign_queues()
                     next_foreign = now + FOREIGN_CHECK_INTERVAL
@@ -576,7 +585,8 @@ class Supervisor:
     def _status(self) -> GatewayStatus:
         """What /metrics shows: the shared-memory status, peers as the running config has them."""
         peers = {encode_key(p.public_key): p.allowed_ips for p in self.config.peers}
-        return with_config(read_status(self.ifname, interval=0), peers)
+        owners = {encode_key(p.public_key): self.owner(p.public_key) for p in self.config.peers}
+        return with_config(read_status(self.ifname, interval=0), peers, owners)
 
     def _ready(self, st: GatewayStatus) -> tuple[bool, str]:
         if not netlink.link_exists(self.ifname):
@@ -591,7 +601,12 @@ class Supervisor:
         return decode_global(self.layout.global_slot(self.region.buf).read())
 
     def owner(self, public_key: bytes) -> int:
-        return owner_of(public_key, self.workers)
+        """The worker the placement table gives the peer (-1: not placed)."""
+        return self.placer.owner(public_key) if self.placer is not None else -1
+
+    def _nudge(self) -> None:
+        """The placement table changed: every running worker re-reads it."""
+        self.broadcast(control.encode(control.Placement()))  # a worker being replaced reads it
 
 
 def _signal(pid: int, sig: int) -> None:

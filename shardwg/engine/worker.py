@@ -54,7 +54,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardwg.engine.budgets import PUBLISH_INTERVAL, TICK_INTERVAL
 from shardwg.engine.handoffs import HandoffRings
@@ -69,6 +69,9 @@ from shardwg.proto.peer import Peer, PeerEvent
 from shardwg.shm import counters as C
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.publisher import SessionPublisher
+
+if TYPE_CHECKING:
+    from shardwg.engine.adoption import ShardPlacement
 
 log = logging.getLogger("shardwg.engine.worker")
 
@@ -108,6 +111,7 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         # Control messages from the supervisor; returns False to stop the worker.
         self.on_control: Callable[[bytes, float, float], bool] | None = None
         self.parent_pid = os.getppid()
+        self.placement: ShardPlacement | None = None  # set by boot (engine/adoption.py)
         self._init_handoffs(mesh, worker_id)
         self._init_inbound(udp4, udp6)
         self._init_outbound()

@@ -84,6 +84,11 @@ class Device:
         self.outbox: list[tuple[Peer, bytes]] = []
         self.events: list[tuple[Peer, PeerEvent]] = []
         self._next_gc = 0.0
+        # Sessions of ours that a placement move gave to another worker: our index -> that
+        # peer (its `owner` follows later moves). Datagrams still carrying such an index are
+        # steered here until the next handshake; `forward(owner, msg, n, src)` passes them on.
+        self.moved: dict[int, RemotePeer] = {}
+        self.forward: Callable[[int, memoryview, int, Any], None] | None = None
 
     # ------------------------------------------------------------------ configuration
     def add_peer(
@@ -137,6 +142,37 @@ class Device:
         peer.zero_keys()
         peer.staged.clear()
 
+    def release_peer(self, public_key: bytes, owner: int, allowed_ips: list[str]) -> RemotePeer:
+        """A placement move: `peer` now belongs to worker `owner`. Its sessions leave our
+        index table (their indices stay reserved, remembered in `moved`), it becomes a
+        remote peer routed to `owner`. The caller published its slot first."""
+        peer = self.peers.pop(public_key)
+        self.allowed.remove_value(peer)
+        remote = RemotePeer(public_key, owner)
+        for kp in (peer.current, peer.previous, peer.next):
+            if kp is not None:
+                self.table.sessions.pop(kp.local_index, None)
+                self.moved[kp.local_index] = remote
+        if peer.handshake is not None:
+            self.table.release(peer.handshake.local_index)
+            peer.handshake = None
+        peer.current = peer.previous = peer.next = None
+        peer.staged.clear()
+        self.outbox[:] = [(p, d) for p, d in self.outbox if p is not peer]
+        self.events[:] = [(p, e) for p, e in self.events if p is not peer]
+        self.remote[public_key] = remote
+        for prefix in allowed_ips:
+            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), remote)
+        return remote
+
+    def forget_moved(self, keep: Callable[[int, RemotePeer], bool]) -> None:
+        """Drop forwarding entries `keep` rejects (their indices become free again)."""
+        for index, remote in list(self.moved.items()):
+            if not keep(index, remote):
+                del self.moved[index]
+                if index not in self.table.sessions:
+                    self.table.allocator.release(index)
+
     def set_allowed_ips(self, peer: Peer | RemotePeer, allowed_ips: list[str]) -> None:
         """Replace a peer's prefixes (a prefix another peer held moves to this one); a bad
         prefix leaves the old ones in place."""
@@ -167,7 +203,11 @@ class Device:
         write to the TUN, 0 for a keepalive, or `-1 - DropReason`."""
         kp = self.sessions.get(_U32.unpack_from(msg, 4)[0])
         if kp is None:
-            return _UNKNOWN_INDEX
+            moved = self.moved.get(_U32.unpack_from(msg, 4)[0]) if self.moved else None
+            if moved is None or self.forward is None:
+                return _UNKNOWN_INDEX
+            self.forward(moved.owner, msg, n, src)  # an old index of a peer that moved
+            return 0
         if now - kp.created >= REJECT_AFTER_TIME:
             return _KEY_EXPIRED
         plen = open_into(kp, msg, n, out)

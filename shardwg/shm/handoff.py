@@ -34,6 +34,8 @@ class HandoffKind(IntEnum):
 
     TUN_PACKET = 1  # a plaintext IP packet read on the wrong TUN queue
     INITIATION = 2  # a handshake initiation received by a non-owner, with its source
+    TRANSPORT = 3  # a transport datagram under a session its worker gave away (placement move)
+    RELEASE = 4  # the sender gave the peer whose public key this is to the receiver
 
 
 # family (4 or 6), port, address (IPv4 in the first 4 bytes), IPv6 scope id.
@@ -96,6 +98,21 @@ def unpack_initiation(payload: bytes | bytearray | memoryview) -> tuple[bytes, t
     if addr is None:
         raise ValueError("initiation handoff without a source address")
     return bytes(payload[ADDR_SIZE:]), addr
+
+
+def pack_transport(msg: bytes | bytearray | memoryview, addr: tuple[Any, ...]) -> bytes:
+    """Payload of a TRANSPORT handoff: the packed source address, then the datagram."""
+    return _ADDR.pack(*addr_fields(addr)) + bytes(msg)
+
+
+def unpack_transport(payload: bytes | bytearray | memoryview) -> tuple[memoryview, tuple[Any, ...]]:
+    """(datagram view, source address); ValueError on a malformed payload."""
+    if len(payload) <= ADDR_SIZE:
+        raise ValueError("transport handoff too short")
+    addr = addr_from_fields(*_ADDR.unpack_from(payload, 0))
+    if addr is None:
+        raise ValueError("transport handoff without a source address")
+    return memoryview(payload)[ADDR_SIZE:], addr
 
 
 class HandoffMesh:

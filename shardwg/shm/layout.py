@@ -14,6 +14,7 @@ Map (every part 64-aligned, in this order):
   peers         peer_capacity seqlock slots of PEER_RECORD_SIZE (each written by
                 the peer's owning worker)
   handoff       HandoffMesh: workers * (workers - 1) SPSC rings
+  placement     one seqlock slot: the supervisor's peer -> worker table (shm/placement.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from shardwg.shm.counters import WorkerCounters, counters_size
 from shardwg.shm.handoff import INITIATION_PAYLOAD_SIZE, HandoffMesh
 from shardwg.shm.peerslot import PEER_RECORD_SIZE
+from shardwg.shm.placement import table_size
 from shardwg.shm.region import HEADER_SIZE
 from shardwg.shm.seqlock import SeqlockSlot, slot_stride
 
@@ -116,6 +118,7 @@ class Layout:
     peers_offset: int = field(init=False)
     peer_stride: int = field(init=False)
     handoff_offset: int = field(init=False)
+    placement_offset: int = field(init=False)
     total_size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,7 +138,9 @@ class Layout:
         put(self, "peer_stride", slot_stride(PEER_RECORD_SIZE, 64))
         put(self, "handoff_offset", self.peers_offset + self.peer_capacity * self.peer_stride)
         mesh = HandoffMesh.size(self.workers, self.ring_slots, self.ring_slot_size)
-        put(self, "total_size", _align(self.handoff_offset + mesh))
+        put(self, "placement_offset", _align(self.handoff_offset + mesh))
+        placement = slot_stride(table_size(self.peer_capacity), 64)
+        put(self, "total_size", _align(self.placement_offset + placement))
 
     @classmethod
     def sized(
@@ -198,6 +203,10 @@ class Layout:
         if not 0 <= index < self.peer_capacity:
             raise IndexError(f"peer slot {index} outside capacity {self.peer_capacity}")
         return SeqlockSlot(buf, self.peers_offset + index * self.peer_stride, PEER_RECORD_SIZE)
+
+    def placement_slot(self, buf: Any) -> SeqlockSlot:
+        """The placement table (written by the supervisor only)."""
+        return SeqlockSlot(buf, self.placement_offset, table_size(self.peer_capacity))
 
     def global_slot(self, buf: Any) -> SeqlockSlot:
         return SeqlockSlot(buf, self.global_offset, GLOBAL_SIZE)

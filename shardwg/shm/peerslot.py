@@ -23,7 +23,8 @@ Nonce and replay safety across a crash, without a write per packet:
 
 Encoding (little-endian, 8-byte fields 8-aligned from the payload start, which
 is 8-aligned in a seqlock slot), PEER_RECORD_SIZE bytes:
-  0 magic "SWPR", u16 version, u16 flags (bit 0/1/2: current/previous/next present)
+  0 magic "SWPR", u16 version, u16 flags (bit 0/1/2: current/previous/next present;
+    bit 3: handed, the writer gave the slot to `owner` and writes it no more)
   8 u32 owner, u32 generation; 16 f64 last_handshake_wall; 24 u64 rx; 32 u64 tx
  40 public key[32]; 72 last TAI64N[12]; 84 endpoint (u8 family 0/4/6, u16 port,
     16-byte address, u32 scope id); pad to 112
@@ -58,6 +59,7 @@ _RECORD = struct.Struct("<" + _HEAD_FMT + 3 * _KP_FMT + f"{_PAD}x")
 _COUNTERS = struct.Struct("<QQ")
 _ZERO = bytes(PEER_RECORD_SIZE)
 _HAS = (1, 2, 4)
+_HANDED = 8
 _KP_FIELDS = 6
 _HEAD_FIELDS = 14
 
@@ -92,6 +94,9 @@ class PeerRecord:
     current: KeypairRecord | None = None
     previous: KeypairRecord | None = None
     next: KeypairRecord | None = None
+    # A placement move: the old owner's last write names the new owner in `owner` and
+    # sets this; the new owner adopts the slot (restores it) and clears it.
+    handed: bool = False
 
 
 def _check_len(name: str, value: bytes, n: int) -> None:
@@ -121,6 +126,7 @@ def encode_peer(rec: PeerRecord, out: bytearray | memoryview) -> None:
     _check_len("last_timestamp", rec.last_timestamp, 12)
     sessions = (rec.current, rec.previous, rec.next)
     flags = sum(bit for bit, kp in zip(_HAS, sessions, strict=True) if kp is not None)
+    flags |= _HANDED if rec.handed else 0
     values = [
         MAGIC,
         VERSION,
@@ -156,7 +162,7 @@ def decode_peer(data: bytes | bytearray | memoryview) -> PeerRecord | None:
     magic, version, flags = v[0], v[1], v[2]
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"not a v{VERSION} peer record (magic {magic!r}, version {version})")
-    if flags & ~7:
+    if flags & ~15:
         raise ValueError(f"bad peer record flags {flags:#x}")
     sessions: list[KeypairRecord | None] = []
     for i, bit in enumerate(_HAS):
@@ -179,6 +185,7 @@ def decode_peer(data: bytes | bytearray | memoryview) -> PeerRecord | None:
         current=sessions[0],
         previous=sessions[1],
         next=sessions[2],
+        handed=bool(flags & _HANDED),
     )
 
 

@@ -57,6 +57,7 @@ class SessionPublisher:
         self._seen: dict[bytes, tuple[int, int, Any]] = {}
         self._floors: dict[int, memoryview] = {}
         self.peers: dict[bytes, Peer] = {}
+        self._handed: set[bytes] = set()  # given to another worker: never written again
 
     def _slot(self, index: int) -> SeqlockSlot:
         slot = self._slots.get(index)
@@ -96,16 +97,16 @@ class SessionPublisher:
         if isinstance(kp.peer, Peer):
             self.publish(kp.peer)
 
-    def publish(self, peer: Peer) -> None:
+    def publish(self, peer: Peer, owner: int | None = None) -> None:
         index = self.slot_of.get(peer.public_key)
-        if index is None:
+        if index is None or peer.public_key in self._handed:
             return
         self.peers[peer.public_key] = peer
         gen = (self._generation.get(peer.public_key, 0) + 1) & 0xFFFFFFFF
         self._generation[peer.public_key] = gen
         rec = PeerRecord(
             public_key=peer.public_key,
-            owner=self.worker_id,
+            owner=self.worker_id if owner is None else owner,
             generation=gen,
             endpoint=peer.endpoint,
             last_handshake_wall=peer.last_handshake_wall,
@@ -116,6 +117,7 @@ class SessionPublisher:
             previous=self._kp_record(peer.previous, index, 1),
             next=self._kp_record(peer.next, index, 2),
         )
+        rec.handed = owner is not None
         scratch = self._scratch
         encode_peer(rec, scratch)
         self._publish_keys(peer, index)
@@ -149,7 +151,15 @@ class SessionPublisher:
 
     def track(self, peer: Peer) -> None:
         """Publish a peer even before it has a session (so show/UAPI see its endpoint)."""
+        self._handed.discard(peer.public_key)
         self.publish(peer)
+
+    def release(self, peer: Peer, owner: int) -> None:
+        """A placement move: publish `peer` one last time naming worker `owner` as its writer
+        (handed), then never write its slot again (until we adopt it back)."""
+        self.publish(peer, owner)
+        self._handed.add(peer.public_key)
+        self.forget(peer.public_key)
 
     def restore(self, peer: Peer, now: float) -> bool:
         """Resume `peer`'s sessions from its slot (replacement worker). True if any."""
@@ -166,6 +176,7 @@ class SessionPublisher:
             keys = decode_keys(self.secrets.key_slot(index).read())
         except Exception:  # torn by a writer that died mid-write: handshake anew
             keys = {}
+        self._handed.discard(peer.public_key)
         self._generation[peer.public_key] = rec.generation
         peer.endpoint = rec.endpoint if rec.endpoint is not None else peer.endpoint
         peer.last_handshake_wall = rec.last_handshake_wall

@@ -1,0 +1,242 @@
+"""A worker's side of placement: follow the supervisor's table, give peers away, adopt them.
+
+The table (shm/placement.py) says who should own each peer; the `owner` field of the
+peer's own slot record says who writes that record now. One rule, applied at boot,
+when the table's generation moves, and when a RELEASE arrives, keeps one writer per
+slot through moves and crashes:
+  - the table names us and the record is ours, free, or handed to us: adopt it (the
+    replacement-worker path: sessions resume from the slot, no handshake);
+  - the table names us and another worker still writes the record: wait for it (its
+    packets meanwhile are held here, bounded, and replayed on adoption);
+  - the table names another worker and we own the peer, or the record is ours (we are
+    the replacement of a worker that died before handing it over): publish the slot one
+    last time naming the new owner (`handed`), send the exact send counters so none is
+    skipped or reused, turn the peer into a remote one, and push RELEASE to the owner;
+  - otherwise route the peer's packets to the table's owner.
+Datagrams that still carry one of our old receiver indices keep arriving here (steering
+reads the index's low byte) until the next handshake: `Device.moved` passes them to the
+new owner as TRANSPORT handoffs, and it finds the session by that index (restored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from shardwg.engine import control
+from shardwg.proto.constants import REJECT_AFTER_TIME
+from shardwg.proto.device import Device
+from shardwg.proto.peer import Peer
+from shardwg.shm import counters as C
+from shardwg.shm.handoff import HandoffKind
+from shardwg.shm.layout import Layout
+from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer
+from shardwg.shm.placement import decode_table
+from shardwg.shm.publisher import SessionPublisher
+
+log = logging.getLogger("shardwg.engine.worker")
+UNREADABLE_CLAIM = 3  # checks a torn record must stay torn before we claim it afresh
+
+
+class ShardPlacement:
+    def __init__(
+        self,
+        device: Device,
+        publisher: SessionPublisher,
+        layout: Layout,
+        buf: Any,
+        worker_id: int,
+        specs: dict[bytes, control.PeerSpec],
+        push: Callable[[int, bytes | memoryview, int], bool],
+        counters: list[int] | None = None,
+    ) -> None:
+        self.device = device
+        self.publisher = publisher
+        self.layout = layout
+        self.buf = buf
+        self.me = worker_id
+        self.specs = specs  # every peer of the gateway, as configured (own and remote)
+        self.push = push  # (dst, payload, kind) onto our ring towards dst; False when full
+        self.v = counters
+        self.slot = layout.placement_slot(buf)
+        self.generation = -1
+        self.table: list[int] = []
+        self.incoming: dict[bytes, int] = {}  # peers the table gives us, record not yet ours
+        self.releases: list[tuple[int, bytes]] = []  # RELEASE pushes that found a full ring
+        self.moved_until: dict[int, float] = {}
+        self.view: dict[bytes, int] = {}  # the table's owner of each peer as last applied
+        self.adopted = 0
+        self.released = 0
+
+    # ------------------------------------------------------------------ reading
+    def refresh(self) -> bool:
+        """Re-read the table if its generation moved; True if it did."""
+        try:
+            t = decode_table(self.slot.read(max_retries=1000))
+        except Exception:  # torn by nothing (one writer) or foreign: keep what we have
+            return False
+        if t is None or t.generation == self.generation:
+            return False
+        self.generation = t.generation
+        self.table = t.owners
+        return True
+
+    def owner_of(self, key: bytes) -> int:
+        """The table's owner of a peer, -1 when it is not placed (yet)."""
+        index = self.publisher.slot_of.get(key)
+        if index is None or not 0 <= index < len(self.table):
+            return -1
+        return self.table[index]
+
+    def _record(self, key: bytes) -> tuple[bool, Any]:
+        """(readable, record or None when the slot is free / holds another peer)."""
+        index = self.publisher.slot_of.get(key)
+        if index is None:
+            return True, None
+        try:
+            rec = decode_peer(self.layout.peer_slot(self.buf, index).read(max_retries=1000))
+        except Exception:
+            return False, None
+        return True, (rec if rec is not None and rec.public_key == key else None)
+
+    # ------------------------------------------------------------------ the rule
+    def reconcile(self, now: float, wall: float, keys: list[bytes] | None = None) -> None:
+        """Apply the rule to `keys`, or to every peer whose table owner changed."""
+        if keys is None:
+            keys = [k for k in self.specs if self.view.get(k) != self.owner_of(k)]
+        for key in keys:
+            if key in self.specs:
+                self._one(key, now, wall)
+                self.view[key] = self.owner_of(key)
+        self._count()
+
+    def forget(self, key: bytes) -> None:
+        """The peer was removed from the configuration."""
+        self.specs.pop(key, None)
+        self.view.pop(key, None)
+        self.incoming.pop(key, None)
+
+    def _one(self, key: bytes, now: float, wall: float) -> None:
+        dev = self.device
+        want = self.owner_of(key)
+        if want < 0:
+            return
+        if want == self.me:
+            if key in dev.peers:
+                self.incoming.pop(key, None)
+                return
+            readable, rec = self._record(key)
+            if readable and (rec is None or rec.owner == self.me):
+                self._adopt(key, rec is not None, now, wall)
+            elif not readable and self.incoming.get(key, 0) >= UNREADABLE_CLAIM:
+                self._adopt(key, False, now, wall)  # its writer died mid-write: start afresh
+            else:
+                self.incoming[key] = self.incoming.get(key, 0) + (0 if readable else 1)
+                self._route(key, self.me)  # hold its packets here until the record is ours
+            return
+        self.incoming.pop(key, None)
+        if key in dev.peers:
+            self._release(dev.peers[key], want, now)
+            return
+        self._route(key, want)
+        readable, rec = self._record(key)
+        if readable and rec is not None and rec.owner == self.me:
+            self._hand_record(key, rec, want, now)  # our predecessor died before handing it
+        elif readable and rec is not None:
+            self._forward_old(key, rec, now)
+
+    def _route(self, key: bytes, owner: int) -> None:
+        dev = self.device
+        remote = dev.remote.get(key)
+        if remote is not None:
+            remote.owner = owner
+        else:
+            dev.add_remote_peer(key, list(self.specs[key].allowed_ips), owner)
+
+    def _adopt(self, key: bytes, restore: bool, now: float, wall: float) -> None:
+        spec = self.specs[key]
+        dev = self.device
+        dev.remove_peer(key)  # the remote stand-in
+        peer = dev.add_peer(
+            key,
+            preshared_key=spec.preshared_key,
+            allowed_ips=list(spec.allowed_ips),
+            endpoint=spec.endpoint_tuple(),
+            persistent_keepalive=spec.persistent_keepalive,
+        )
+        if not (restore and self.publisher.restore(peer, now)):
+            self.publisher.track(peer)
+        self.incoming.pop(key, None)
+        for kp in (peer.current, peer.previous, peer.next):
+            if kp is not None:
+                dev.moved.pop(kp.local_index, None)
+        self.adopted += 1
+
+    def _release(self, peer: Peer, to: int, now: float) -> None:
+        """Give `peer` to worker `to`: last publication, then routed there."""
+        for kp in (peer.current, peer.previous, peer.next):
+            if kp is not None:
+                kp.send_reserved = kp.send_counter  # exact: the new owner goes on from here
+        staged = list(peer.staged)
+        key = peer.public_key
+        self.publisher.release(peer, to)
+        self.device.release_peer(key, to, list(self.specs[key].allowed_ips))
+        for index in [i for i, r in self.device.moved.items() if r.public_key == key]:
+            self.moved_until[index] = now + REJECT_AFTER_TIME
+        self._send_release(to, key)
+        for pkt in staged:
+            self.push(to, pkt, HandoffKind.TUN_PACKET)
+        self.released += 1
+        log.info("worker %d: peer %s… handed to worker %d", self.me, key[:4].hex(), to)
+
+    def _forward_old(self, key: bytes, rec: Any, now: float) -> None:
+        """Sessions in another worker's record under indices of ours (a predecessor gave
+        them away): datagrams carrying them still come here, so pass them on."""
+        remote = self.device.remote[key]
+        for kp in (rec.current, rec.previous, rec.next):
+            if kp is not None and kp.local_index & 0xFF == self.me:
+                if kp.local_index not in self.device.sessions:
+                    self.device.moved[kp.local_index] = remote
+                    self.device.table.allocator.reserve(kp.local_index)
+                    self.moved_until[kp.local_index] = kp.created + REJECT_AFTER_TIME
+
+    def _hand_record(self, key: bytes, rec: Any, to: int, now: float) -> None:
+        """Hand over a record a dead predecessor of ours still names as writer."""
+        index = self.publisher.slot_of[key]
+        rec.owner, rec.handed = to, True
+        self._forward_old(key, rec, now)
+        out = bytearray(PEER_RECORD_SIZE)
+        encode_peer(rec, out)
+        self.layout.peer_slot(self.buf, index).write(out)
+        self._send_release(to, key)
+
+    def _send_release(self, to: int, key: bytes) -> None:
+        if not self.push(to, key, HandoffKind.RELEASE):
+            self.releases.append((to, key))  # the owner also polls; retried each tick
+
+    # ------------------------------------------------------------------ events
+    def on_release(self, key: bytes, now: float, wall: float) -> None:
+        """A RELEASE from our ring: the record should now be ours."""
+        self.refresh()
+        self.reconcile(now, wall, [key])
+
+    def on_tick(self, now: float, wall: float) -> None:
+        if self.refresh():
+            self.reconcile(now, wall)
+        elif self.incoming:
+            self.reconcile(now, wall, list(self.incoming))
+        if self.releases:
+            pending, self.releases = self.releases, []
+            for to, key in pending:
+                self._send_release(to, key)
+        if self.moved_until or self.device.moved:
+            dev = self.device
+            dev.forget_moved(
+                lambda i, r: dev.remote.get(r.public_key) is r and self.moved_until.get(i, 0) > now
+            )
+            self.moved_until = {i: t for i, t in self.moved_until.items() if i in dev.moved}
+
+    def _count(self) -> None:
+        if self.v is not None:
+            self.v[C.PEERS_OWNED] = len(self.device.peers)

@@ -1,0 +1,139 @@
+"""Placement policy: which worker should own each peer (pure: no shared memory, no clock).
+
+Why deliberate: a hash of the key leaves workers idle by chance. By count: at start and
+on every configuration change no worker owns more than one peer more than another (N
+peers on N workers: one each), new peers go to the least loaded worker, and a removal
+moves only as many peers as it takes to get back there. By load: while running, a
+worker that stays above `ratio` x the mean for `intervals` consecutive samples gives
+one peer to the lightest worker, and only a peer whose move lowers the busiest of the
+two by a margin, so one hot peer alone on a worker is never bounced between workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from shardwg.proto.ownership import owner_of
+from shardwg.shm.placement import Mode
+
+HOT_RATIO = 1.3  # a worker above this many times the mean load is hot...
+HOT_INTERVALS = 3  # ...once it stayed so for this many consecutive samples
+MIN_HOT_RATE = 1_000_000.0  # bytes/s below which no worker counts as hot (idle noise)
+GAIN = 0.9  # a load move must bring the busier of the two workers below this x hot load
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    public_key: bytes
+    src: int
+    dst: int
+    ratio: float = 0.0  # hot worker's load over the mean (load moves)
+
+
+def counts(owners: Mapping[bytes, int], workers: int) -> list[int]:
+    out = [0] * workers
+    for w in owners.values():
+        if 0 <= w < workers:
+            out[w] += 1
+    return out
+
+
+def initial(keys: Iterable[bytes], workers: int, mode: Mode) -> dict[bytes, int]:
+    """Owners at start: round robin in configuration order (hash mode: owner_of)."""
+    if mode == Mode.HASH:
+        return {k: owner_of(k, workers) for k in keys}
+    return {k: i % workers for i, k in enumerate(keys)}
+
+
+def place_new(owners: Mapping[bytes, int], key: bytes, workers: int, mode: Mode) -> int:
+    """The owner of a peer being added: the worker with fewest peers (lowest id on a tie)."""
+    if mode == Mode.HASH:
+        return owner_of(key, workers)
+    c = counts(owners, workers)
+    return min(range(workers), key=lambda w: (c[w], w))
+
+
+def rebalance(
+    owners: Mapping[bytes, int],
+    workers: int,
+    mode: Mode,
+    rates: Mapping[bytes, float] | None = None,
+) -> list[Move]:
+    """The fewest moves that leave no worker with more than one peer more than another.
+
+    Each move takes the quietest peer (by `rates`, then key) of a worker with the most
+    peers to a worker with the fewest; every move shrinks the excess by one, and the
+    moves stop as soon as the spread is at most one, so nothing moves needlessly.
+    """
+    if mode == Mode.HASH or workers < 2:
+        return []
+    cur = dict(owners)
+    c = counts(cur, workers)
+    moves: list[Move] = []
+    rate = rates or {}
+    while max(c) - min(c) > 1:
+        src = max(range(workers), key=lambda w: (c[w], -w))
+        dst = min(range(workers), key=lambda w: (c[w], w))
+        key = min((k for k, w in cur.items() if w == src), key=lambda k: (rate.get(k, 0.0), k))
+        cur[key] = dst
+        c[src] -= 1
+        c[dst] += 1
+        moves.append(Move(key, src, dst))
+    return moves
+
+
+class LoadBalancer:
+    """Hysteresis over per-interval load samples; at most one move per `step`."""
+
+    def __init__(
+        self,
+        workers: int,
+        ratio: float = HOT_RATIO,
+        intervals: int = HOT_INTERVALS,
+        min_rate: float = MIN_HOT_RATE,
+    ) -> None:
+        self.workers = workers
+        self.ratio = ratio
+        self.intervals = intervals
+        self.min_rate = min_rate
+        self.streak = [0] * workers
+
+    def loads(self, owners: Mapping[bytes, int], rates: Mapping[bytes, float]) -> list[float]:
+        out = [0.0] * self.workers
+        for k, w in owners.items():
+            if 0 <= w < self.workers:
+                out[w] += max(0.0, rates.get(k, 0.0))
+        return out
+
+    def step(self, owners: Mapping[bytes, int], rates: Mapping[bytes, float]) -> Move | None:
+        """One interval's sample (bytes/s per peer): the move to make now, if any."""
+        n = self.workers
+        load = self.loads(owners, rates)
+        mean = sum(load) / n if n else 0.0
+        for w in range(n):
+            hot = mean > 0 and load[w] > self.ratio * mean and load[w] >= self.min_rate
+            self.streak[w] = self.streak[w] + 1 if hot else 0
+        ready = [w for w in range(n) if self.streak[w] >= self.intervals]
+        if not ready or n < 2:
+            return None
+        src = max(ready, key=lambda w: (load[w], -w))
+        dst = min(range(n), key=lambda w: (load[w], w))
+        gap = load[src] - load[dst]
+        best: tuple[float, bytes] | None = None
+        for k, w in owners.items():
+            if w != src:
+                continue
+            r = max(0.0, rates.get(k, 0.0))
+            if r <= 0 or max(load[src] - r, load[dst] + r) > GAIN * load[src]:
+                continue  # moving it would not relieve the hot worker enough
+            score = abs(gap / 2 - r)
+            if best is None or (score, k) < best:
+                best = (score, k)
+        if best is None:
+            return None
+        self.streak = [0] * n  # the next move needs a fresh run of hot samples
+        return Move(best[1], src, dst, round(load[src] / mean, 3))
+
+    def reset(self) -> None:
+        self.streak = [0] * self.workers

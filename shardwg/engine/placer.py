@@ -1,0 +1,180 @@
+"""The supervisor's side of placement: keeps the shared table, samples load, starts moves.
+
+The supervisor is the table's only writer. At start it places every peer (by count, or
+by hash with `--placement hash`); a configuration change places added peers and may
+move a few to even the counts; with `--placement load` it samples each peer's traffic
+from its slot once a second and lets `LoadBalancer` pick at most one move. A move is
+only a new owner in the table plus a nudge to the workers: the old owner publishes the
+peer's slot and hands it over, the new owner adopts it (engine/adoption.py), and the
+move is complete when the slot's record names the new owner and is no longer `handed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from shardwg.engine.placement import LoadBalancer, Move, initial, place_new, rebalance
+from shardwg.shm.layout import Layout
+from shardwg.shm.peerslot import decode_peer
+from shardwg.shm.placement import (
+    HISTORY,
+    Mode,
+    MoveRecord,
+    PlacementTable,
+    Reason,
+    encode_table,
+    table_size,
+)
+
+log = logging.getLogger("shardwg.engine.placement")
+SAMPLE_INTERVAL = 1.0
+
+
+class Placer:
+    def __init__(
+        self,
+        mode: Mode,
+        workers: int,
+        layout: Layout,
+        buf: object,
+        notify: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mode = mode
+        self.workers = workers
+        self.layout = layout
+        self.buf = buf
+        self.notify = notify
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.slot_of: dict[bytes, int] = {}
+        self.owners: dict[bytes, int] = {}
+        self.table = PlacementTable(mode, [-1] * layout.peer_capacity)
+        self.balancer = LoadBalancer(workers)
+        self.in_flight: dict[bytes, tuple[float, MoveRecord]] = {}
+        self._scratch = bytearray(table_size(layout.peer_capacity))
+        self._last_bytes: dict[bytes, int] = {}
+        self._next_sample = 0.0
+        self.rates: dict[bytes, float] = {}
+
+    # ------------------------------------------------------------------ the table
+    def _write(self) -> None:
+        t = self.table
+        t.generation += 1
+        t.owners = [-1] * self.layout.peer_capacity
+        for key, slot in self.slot_of.items():
+            t.owners[slot] = self.owners.get(key, -1)
+        encode_table(t, self._scratch)
+        self.layout.placement_slot(self.buf).write(self._scratch)
+
+    def owner(self, key: bytes) -> int:
+        return self.owners.get(key, -1)
+
+    def start(self, keys: Iterable[bytes], slot_of: Mapping[bytes, int]) -> None:
+        """Place the configured peers (in configuration order) before any worker starts."""
+        keys = list(keys)
+        self.slot_of = dict(slot_of)
+        self.owners = initial(keys, self.workers, self.mode)
+        self._write()
+
+    # ------------------------------------------------------------------ configuration
+    def add(self, key: bytes, slot: int) -> int:
+        """Place a peer being added (call before the workers hear of it)."""
+        self.slot_of[key] = slot
+        self.owners[key] = place_new(self.owners, key, self.workers, self.mode)
+        self._write()
+        return self.owners[key]
+
+    def remove(self, key: bytes) -> None:
+        self.slot_of.pop(key, None)
+        self.owners.pop(key, None)
+        self.in_flight.pop(key, None)
+        self._last_bytes.pop(key, None)
+        self._write()
+
+    def rebalance(self) -> list[Move]:
+        """After a configuration change: even the counts with the fewest moves."""
+        moves = rebalance(self.owners, self.workers, self.mode, self.rates)
+        for m in moves:
+            self._begin(m, Reason.COUNT)
+        if moves:
+            self._write()
+            self.notify()
+        return moves
+
+    # ------------------------------------------------------------------ moves
+    def _begin(self, m: Move, reason: Reason) -> None:
+        self.owners[m.public_key] = m.dst
+        rec = MoveRecord(m.public_key, m.src, m.dst, reason, self.wall_clock(), m.ratio)
+        self.table.history.insert(0, rec)
+        del self.table.history[HISTORY:]
+        self.table.moves_total += 1
+        self.in_flight[m.public_key] = (self.clock(), rec)
+        log.info("placement: peer %s… from worker %d to %d (%s%s)", m.public_key[:4].hex(),
+                 m.src, m.dst, reason.name.lower(),
+                 f", worker {m.src} at {m.ratio:.2f}x the mean" if m.ratio else "")  # fmt: skip
+
+    def move(self, m: Move, reason: Reason) -> None:
+        """Start one move now (load moves and tests)."""
+        self._begin(m, reason)
+        self._write()
+        self.notify()
+
+    def _check_in_flight(self, now: float) -> bool:
+        changed = False
+        for key, (began, rec) in list(self.in_flight.items()):
+            slot = self.slot_of.get(key)
+            if slot is None:
+                self.in_flight.pop(key)
+                continue
+            try:
+                pr = decode_peer(self.layout.peer_slot(self.buf, slot).read(max_retries=100))
+            except Exception:
+                continue
+            if pr is not None and pr.owner == rec.dst and not pr.handed:
+                rec.latency = round(now - began, 4)
+                self.in_flight.pop(key)
+                changed = True
+                log.info("placement: peer %s… adopted by worker %d after %.3f s",
+                         key[:4].hex(), rec.dst, rec.latency)  # fmt: skip
+        return changed
+
+    # ------------------------------------------------------------------ load
+    def _sample(self, dt: float) -> None:
+        rates: dict[bytes, float] = {}
+        for key, slot in self.slot_of.items():
+            try:
+                pr = decode_peer(self.layout.peer_slot(self.buf, slot).read(max_retries=100))
+            except Exception:
+                continue
+            if pr is None or pr.public_key != key:
+                continue
+            total = pr.rx_bytes + pr.tx_bytes
+            last = self._last_bytes.get(key)
+            self._last_bytes[key] = total
+            if last is not None and dt > 0:
+                rates[key] = max(0, total - last) / dt
+        self.rates = rates
+
+    def tick(self, now: float) -> Move | None:
+        """Once per supervisor turn: finish moves, and once a second sample load."""
+        changed = self._check_in_flight(now) if self.in_flight else False
+        move = None
+        if now >= self._next_sample:
+            dt = SAMPLE_INTERVAL if self._next_sample else 0.0
+            self._next_sample = now + SAMPLE_INTERVAL
+            if self.mode == Mode.LOAD:
+                self._sample(dt)
+                if not self.in_flight and dt:
+                    move = self.balancer.step(self.owners, self.rates)
+                    if move is not None:
+                        self._begin(move, Reason.LOAD)
+                        self._write()
+                        self.notify()
+                        changed = False
+        if changed:
+            self._write()
+        return move
