@@ -94,6 +94,22 @@ def worker_families(st: GatewayStatus) -> Iterator[Metric]:
         for reason, n in sorted(w.drops.items()):
             drops.add_metric([iface, str(w.worker), reason], n)
     yield drops
+    if st.placement is not None:
+        moves = CounterMetricFamily(
+            "shardwg_placement_moves",
+            "Peers moved between workers by placement (mode: load, count or hash)",
+            labels=["interface", "mode"],
+        )
+        moves.add_metric([iface, st.placement.mode], st.placement.moves)
+        yield moves
+        last = GaugeMetricFamily(
+            "shardwg_placement_last_move_seconds",
+            "Unix time of the latest placement move, with its peer, workers and reason",
+            labels=["interface", "public_key", "src", "dst", "reason"],
+        )
+        for m in st.placement.recent[:1]:
+            last.add_metric([iface, m.public_key, str(m.src), str(m.dst), m.reason], m.time)
+        yield last
 
 
 def peer_families(st: GatewayStatus) -> Iterator[Metric]:

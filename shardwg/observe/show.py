@@ -7,7 +7,7 @@ import time
 
 import msgspec
 
-from shardwg.observe.status import GatewayStatus, read_status
+from shardwg.observe.status import GatewayStatus, MoveStatus, read_status
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shardwg-"
@@ -47,6 +47,15 @@ def _rate(bps: float) -> str:
     return f"{bps:.0f} bit/s"
 
 
+def _move(m: MoveStatus) -> str:
+    why = "counts evened after a configuration change"
+    if m.reason == "load":
+        why = f"load: worker {m.src} at {m.ratio:.2f}x the mean"
+    done = f"adopted in {m.latency * 1000:.0f} ms" if m.latency >= 0 else "in flight"
+    ago = max(0, int(time.time() - m.time))
+    return f"{m.public_key[:8]}… worker {m.src} -> {m.dst}, {ago} s ago ({why}; {done})"
+
+
 def render(st: GatewayStatus) -> str:
     lines = [
         f"interface: {st.interface}",
@@ -57,6 +66,11 @@ def render(st: GatewayStatus) -> str:
     if not st.running:
         lines.insert(1, "  NOT RUNNING: the supervisor is gone; this is a stale region "
                         "(removed at the next start on this interface)")  # fmt: skip
+    if st.placement is not None:
+        pl = st.placement
+        lines.append(f"  placement: {pl.mode} ({pl.moves} move{'' if pl.moves == 1 else 's'})")
+        for m in pl.recent:
+            lines.append(f"    {_move(m)}")
     for p in st.peers:
         lines += ["", f"peer: {p.public_key}", f"  worker: {p.owner}"]
         if p.endpoint:

@@ -17,10 +17,10 @@ from typing import Any
 import msgspec
 
 from shardwg.config.endpoints import format_endpoint
-from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout, decode_global
 from shardwg.shm.peerslot import decode_peer
+from shardwg.shm.placement import PlacementTable, decode_table
 from shardwg.shm.region import RegionError, SharedRegion, region_name
 
 
@@ -69,6 +69,22 @@ class WorkerStatus(msgspec.Struct):
     cpu_share: float = 0.0  # cores it used over the interval (1.0: one core busy)
 
 
+class MoveStatus(msgspec.Struct):
+    public_key: str  # base64
+    src: int  # worker it left
+    dst: int  # worker it went to
+    reason: str  # "count" (a configuration change evened the counts) or "load"
+    time: float  # Unix seconds when the supervisor decided it
+    ratio: float  # load moves: the hot worker's load over the mean when it moved
+    latency: float  # seconds until the new owner adopted the slot (-1: still in flight)
+
+
+class PlacementStatus(msgspec.Struct):
+    mode: str  # "load", "count" or "hash" (shardwg run --placement)
+    moves: int  # moves since the gateway started
+    recent: list[MoveStatus] = []  # the last few, newest first
+
+
 class GatewayStatus(msgspec.Struct):
     interface: str
     listen_port: int
@@ -80,6 +96,7 @@ class GatewayStatus(msgspec.Struct):
     peers: list[PeerStatus]
     worker_stats: list[WorkerStatus]
     drops_total: dict[str, int]
+    placement: PlacementStatus | None = None
 
 
 class ShmReader:
@@ -103,6 +120,10 @@ class ShmReader:
         return decode_global(self.layout.global_slot(self.region.buf).read())
 
     def peers(self) -> list[Any]:
+        return [rec for _i, rec in self.slots()]
+
+    def slots(self) -> list[tuple[int, Any]]:
+        """(slot index, record) of every published peer."""
         out = []
         for i in range(self.layout.peer_capacity):
             try:
@@ -110,8 +131,14 @@ class ShmReader:
             except Exception:  # torn by a dying writer or corrupt: skip, never crash a reader
                 continue
             if rec is not None:
-                out.append(rec)
+                out.append((i, rec))
         return out
+
+    def placement(self) -> PlacementTable | None:
+        try:
+            return decode_table(self.layout.placement_slot(self.region.buf).read(max_retries=1000))
+        except Exception:
+            return None
 
     def close(self) -> None:
         self.region.close()
@@ -155,7 +182,8 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         cpu_after = [cpu_seconds(w.pid) for w in after]
         dt = max(time.monotonic() - t0, 1e-9)
         g = reader.global_state()
-        records = reader.peers()
+        records = reader.slots()
+        table = reader.placement()
     finally:
         reader.close()
     now = time.monotonic()
@@ -191,17 +219,18 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
                 cpu_share=round(max(0.0, cb - ca) / dt, 3) if a.pid == b.pid else 0.0,
             )
         )
+    owners = table.owners if table is not None else []
     peers = [
         PeerStatus(
             public_key=base64.b64encode(r.public_key).decode(),
-            owner=r.owner,
+            owner=owners[i] if i < len(owners) and owners[i] >= 0 else r.owner,
             endpoint=format_endpoint(r.endpoint) or None,
             latest_handshake=int(r.last_handshake_wall),
             rx_bytes=r.rx_bytes,
             tx_bytes=r.tx_bytes,
             session=r.current is not None,
         )
-        for r in records
+        for i, r in records
     ]
     totals: dict[str, int] = {}
     for w in workers:
@@ -218,21 +247,39 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         peers=peers,
         worker_stats=workers,
         drops_total=totals,
+        placement=placement_status(table),
     )
 
 
-def with_config(st: GatewayStatus, peers: dict[str, list[str]]) -> GatewayStatus:
+def placement_status(t: PlacementTable | None) -> PlacementStatus | None:
+    if t is None:
+        return None
+    return PlacementStatus(
+        mode=t.mode.name.lower(),
+        moves=t.moves_total,
+        recent=[
+            MoveStatus(base64.b64encode(m.public_key).decode(), m.src, m.dst,
+                       m.reason.name.lower(), round(m.wall, 3), round(m.ratio, 3),
+                       round(m.latency, 4))  # fmt: skip
+            for m in t.history
+        ],
+    )
+
+
+def with_config(
+    st: GatewayStatus, peers: dict[str, list[str]], owners: dict[str, int] | None = None
+) -> GatewayStatus:
     """The status as the running configuration sees it, the same peer list as `wg show`:
-    `peers` maps each configured public key (base64) to its allowed IPs. A configured peer
-    whose owner has not published it yet gets zero counters, a removed one whose slot is not
-    wiped yet is left out, and allowed_ips are filled in."""
+    `peers` maps each configured public key (base64) to its allowed IPs, `owners` to the
+    worker placement gave it. A configured peer whose owner has not published it yet gets
+    zero counters, a removed one whose slot is not wiped yet is left out, and allowed_ips
+    are filled in."""
     seen = {p.public_key: p for p in st.peers}
     out = []
     for key, allowed in peers.items():
         p = seen.get(key)
         if p is None:
-            owner = owner_of(base64.b64decode(key), st.workers) if st.workers else 0
-            p = PeerStatus(key, owner, None, 0, 0, 0, False)
+            p = PeerStatus(key, (owners or {}).get(key, -1), None, 0, 0, 0, False)
         p.allowed_ips = list(allowed)
         out.append(p)
     st.peers = out
