@@ -34,8 +34,8 @@ SOURCE = bytes([192, 0, 2, 2]) + struct.pack(">H", 51820)
 def ip_packet(src: str, dst: str, payload: bytes) -> bytearray:
     """A minimal IPv4 packet with 16 spare bytes after it for padding."""
     total = 20 + len(payload)
-    head = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
-                       bytes(map(int, src.split("."))), bytes(map(int, dst.split("."))))  # fmt: skip
+    a, b = (bytes(map(int, ip.split("."))) for ip in (src, dst))
+    head = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0, a, b)
     return bytearray(head + payload + bytes(16))
 
 
@@ -146,8 +146,9 @@ class World:
         self.placer.start([self.remote_key], self.slot_of)
         self.w = [SimWorker(self, i) for i in range(workers)]
         self.remote = Device(remote_private, os.urandom, worker_id=0)
-        self.rpeer = self.remote.add_peer(public_key(self.gw_private),
-                                          allowed_ips=["10.0.0.1/32"], endpoint=GW_ADDR)  # fmt: skip
+        self.rpeer = self.remote.add_peer(
+            public_key(self.gw_private), allowed_ips=["10.0.0.1/32"], endpoint=GW_ADDR
+        )
         self.sent: set[tuple[bytes, int]] = set()
         self.seen: set[bytes] = set()
         self.old: list[bytes] = []  # datagrams already on the wire (replays)
@@ -171,7 +172,8 @@ class World:
         (_p, init), = self.remote.outbox
         self.remote.outbox.clear()
         owner = self.w[self.holders()[0]]
-        assert owner.device.receive_handshake(init, REMOTE_ADDR, SOURCE, self.now, self.wall) is None
+        res = owner.device.receive_handshake(init, REMOTE_ADDR, SOURCE, self.now, self.wall)
+        assert res is None
         (_p, resp), = owner.device.outbox
         owner.device.outbox.clear()
         owner.flush_events()

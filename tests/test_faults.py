@@ -18,7 +18,6 @@ from lab.harness import Harness
 from lab.netns import wait_for
 from lab.ping import ping
 from lab.transfer import Transfer
-from shardwg.proto.ownership import owner_of
 from shardwg.shm.region import SharedRegion, region_name
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -101,10 +100,10 @@ def test_sigstop_worker_is_killed_and_replaced(netns_factory: Harness) -> None:
     peer_ns = site.peers[0][0]
     try:
         assert ping(peer_ns, "10.0.0.1", count=2, timeout=10), site.gw.log_text()
-        owner = owner_of(b64(site.peers[0][2][1]), 2)
         size = 40 * MiB
         shm = ShmView(site.gw.ifname)
         try:
+            owner = shm.owner(b64(site.peers[0][2][1]))
             runs = start_transfers(site, size, 6400)
             assert wait_for(lambda: shm.workers()[owner].rx_bytes > 2 * MiB, 30)
             old = shm.workers()[owner].pid

@@ -25,6 +25,7 @@ from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer
+from shardwg.shm.placement import decode_table
 from shardwg.shm.region import SharedRegion, region_name
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -73,8 +74,10 @@ def build_site(
     gw_initiates: bool = False,
     gw_knows: list[int] | None = None,
     extra_interface: str = "",
+    placement: str = "count",
 ) -> Site:
-    """`gw_knows`: which peers the gateway's config lists (default: all)."""
+    """`gw_knows`: which peers the gateway's config lists (default: all). `placement`:
+    count keeps owners fixed while these tests measure per-worker traffic."""
     gw_ns = harness(1, "gw")[0]
     gw_keys = keypair()
     keys = peer_keys(n_peers, workers, spread=True)
@@ -105,7 +108,7 @@ def build_site(
     known = [gw_peer_conf[i] for i in (gw_knows if gw_knows is not None else range(n_peers))]
     gw = ShardwgGateway(
         gw_ns, unique_ifname("swg"), gw_keys[0], GW_PORT, known, ["10.0.0.1/24"],
-        workers=workers, extra_interface=extra_interface,
+        workers=workers, extra_interface=extra_interface, extra_args=["--placement", placement],
     )  # fmt: skip
     return Site(gw_ns, gw, gw_keys, peers, gw_peer_conf)
 
@@ -119,6 +122,16 @@ class ShmView:
 
     def workers(self) -> list[C.WorkerStats]:
         return C.read_all(self.region.buf, self.layout.counters_offset, self.layout.workers)
+
+    def owner(self, key: bytes) -> int:
+        """The worker the supervisor's placement table gives the peer."""
+        table = decode_table(self.layout.placement_slot(self.region.buf).read())
+        assert table is not None
+        for i in range(self.layout.peer_capacity):
+            rec = self.peer(i)
+            if rec is not None and rec.public_key == key:
+                return table.owners[i]
+        raise KeyError("peer not published")
 
     def peer(self, index: int) -> Any:
         return decode_peer(self.layout.peer_slot(self.region.buf, index).read())
@@ -154,7 +167,8 @@ def test_steering_six_peers_four_workers(netns_factory: Harness) -> None:
         shm = ShmView(site.gw.ifname)
         try:
             stats = shm.workers()
-            owners = [owner_of(b64(kp[1]), 4) for _ns, _wg, kp in site.peers]
+            owners = [shm.owner(b64(kp[1])) for _ns, _wg, kp in site.peers]
+            assert sorted(owners) == [0, 0, 1, 1, 2, 3]  # by count, not by chance
             for w, s in enumerate(stats):
                 owned = owners.count(w)
                 assert s.peers_owned == owned
@@ -197,7 +211,7 @@ def test_kill_worker_mid_transfer(netns_factory: Harness) -> None:
         assert all(handshakes)
         shm = ShmView(site.gw.ifname)
         try:
-            victim = owner_of(b64(site.peers[0][2][1]), 2)
+            victim = shm.owner(b64(site.peers[0][2][1]))
             old_pid = shm.workers()[victim].pid
             size = 60 * 1024 * 1024
             transfers = [

@@ -30,6 +30,9 @@ from shardwg.shm.placement import (
 
 log = logging.getLogger("shardwg.engine.placement")
 SAMPLE_INTERVAL = 1.0
+# Rates span two samples: owners republish traffic counters about once a second, so a
+# one-second window would now and then hold no publication at all and read as idle.
+RATE_WINDOW = 2
 
 
 class Placer:
@@ -56,7 +59,7 @@ class Placer:
         self.balancer = LoadBalancer(workers)
         self.in_flight: dict[bytes, tuple[float, MoveRecord]] = {}
         self._scratch = bytearray(table_size(layout.peer_capacity))
-        self._last_bytes: dict[bytes, int] = {}
+        self._history: list[tuple[float, dict[bytes, int]]] = []
         self._next_sample = 0.0
         self.rates: dict[bytes, float] = {}
 
@@ -92,7 +95,6 @@ class Placer:
         self.slot_of.pop(key, None)
         self.owners.pop(key, None)
         self.in_flight.pop(key, None)
-        self._last_bytes.pop(key, None)
         self._write()
 
     def rebalance(self) -> list[Move]:
@@ -143,32 +145,33 @@ class Placer:
         return changed
 
     # ------------------------------------------------------------------ load
-    def _sample(self, dt: float) -> None:
-        rates: dict[bytes, float] = {}
+    def _sample(self, now: float) -> None:
+        """Each peer's bytes/s (received + sent) over the last RATE_WINDOW samples."""
+        totals: dict[bytes, int] = {}
         for key, slot in self.slot_of.items():
             try:
                 pr = decode_peer(self.layout.peer_slot(self.buf, slot).read(max_retries=100))
             except Exception:
                 continue
-            if pr is None or pr.public_key != key:
-                continue
-            total = pr.rx_bytes + pr.tx_bytes
-            last = self._last_bytes.get(key)
-            self._last_bytes[key] = total
-            if last is not None and dt > 0:
-                rates[key] = max(0, total - last) / dt
-        self.rates = rates
+            if pr is not None and pr.public_key == key:
+                totals[key] = pr.rx_bytes + pr.tx_bytes
+        self._history.append((now, totals))
+        del self._history[: -RATE_WINDOW - 1]
+        then, old = self._history[0]
+        dt = now - then
+        self.rates = {
+            k: max(0, v - old[k]) / dt for k, v in totals.items() if k in old and dt > 0
+        }
 
     def tick(self, now: float) -> Move | None:
         """Once per supervisor turn: finish moves, and once a second sample load."""
         changed = self._check_in_flight(now) if self.in_flight else False
         move = None
         if now >= self._next_sample:
-            dt = SAMPLE_INTERVAL if self._next_sample else 0.0
             self._next_sample = now + SAMPLE_INTERVAL
             if self.mode == Mode.LOAD:
-                self._sample(dt)
-                if not self.in_flight and dt:
+                self._sample(now)
+                if not self.in_flight and self.rates:
                     move = self.balancer.step(self.owners, self.rates)
                     if move is not None:
                         self._begin(move, Reason.LOAD)
