@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from shardwg.engine.placement import (
     HOT_INTERVALS,
     LoadBalancer,
+    Move,
     counts,
     initial,
     place_new,
@@ -263,3 +264,23 @@ def test_placer_rebalance_after_removal_moves_only_what_is_needed() -> None:
     assert sorted(o for o in t.owners if o >= 0) == [0, 1]
     assert p.nudges  # type: ignore[attr-defined]
     assert math.isclose(t.history[0].wall, 1.7e9 + 100.0)
+
+
+def test_show_and_metrics_render_the_moves() -> None:
+    from shardwg.observe import exposition
+    from shardwg.observe.show import render
+    from shardwg.observe.status import GatewayStatus, placement_status
+
+    p, lay, buf = _placer(2)
+    keys = [_key(i) for i in range(3)]
+    p.start(keys, {k: i for i, k in enumerate(keys)})
+    p.move(Move(keys[0], 0, 1, 2.5), Reason.LOAD)
+    pl = placement_status(_table(lay, buf))
+    assert pl is not None and pl.mode == "load" and pl.moves == 1
+    st = GatewayStatus("wg9", 1, 2, 1, 1.0, True, False, [], [], {}, pl)
+    text = render(st)
+    assert "placement: load (1 move)" in text
+    assert "worker 0 -> 1" in text and "load: worker 0 at 2.50x the mean; in flight" in text
+    page = exposition.render(st)
+    assert 'shardwg_placement_moves_total{interface="wg9",mode="load"} 1.0' in page
+    assert 'reason="load",src="0"' in page

@@ -33,6 +33,7 @@ SAMPLE_INTERVAL = 1.0
 # Rates span two samples: owners republish traffic counters about once a second, so a
 # one-second window would now and then hold no publication at all and read as idle.
 RATE_WINDOW = 2
+MOVE_PATIENCE = 10.0  # seconds a move may stay unadopted before load moves go on without it
 
 
 class Placer:
@@ -142,6 +143,10 @@ class Placer:
                 changed = True
                 log.info("placement: peer %s… adopted by worker %d after %.3f s",
                          key[:4].hex(), rec.dst, rec.latency)  # fmt: skip
+            elif now - began > MOVE_PATIENCE:
+                self.in_flight.pop(key)  # e.g. a worker being replaced: it adopts at boot
+                log.warning("placement: peer %s… not adopted by worker %d after %.0f s",
+                            key[:4].hex(), rec.dst, MOVE_PATIENCE)  # fmt: skip
         return changed
 
     # ------------------------------------------------------------------ load
