@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 _DROP_BASE = C.DROP_BASE
 HELD_MAX = 1024  # packets held for peers about to be adopted
+_UNKNOWN_INDEX = -1 - DropReason.UNKNOWN_INDEX
+DRAIN_ROUNDS = 4  # batches taken from one incoming ring per drain
 
 
 class HandoffRings:
@@ -107,19 +109,24 @@ class HandoffRings:
         """Drain every incoming ring: packets we own that another worker read."""
         total = 0
         for ring in self._in_rings:
-            n = ring.pop_batch(self._pk_pkt, self._pk_sizes, self._pk_kinds, self._pk_auxs,
-                               BATCH)  # fmt: skip
-            if not n:
-                continue
-            total += n
-            self.v[C.HANDOFFS_IN] += n
-            kinds = self._pk_kinds
-            for i in range(n):
-                if kinds[i] != HandoffKind.TUN_PACKET:
-                    self._read_mixed(n, now, wall)
+            # A producer pushes up to a batch per turn and wakes us once: after a placement
+            # move it forwards every datagram under an old index, so take a few batches.
+            for _ in range(DRAIN_ROUNDS):
+                n = ring.pop_batch(self._pk_pkt, self._pk_sizes, self._pk_kinds,
+                                   self._pk_auxs, BATCH)  # fmt: skip
+                if not n:
                     break
-            else:
-                self.send_packets(self._pk_pkt, self._pk_sizes, n, now, wall)
+                total += n
+                self.v[C.HANDOFFS_IN] += n
+                kinds = self._pk_kinds
+                for i in range(n):
+                    if kinds[i] != HandoffKind.TUN_PACKET:
+                        self._read_mixed(n, now, wall)
+                        break
+                else:
+                    self.send_packets(self._pk_pkt, self._pk_sizes, n, now, wall)
+                if n < BATCH:
+                    break
         return total
 
     def _read_mixed(self, n: int, now: float, wall: float) -> None:
@@ -150,13 +157,18 @@ class HandoffRings:
             self._queue_handshake(msg, addr, True, now)
         elif kind == HandoffKind.TRANSPORT:
             datagram, src = unpack_transport(payload)
-            self._open_handed(datagram, src, now, wall)
+            if self._open_handed(datagram, src, now, wall) == _UNKNOWN_INDEX:
+                if self.placement is not None and self.placement.incoming:
+                    self._hand_over(self.worker_id, payload, kind)  # before its RELEASE: hold
+                    return
+                self.v[_DROP_BASE + DropReason.UNKNOWN_INDEX] += 1
         elif kind == HandoffKind.RELEASE and self.placement is not None:
             self.placement.on_release(bytes(payload), now, wall)
             self.replay_held(now, wall)
 
-    def _open_handed(self, msg: memoryview, addr: Any, now: float, wall: float) -> None:
-        """A transport datagram its old worker passed on: open it here, write it to our TUN."""
+    def _open_handed(self, msg: memoryview, addr: Any, now: float, wall: float) -> int:
+        """A transport datagram its old worker passed on: open it here, write it to our TUN.
+        Returns receive_transport's result (an unknown index is left to the caller)."""
         out = self._handed_plain
         self._forwarding = False
         try:
@@ -166,8 +178,9 @@ class HandoffRings:
         if res > 0:
             if not tun_io.write_packet(self.tun_fd, out[: VNET_HDR_LEN + res]):
                 self.v[_DROP_BASE + DropReason.TUN_WRITE_ERROR] += 1
-        elif res < 0:
+        elif res < 0 and res != _UNKNOWN_INDEX:
             self.v[_DROP_BASE - 1 - res] += 1
+        return res
 
     def replay_held(self, now: float, wall: float) -> None:
         """After an adoption: what we held goes its way again (still ours-to-be: held again)."""
