@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shardwg.engine import control
+from shardwg.proto import ownership
 from shardwg.proto.constants import REJECT_AFTER_TIME
 from shardwg.proto.device import Device
 from shardwg.proto.peer import Peer
@@ -83,7 +84,10 @@ class ShardPlacement:
         return True
 
     def owner_of(self, key: bytes) -> int:
-        """The table's owner of a peer, -1 when it is not placed (yet)."""
+        """The table's owner of a peer, -1 when it is not placed (yet). A region whose
+        table was never written (no supervisor placed anything) falls back to the hash."""
+        if self.generation < 0:
+            return ownership.owner_of(key, self.layout.workers)
         index = self.publisher.slot_of.get(key)
         if index is None or not 0 <= index < len(self.table):
             return -1
