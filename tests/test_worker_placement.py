@@ -93,3 +93,46 @@ def test_move_between_real_workers(gateways: list[MemoryGateway]) -> None:
         assert g.total().drops.get("handoff_full", 0) == 0
     finally:
         wire.close()
+
+
+def test_live_changes_keep_counts_even_across_real_workers(
+    gateways: list[MemoryGateway],
+) -> None:
+    """Peers added and removed through LiveConfig with the Placer attached: after every
+    change each worker owns its share (spread <= 1), as the workers themselves count it,
+    and a removal that left the counts uneven moved exactly one peer, with its session."""
+    g_priv, _g_pub = new_key()
+    keys = [new_key()[1] for _ in range(5)]
+    g = MemoryGateway(config(g_priv, []), workers=3)
+    gateways.append(g)
+    placer = Placer(Mode.COUNT, 3, g.layout, g.region.buf,
+                    lambda: g.broadcast(control.encode(control.Placement())))  # fmt: skip
+    placer.start([], g.slot_of)
+    g.live.placer = placer
+    g.start()
+    g.wait_ready()
+
+    def owned() -> list[int]:
+        return [s.peers_owned for s in g.stats()]
+
+    peers = []
+    for i, key in enumerate(keys):
+        peers.append(peer(key, [f"10.8.{i}.0/24"]))
+        assert g.live.apply(config(g_priv, list(peers)), "test") == 0
+        want = sorted([len(peers) // 3 + (w < len(peers) % 3) for w in range(3)])
+        assert wait_for(lambda w=want: sorted(owned()) == w), (owned(), want)
+    assert placer.table.moves_total == 0  # adding never moves anyone
+    # remove both peers of one worker with two: 3 peers left on 3 workers, one each
+    two = next(w for w in range(3) if list(placer.owners.values()).count(w) == 2)
+    gone = {k for k, w in placer.owners.items() if w == two}
+    assert g.live.apply(config(g_priv, [p for p in peers if p.public_key not in gone]),
+                        "test") == 0  # fmt: skip
+    assert wait_for(lambda: owned() == [1, 1, 1]), owned()
+    assert placer.table.moves_total == 1 and placer.table.history[0].reason == Reason.COUNT
+    moved = placer.table.history[0].public_key
+
+    def adopted() -> bool:
+        placer.tick(placer.clock())
+        rec = g.record(moved)
+        return rec is not None and rec.owner == two and not rec.handed
+    assert wait_for(adopted, 5)

@@ -105,14 +105,28 @@ class ShardPlacement:
         return True, (rec if rec is not None and rec.public_key == key else None)
 
     # ------------------------------------------------------------------ the rule
-    def reconcile(self, now: float, wall: float, keys: list[bytes] | None = None) -> None:
-        """Apply the rule to `keys`, or to every peer whose table owner changed."""
+    def reconcile(
+        self, now: float, wall: float, keys: list[bytes] | None = None, strict: bool = False
+    ) -> None:
+        """Apply the rule to `keys`, or to every peer whose table owner changed. A peer
+        the device refuses (a bad prefix) is dropped and logged, or raises if `strict`
+        (at boot: the configuration cannot work)."""
         if keys is None:
             keys = [k for k in self.specs if self.view.get(k) != self.owner_of(k)]
         for key in keys:
-            if key in self.specs:
+            if key not in self.specs:
+                continue
+            try:
                 self._one(key, now, wall)
-                self.view[key] = self.owner_of(key)
+            except ValueError as exc:  # a peer this worker cannot hold: never retried
+                if strict:
+                    raise
+                log.error("worker %d: peer %s… refused: %s", self.me, key[:4].hex(), exc)
+                self.specs.pop(key, None)
+                self.incoming.pop(key, None)
+                self.device.remove_peer(key)
+                continue
+            self.view[key] = self.owner_of(key)
         self._count()
 
     def forget(self, key: bytes) -> None:

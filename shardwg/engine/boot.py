@@ -102,7 +102,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
             device, publisher, layout, buf, index, specs, ring_pusher(mesh, index, n), counters.v
         )
         placement.refresh()
-        placement.reconcile(now, wall)  # ours: adopted (restored if our slot); others: remote
+        placement.reconcile(now, wall, strict=True)  # ours adopted (restored), others remote
     except (ValueError, OSError) as exc:
         raise BootFailure(str(exc)) from exc
     owned = list(device.peers.values())
@@ -200,9 +200,9 @@ class ShardControl:
                     self.publisher.slot_of[msg.peer.public_key] = msg.slot
                 self._add(msg.peer, now, wall)
             elif isinstance(msg, control.UpdatePeer):
-                if placement is not None and msg.peer.public_key in placement.specs:
-                    placement.specs[msg.peer.public_key] = msg.peer
                 self._update(msg.peer, msg.endpoint_changed)
+                if placement is not None and msg.peer.public_key in placement.specs:
+                    placement.specs[msg.peer.public_key] = msg.peer  # applied: keep it
             elif isinstance(msg, control.Placement) and placement is not None:
                 if placement.refresh():
                     placement.reconcile(now, wall)
