@@ -134,21 +134,22 @@ def test_hot_worker_moves_one_peer_after_the_hysteresis() -> None:
 
 
 def test_exactly_one_move_per_interval_while_hot() -> None:
-    """A worker holding many hot peers gives one per interval, never two at once."""
+    """A worker holding many hot peers gives one per interval, never two at once, and the
+    hysteresis starts afresh after each move: moves at samples 3, 6, 9, 12."""
     keys = [_key(i) for i in range(8)]
     owners = {k: 0 for k in keys} | {_key(100): 1, _key(101): 2, _key(102): 3}
     rates = {k: HOT for k in keys}
-    lb = LoadBalancer(4, intervals=1)
-    moved = []
-    for _ in range(20):
+    lb = LoadBalancer(4)
+    moved_at = []
+    for sample in range(1, 13):
+        before = dict(owners)
         m = lb.step(owners, rates)
-        if m is None:
-            break
-        moved.append(m)
-        owners[m.public_key] = m.dst
-    assert 2 <= len(moved) <= 6
-    loads = lb.loads(owners, rates)
-    assert max(loads) <= 1.3 * (sum(loads) / 4) or len(moved) == 6
+        if m is not None:
+            moved_at.append(sample)
+            owners[m.public_key] = m.dst
+        assert sum(owners[k] != before[k] for k in owners) <= 1
+    assert moved_at == [3, 6, 9, 12]
+    assert sorted(lb.loads(owners, rates)) == [HOT, HOT, 2 * HOT, 4 * HOT]
 
 
 def test_a_peer_alone_on_its_worker_never_moves() -> None:
