@@ -285,3 +285,32 @@ def test_show_and_metrics_render_the_moves() -> None:
     page = exposition.render(st)
     assert 'shardwg_placement_moves_total{interface="wg9",mode="load"} 1.0' in page
     assert 'reason="load",src="0"' in page
+
+
+@pytest.mark.parametrize("mode", [Mode.HASH, Mode.COUNT])
+def test_hash_and_count_modes_never_move_on_load(mode: Mode) -> None:
+    lay = Layout(2, 16)
+    buf = bytearray(lay.total_size)
+    t = [0.0]
+    p = Placer(mode, 2, lay, buf, clock=lambda: t[0])
+    keys = [_key(i) for i in range(4)]
+    slots = {k: i for i, k in enumerate(keys)}
+    p.start(keys, slots)
+    if mode == Mode.HASH:
+        assert p.owners == {k: owner_of(k, 2) for k in keys}
+    for second in range(10):
+        for k in keys:
+            _publish(lay, buf, slots[k], k, p.owners[k], int(HOT) * second * (k == keys[0]))
+        assert p.tick(t[0]) is None
+        t[0] += 1.0
+    assert _table(lay, buf).moves_total == 0
+
+
+def test_cli_placement_option() -> None:
+    from shardwg.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "-c", "x.conf"]).placement == "load"
+    assert parser.parse_args(["run", "-c", "x.conf", "--placement", "hash"]).placement == "hash"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "-c", "x.conf", "--placement", "random"])
