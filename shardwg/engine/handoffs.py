@@ -18,6 +18,7 @@ from shardwg.proto.constants import MAX_DATAGRAM, DropReason
 from shardwg.proto.device import Device
 from shardwg.shm import counters as C
 from shardwg.shm.handoff import (
+    ADDR_SIZE,
     HandoffKind,
     HandoffMesh,
     pack_transport,
@@ -73,6 +74,8 @@ class HandoffRings:
         # still holds the slot: replayed once we adopt them (engine/adoption.py).
         self.held: list[tuple[bytes, int]] = []
         self._handed_plain = memoryview(bytearray(VNET_HDR_LEN + MAX_DATAGRAM + PLAIN_HEADROOM))
+        self._fwd_scratch = memoryview(bytearray(ADDR_SIZE + MAX_DATAGRAM))
+        self._fwd_src: Any = None
 
     def push_handoff(self, owner: int, data: bytes | memoryview, kind: int) -> bool:
         """One record onto our ring towards `owner` (placement control records)."""
@@ -83,11 +86,21 @@ class HandoffRings:
         return True
 
     def forward_transport(self, owner: int, msg: memoryview, n: int, src: Any) -> None:
-        """Device.forward: a datagram under an index we gave away with its peer."""
-        if self._forwarding:
-            self._hand_over(owner, pack_transport(msg[:n], src), HandoffKind.TRANSPORT)
-        else:  # already handed once: never bounce it around
+        """Device.forward: a datagram under an index we gave away with its peer. Every
+        datagram of a moved peer comes this way until its next handshake: the packed
+        source address is cached, and the record is built in a scratch buffer."""
+        if not self._forwarding:  # already handed once: never bounce it around
             self.v[_DROP_BASE + DropReason.UNKNOWN_INDEX] += 1
+            return
+        if src != self._fwd_src:
+            self._fwd_src = src
+            self._fwd_scratch[:ADDR_SIZE] = pack_transport(b"", src)
+        scratch = self._fwd_scratch
+        if ADDR_SIZE + n > len(scratch):
+            self.v[_DROP_BASE + DropReason.BAD_SIZE] += 1
+            return
+        scratch[ADDR_SIZE : ADDR_SIZE + n] = msg[:n]
+        self._hand_over(owner, scratch[: ADDR_SIZE + n], HandoffKind.TRANSPORT)
 
     _forwarding = True
 
