@@ -8,11 +8,13 @@ keep one writer per slot whatever crashes in between.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shardwg.engine.placement import Move
+from shardwg.proto.indextable import IndexTable
 from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.placement import Reason
 from tests.placement_world import World
@@ -160,3 +162,26 @@ MovesAndCrashes.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None
 )
 test_moves_and_crashes = MovesAndCrashes.TestCase
+
+
+def test_a_released_session_leaves_the_index_table_the_way_a_released_one_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever mirrors the index table (the batch data path) must see the session go: the
+    old owner's replay state may never accept again. Its index stays reserved."""
+    world = World(2)
+    world.handshake()
+    table = world.w[0].device.table
+    index = world.w[0].device.peers[world.remote_key].current.local_index
+    released: list[int] = []
+    real = IndexTable.release
+
+    def release(self: IndexTable, i: int) -> None:
+        released.append(i)
+        real(self, i)
+
+    monkeypatch.setattr(IndexTable, "release", release)
+    _move(world, 1)
+    world.w[0].nudge()
+    assert index in released and index not in table.sessions
+    assert index in table.allocator and index in world.w[0].device.moved

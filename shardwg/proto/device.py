@@ -151,7 +151,7 @@ class Device:
         remote = RemotePeer(public_key, owner)
         for kp in (peer.current, peer.previous, peer.next):
             if kp is not None:
-                self.table.sessions.pop(kp.local_index, None)
+                self.table.detach(kp.local_index)
                 self.moved[kp.local_index] = remote
         if peer.handshake is not None:
             self.table.release(peer.handshake.local_index)

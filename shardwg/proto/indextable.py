@@ -38,6 +38,13 @@ class IndexTable:
         self.allocator.reserve(keypair.local_index)
         self.sessions[keypair.local_index] = keypair
 
+    def detach(self, index: int) -> None:
+        """A session given to another worker (placement move): it leaves the table the
+        way a released one does, but its index stays reserved while datagrams carrying
+        it are still passed on to the new owner (Device.moved)."""
+        self.release(index)
+        self.allocator.reserve(index)
+
     def release(self, index: int) -> None:
         self.sessions.pop(index, None)
         self.pending.pop(index, None)
