@@ -185,3 +185,23 @@ def test_a_released_session_leaves_the_index_table_the_way_a_released_one_does(
     world.w[0].nudge()
     assert index in released and index not in table.sessions
     assert index in table.allocator and index in world.w[0].device.moved
+
+
+def test_record_torn_by_a_dying_writer_is_claimed_afresh() -> None:
+    """The old owner died mid-write (sequence left odd): nobody can read the slot, so the
+    new owner waits a few checks (a live writer finishes in microseconds), then claims it
+    without sessions: a new handshake, never a guess at counters."""
+    world = World(2)
+    world.handshake()
+    _move(world, 1)
+    slot = world.layout.peer_slot(world.buf, 0)
+    seq = memoryview(world.buf)[slot.offset : slot.offset + 8].cast("Q")
+    seq[0] |= 1  # a write begun and never finished
+    world.crash(0)
+    world.w[1].nudge()
+    assert world.holders() == []
+    for _ in range(3):
+        world.w[1].tick()
+    assert world.holders() == [1]
+    assert world.w[1].device.peers[world.remote_key].current is None
+    assert decode_peer(slot.read()) is not None  # the new writer repaired the slot
