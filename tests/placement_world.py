@@ -25,6 +25,7 @@ from shardwg.shm.handoff import HandoffKind, pack_transport, unpack_transport
 from shardwg.shm.layout import Layout
 from shardwg.shm.placement import Mode
 from shardwg.shm.publisher import SessionPublisher
+from shardwg.shm.secrets import SecretArea
 
 GW_ADDR = ("192.0.2.1", 51820)
 REMOTE_ADDR = ("192.0.2.2", 51820)
@@ -45,7 +46,7 @@ class SimWorker:
         self.index = index
         w = world
         self.device = Device(w.gw_private, os.urandom, worker_id=index)
-        self.publisher = SessionPublisher(w.layout, w.buf, dict(w.slot_of), index)
+        self.publisher = SessionPublisher(w.layout, w.buf, dict(w.slot_of), index, w.secrets)
         self.mesh = w.layout.mesh(w.buf)
         self.held: list[tuple[bytes, int]] = []
         self.forwarding = True
@@ -133,6 +134,7 @@ class World:
         self.now, self.wall = 1000.0, 1.7e9
         self.layout = Layout(workers, 8)
         self.buf = bytearray(self.layout.total_size)
+        self.secrets = SecretArea(8, bytearray(SecretArea.size_for(8)))  # keys: not in the region
         self.gw_private = generate_private_key(os.urandom(32))
         remote_private = generate_private_key(os.urandom(32))
         self.remote_key = public_key(remote_private)
