@@ -205,10 +205,29 @@ def test_wg_reports_backend_errors(served: tuple) -> None:
 def test_socket_is_owner_only_and_single_instance(served: tuple) -> None:
     name, backend, server = served
     assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(SOCKET_DIR).st_mode) & 0o755 == 0o755
     with pytest.raises(UapiInUse):
         UapiServer(name, FakeBackend(DeviceView())).start()
     assert os.path.exists(server.path) and wg("show", name, "dump").stdout
+
+
+def test_socket_directory_ours_0755_a_found_one_left_as_it_is(tmp_path: Path) -> None:
+    """The socket directory is shared (wireguard-go creates it 0700 under its umask): shardwg
+    only answers for one it creates itself, which is 0755 whatever the umask; a directory it
+    finds is served from and left in the state it was found in."""
+    made = tmp_path / "made" / "wireguard"
+    old_umask = os.umask(0o077)
+    try:
+        with UapiServer("swgd1", FakeBackend(DeviceView()), str(made)) as server:
+            assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o755
+    found = tmp_path / "found"
+    found.mkdir(mode=0o700)
+    os.chmod(found, 0o700)
+    with UapiServer("swgd2", FakeBackend(DeviceView()), str(found)) as server:
+        assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(found).st_mode) == 0o700
 
 
 def test_stale_socket_replaced_foreign_file_kept(tmp_path: Path) -> None:

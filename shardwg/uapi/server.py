@@ -90,7 +90,7 @@ class UapiServer:
         """Bind the socket (owner-only); UapiInUse if a live server already answers there."""
         if self._listener is not None:
             raise RuntimeError("UAPI server already started")
-        os.makedirs(self._directory, mode=0o755, exist_ok=True)
+        self._make_directory()
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window in which the socket is group/world-usable
@@ -116,6 +116,17 @@ class UapiServer:
             self._unlink_if_ours()
             raise
         self._listener = sock
+
+    def _make_directory(self) -> None:
+        """Create the socket directory 0755 (whatever the umask) if it is missing; one that
+        exists is shared (wireguard-go makes it 0700) and is left in the state it is in."""
+        try:
+            os.mkdir(self._directory, 0o755)
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            os.makedirs(self._directory, mode=0o755, exist_ok=True)
+        os.chmod(self._directory, 0o755)
 
     def _remove_stale(self) -> None:
         """Leave a live server alone; remove a socket nobody listens on (a crashed owner)."""
