@@ -51,6 +51,7 @@ from shardwg.proto.constants import (
     UNDER_LOAD_QUEUE_SIZE,
 )
 from shardwg.proto.cookie import ROTATE_INTERVAL
+from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
@@ -130,6 +131,10 @@ class Supervisor:
             ordering.check_workers(n)
         except ValueError as exc:
             raise SupervisorError(str(exc)) from exc
+        try:  # before anything is created: a data path that cannot seal must not serve
+            aead_self_test()
+        except AeadSelfTestError as exc:
+            raise SupervisorError(f"transport AEAD self-test failed: {exc}") from exc
         _no_core_dumps()
         self.slot_of = {p.public_key: i for i, p in enumerate(self.start_config.peers)}
         self.live = LiveConfig(

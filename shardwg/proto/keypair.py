@@ -2,7 +2,8 @@
 
 The worker's hot path calls `seal_into` and `open_into` directly with
 preallocated buffers: no ciphertext or plaintext object is allocated per packet
-(`cryptography` >= 45 encrypts and decrypts into caller buffers). Both
+(`cryptography` >= 47 encrypts and decrypts into caller buffers; 46 and older have
+no `encrypt_into`, so `aead_self_test` runs before a gateway starts and refuses them). Both
 functions return a length, or a negative `-1 - DropReason` code, and never raise.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -180,3 +182,57 @@ def _reserve_send(kp: Keypair, counter: int) -> None:
     kp.send_reserved = counter + RESERVATION_BLOCK
     if kp.on_reserve is not None:
         kp.on_reserve(kp)
+
+
+class AeadSelfTestError(Exception):
+    """The transport AEAD does not seal or open a known message correctly."""
+
+
+@dataclass(frozen=True)
+class _Vector:
+    key: bytes
+    remote_index: int
+    counter: int
+    plain: bytes
+    datagram: bytes  # the whole transport message (tests recompute it with libsodium)
+
+
+SELF_TEST = _Vector(
+    key=bytes(range(32)),
+    remote_index=0x11223344,
+    counter=0x0102030405,
+    plain=b"shardwg AEAD self-test",
+    datagram=bytes.fromhex(
+        "0400000044332211050403020100000042eb6ba2b7bcd4ec92584d6dec71c22a"
+        "c0ff8a2294eb0aa6cd4cd25aa27c1aa5edb1eb2bb886b7228ad2b392fd720bbc"
+    ),
+)
+
+
+def aead_self_test() -> None:
+    """Seal and open SELF_TEST through `seal_into`/`open_into`, as the data path does, and
+    refuse a tampered copy; raises AeadSelfTestError (with the floor) on any difference."""
+    v = SELF_TEST
+    need = "the data path needs cryptography >= 47 (ChaCha20Poly1305.encrypt_into/decrypt_into)"
+    try:
+        kp = Keypair(v.key, v.key, 1, v.remote_index, True, 0.0)
+        kp.send_counter = v.counter
+        plain = memoryview(bytearray(64))
+        plain[: len(v.plain)] = v.plain
+        out = memoryview(bytearray(128))
+        n = seal_into(kp, plain, len(v.plain), 1420, out)
+        if bytes(out[: max(n, 0)]) != v.datagram:
+            raise AeadSelfTestError(f"sealing a known message gave a wrong datagram; {need}")
+        back = memoryview(bytearray(64))
+        got = open_into(kp, memoryview(v.datagram), len(v.datagram), back)
+        if got < len(v.plain) or bytes(back[: len(v.plain)]) != v.plain:
+            raise AeadSelfTestError(f"opening a known message failed ({got}); {need}")
+        forged = bytearray(v.datagram)
+        forged[-1] ^= 1
+        forged[8:16] = (v.counter + 1).to_bytes(8, "little")
+        if open_into(kp, memoryview(forged), len(forged), back) != _DROP_DECRYPT:
+            raise AeadSelfTestError(f"a forged message was not refused; {need}")
+    except AeadSelfTestError:
+        raise
+    except Exception as exc:  # e.g. AttributeError: no encrypt_into on cryptography <= 46
+        raise AeadSelfTestError(f"{type(exc).__name__}: {exc}; {need}") from exc
