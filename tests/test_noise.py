@@ -176,10 +176,14 @@ def test_identity_derivations() -> None:
     assert pc.static_static == PeerCrypto.build(other, me.public, None).static_static
 
 
-def test_low_order_peer_key_rejected() -> None:
+def test_low_order_peer_key_accepted_but_never_usable() -> None:
+    """Like wireguard-go: the peer exists, no initiation is created for it (issue 13 item 3;
+    tests/test_bad_peers.py checks that none is accepted from it either)."""
     me = LocalIdentity.from_private(_key(7))
+    pc = PeerCrypto.build(me, bytes(32), None)
+    assert not pc.usable and pc.static_static == bytes(32)
     with pytest.raises(HandshakeError) as ei:
-        PeerCrypto.build(me, bytes(32), None)
+        create_initiation(me, pc, 1, _key(3), TS)
     assert ei.value.reason is DropReason.UNKNOWN_PEER
 
 

@@ -12,6 +12,7 @@ restarts workers, which resume their sessions from shared memory.
 
 from __future__ import annotations
 
+import base64
 import errno
 import logging
 import os
@@ -25,7 +26,7 @@ from shardwg.engine.context import EngineControl, SharedMemory
 from shardwg.engine.placer import Placer
 from shardwg.io import netlink
 from shardwg.io.interface import routing_table
-from shardwg.proto.crypto import public_key
+from shardwg.proto.crypto import low_order, public_key
 from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.uapi import DeviceView, PeerView, SetRequest
 
@@ -147,6 +148,7 @@ class LiveConfig:
             if self.placer is not None:
                 self.placer.remove(p.public_key)
         for p, index in zip(d.added, free, strict=False):
+            warn_low_order(p, source)
             self.slot_of[p.public_key] = index
             if self.placer is not None:  # placed before any worker hears of it
                 self.placer.add(p.public_key, index)
@@ -242,6 +244,15 @@ class LiveConfig:
             log.error("could not save configuration: %s", exc)
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def warn_low_order(p: PeerConfig, source: str) -> None:
+    """Such a peer is kept (as wireguard-go does) but can never complete a handshake."""
+    if low_order(p.public_key):
+        log.warning(
+            "%s: peer %s has a low-order public key: kept, but no handshake with it can "
+            "ever complete", source, base64.b64encode(p.public_key).decode(),
+        )  # fmt: skip
 
 
 def peer_spec(p: PeerConfig) -> control.PeerSpec:

@@ -38,7 +38,7 @@ from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
 from shardwg.engine.exits import EXIT_BOOT_FAILURE, EXIT_CRASH, EXIT_FOREIGN_QUEUE
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
-from shardwg.engine.live import LiveConfig
+from shardwg.engine.live import LiveConfig, warn_low_order
 from shardwg.engine.placer import Placer
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
@@ -136,6 +136,8 @@ class Supervisor:
         except AeadSelfTestError as exc:
             raise SupervisorError(f"transport AEAD self-test failed: {exc}") from exc
         _no_core_dumps()
+        for p in self.start_config.peers:
+            warn_low_order(p, "config")
         self.slot_of = {p.public_key: i for i, p in enumerate(self.start_config.peers)}
         self.live = LiveConfig(
             self.start_config, self.config_path, ifname=self.ifname, slot_of=self.slot_of,

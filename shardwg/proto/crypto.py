@@ -31,6 +31,7 @@ __all__ = [
     "kdf1",
     "kdf2",
     "kdf3",
+    "low_order",
     "mac",
     "public_key",
     "xaead_decrypt",
@@ -141,3 +142,16 @@ def dh(private: bytes, public: bytes) -> bytes:
     if shared == bytes(KEY_LEN):
         raise AuthenticationError("low-order point")
     return shared
+
+
+_ANY_SCALAR = bytes([0x40]) + bytes(30) + bytes([0x40])
+
+
+def low_order(public: bytes) -> bool:
+    """True if `public` is a low-order point: X25519 with it is zero for every (clamped)
+    private key, so no handshake with its owner can ever be authenticated."""
+    try:
+        dh(_ANY_SCALAR, public)
+    except AuthenticationError:
+        return True
+    return False

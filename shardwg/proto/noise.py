@@ -211,6 +211,11 @@ class PeerCrypto:
     mac1_key: bytes  # mac1 on messages we send to this peer
     cookie_key: bytes  # decrypts cookie replies from this peer
 
+    @property
+    def usable(self) -> bool:
+        """False for a low-order public key: no handshake can be authenticated with it."""
+        return self.static_static != ZERO_KEY
+
     @classmethod
     def build(
         cls, local: LocalIdentity, remote_static: bytes, preshared: bytes | None
@@ -222,8 +227,11 @@ class PeerCrypto:
             raise ValueError("preshared key must be 32 bytes")
         try:
             ss = crypto.dh(local.private, remote_static)
-        except crypto.AuthenticationError as exc:
-            raise HandshakeError(DropReason.UNKNOWN_PEER, "low-order public key") from exc
+        except crypto.AuthenticationError:
+            # A low-order point: accepted like wireguard-go and the kernel do, but `usable`
+            # stays False, so no initiation is sent to or accepted from it (anyone can
+            # compute a zero shared secret).
+            ss = ZERO_KEY
         return cls(
             remote_static,
             psk,
@@ -272,6 +280,8 @@ def create_initiation(
     timestamp: bytes,
 ) -> tuple[bytearray, InitiationState]:
     """A 148-byte initiation with mac1/mac2 zero (the CookieGenerator fills them)."""
+    if not peer.usable:
+        raise HandshakeError(DropReason.UNKNOWN_PEER, "low-order public key")
     if len(timestamp) != TIMESTAMP_LEN:
         raise ValueError("timestamp must be 12 bytes")
     st = ik_initial(IDENTIFIER, peer.remote_static)
@@ -294,7 +304,7 @@ def consume_initiation(
     st = ik_initial(IDENTIFIER, local.public)
     remote_static = read_initiation_static(st, local.private, e_pub, enc_static)
     peer = find_peer(remote_static)
-    if peer is None:
+    if peer is None or not peer.usable:
         raise HandshakeError(DropReason.UNKNOWN_PEER)
     ts = read_initiation_payload(st, peer.static_static, enc_ts)
     return ReceivedInitiation(peer, sender, e_pub, ts, st.chaining_key, st.hash)

@@ -140,7 +140,7 @@ class Peer:
         """Create and queue an initiation unless one went out less than REKEY_TIMEOUT ago."""
         if now - self.last_initiation_sent < REKEY_TIMEOUT:
             return False
-        if self.endpoint is None:
+        if self.endpoint is None or not self.crypto.usable:
             return False
         if not is_retry:
             self.handshake_attempts = 0
