@@ -15,7 +15,7 @@ HANDSHAKE_BUDGET_BUSY = 4  # ...or this many when the turn also carried transpor
 HANDSHAKE_QUEUE_MAX = 4096  # bounded backlog; beyond it handshake messages are dropped
 PRIORITY_QUEUE_MAX = 64
 TICK_INTERVAL = 0.05  # timer resolution
-PUBLISH_INTERVAL = 1.0  # traffic counters and endpoints republished at most this often
+PUBLISH_INTERVAL = 1.0  # endpoints republished at most this often (traffic: at every count)
 PLAIN_HEADROOM = 64  # spare bytes after a packet for padding
 # Of the cookie-reply budget, what the kernel's random share of cookie-less initiations may
 # use (admitted: between half and all of it). The rest is headroom for known peers, whose

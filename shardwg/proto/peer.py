@@ -112,6 +112,9 @@ class Peer:
         self.staged: deque[bytes] = deque()
         self.rx_bytes = 0
         self.tx_bytes = 0
+        # [rx, tx] words of the peer's shared-memory record (set by the publisher): every
+        # count is stored there at once, so any reader (UAPI, show, /metrics) is exact.
+        self.traffic: memoryview | None = None
         # Shared with the device: (peer, datagram for peer.endpoint) and (peer, event).
         self.outbox: list[tuple[Peer, bytes]] = [] if outbox is None else outbox
         self.events: list[tuple[Peer, PeerEvent]] = [] if events is None else events
@@ -259,6 +262,9 @@ class Peer:
     def sent_data(self, now: float, nbytes: int) -> None:
         """After a data packet was sealed for this peer (per packet; keep it cheap)."""
         self.tx_bytes += nbytes
+        t = self.traffic
+        if t is not None:
+            t[1] = self.tx_bytes
         self.last_data_sent = now
         self.keepalive_deadline = INF
         if self.new_handshake_deadline == INF:
@@ -269,6 +275,9 @@ class Peer:
     def received(self, now: float, nbytes: int, is_data: bool) -> None:
         """After an authenticated transport packet from this peer (per packet)."""
         self.rx_bytes += nbytes
+        t = self.traffic
+        if t is not None:
+            t[0] = self.rx_bytes
         self.new_handshake_deadline = INF
         if is_data:
             self.last_data_received = now
@@ -356,6 +365,8 @@ class Peer:
             self.sent_data(now, size)
         else:
             self.tx_bytes += size
+            if self.traffic is not None:
+                self.traffic[1] = self.tx_bytes
             self._sent_authenticated(now)
         return True
 

@@ -14,6 +14,7 @@ Nonce and replay safety across a crash, without a write per packet:
   in blocks of a few thousand); a replacement starts sending at it, so no
   counter is ever used twice under one key.
 - `recv_floor`: every counter below it may already have been accepted; a
+assert struct.calcsize("<4sHHIId") == TRAFFIC_OFFSET
   replacement rejects them all (`restore_keypair`). The owner raises it to the
   counter + 1 before accepting each packet (not in blocks: a block ahead would make
   a replacement drop up to a block of fresh packets and stall a backed-off TCP
@@ -51,6 +52,7 @@ _KP_FMT = "dQQIIB7x"
 _HEAD_SIZE = struct.calcsize("<" + _HEAD_FMT)
 KEYPAIR_SIZE = struct.calcsize("<" + _KP_FMT)
 KEYPAIR_OFFSETS = tuple(_HEAD_SIZE + i * KEYPAIR_SIZE for i in range(3))  # current/prev/next
+TRAFFIC_OFFSET = 24  # u64 rx, u64 tx: the owner also stores them alone, at every count
 KP_SEND_RESERVED = 8  # offset of send_reserved inside a session
 KP_RECV_FLOOR = 16  # offset of recv_floor inside a session
 PEER_RECORD_SIZE = (_HEAD_SIZE + 3 * KEYPAIR_SIZE + 63) // 64 * 64
@@ -63,6 +65,7 @@ _HANDED = 8
 _KP_FIELDS = 6
 _HEAD_FIELDS = 14
 
+assert struct.calcsize("<4sHHIId") == TRAFFIC_OFFSET
 assert _HEAD_SIZE == 112 and KEYPAIR_SIZE == 40 and _RECORD.size == PEER_RECORD_SIZE <= 512
 
 

@@ -3,7 +3,8 @@
 A peer's slot is written only by its owning worker (single writer per slot).
 It is rewritten when a session is derived, confirmed or zeroed, when a
 keypair's counter reservation runs out (once per RESERVATION_BLOCK packets),
-and at most once a second when traffic counters or the endpoint changed. A
+and at most once a second when the endpoint changed. Traffic counters go straight to the
+record's rx/tx words at every count (Peer.traffic), so readers never see them stale. A
 replacement worker restores sessions from it; `shardwg show` and the UAPI read it.
 
 The sessions' keys go to the peer's key slot in the workers' anonymous mapping
@@ -23,6 +24,7 @@ from shardwg.shm.peerslot import (
     KEYPAIR_OFFSETS,
     KP_RECV_FLOOR,
     PEER_RECORD_SIZE,
+    TRAFFIC_OFFSET,
     KeypairRecord,
     PeerRecord,
     decode_peer,
@@ -82,6 +84,12 @@ class SessionPublisher:
             self._floors[key] = view
         return view
 
+    def _traffic(self, index: int) -> memoryview:
+        """The [rx, tx] words of slot `index`'s record (payload offset TRAFFIC_OFFSET)."""
+        off = self.layout.peers_offset + index * self.layout.peer_stride + SLOT_HEADER
+        off += TRAFFIC_OFFSET
+        return memoryview(self.buf)[off : off + 16].cast("Q")
+
     def _kp_record(self, kp: Keypair | None, index: int, which: int) -> KeypairRecord | None:
         if kp is None:
             return None
@@ -122,6 +130,8 @@ class SessionPublisher:
         encode_peer(rec, scratch)
         self._publish_keys(peer, index)
         self._slot(index).write(scratch)
+        if peer.traffic is None:  # from now on each count goes straight to the record
+            peer.traffic = self._traffic(index)
         self._seen[peer.public_key] = (peer.rx_bytes, peer.tx_bytes, peer.endpoint)
 
     def _publish_keys(self, peer: Peer, index: int) -> None:
@@ -145,7 +155,9 @@ class SessionPublisher:
 
     def forget(self, public_key: bytes) -> None:
         """The peer was removed: stop publishing it (the supervisor frees its slot)."""
-        self.peers.pop(public_key, None)
+        peer = self.peers.pop(public_key, None)
+        if peer is not None:
+            peer.traffic = None  # its slot is freed and will be reused
         self._seen.pop(public_key, None)
         self._generation.pop(public_key, None)
 
