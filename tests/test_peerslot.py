@@ -14,7 +14,7 @@ from shardwg.proto.constants import (
     TRANSPORT_HEADER_SIZE,
     DropReason,
 )
-from shardwg.proto.keypair import Keypair, open_into, seal_into
+from shardwg.proto.keypair import RESERVATION_BLOCK, Keypair, open_into, seal_into
 from shardwg.shm.peerslot import (
     KEYPAIR_OFFSETS,
     KP_RECV_FLOOR,
@@ -232,7 +232,19 @@ def test_restored_keypair_resumes_nonces_and_replay_floor() -> None:
     for msg, n in before[4:]:
         assert _open(restored, msg, n) > 0  # the floor itself and above: accepted
     assert _open(restored, *before[5]) == replayed
+    sealed = memoryview(bytearray(128))
+    refused = seal_into(restored, memoryview(bytearray(64)), 8, 1420, sealed)
+    assert refused == -1 - DropReason.NOT_PUBLISHED  # nothing to publish a block with
+    assert restored.send_counter == 4096 and restored.send_reserved == 4096
+    published: list[int] = []
+
+    def publish(kp: Keypair) -> bool:
+        published.append(kp.send_reserved)
+        return True
+
+    restored.on_reserve = publish
     msg, n = _seal(restored, b"from the replacement")
+    assert published == [4096 + RESERVATION_BLOCK]  # written before the nonce was used
     assert struct.unpack_from("<Q", msg, 8)[0] == 4096  # first nonce past the reservation
     out = bytearray(n)
     size = open_into(theirs, memoryview(msg), n, memoryview(out))

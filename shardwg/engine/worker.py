@@ -133,22 +133,30 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         v[C.TX_BYTES] += len(data)
 
     def flush_outbox(self) -> None:
+        """Publish, then send: no datagram leaves before the record that covers it (a
+        response before the initiation's TAI64N timestamp) is written. A peer whose record
+        could not be written loses this turn's datagrams (counted NOT_PUBLISHED)."""
         dev = self.device
-        if dev.outbox:
-            out = dev.outbox[:]
-            dev.outbox.clear()
-            for peer, data in out:
-                if peer.endpoint is None:
-                    self.drop(DropReason.NO_ENDPOINT)
-                else:
-                    self.send_datagram(data, peer.endpoint)
+        unpublished: set[Peer] = set()
         if dev.events:
             events = dev.events[:]
             dev.events.clear()
             for peer, event in events:
-                self._on_event(peer, event)
+                if not self._on_event(peer, event):
+                    unpublished.add(peer)
+        if dev.outbox:
+            out = dev.outbox[:]
+            dev.outbox.clear()
+            for peer, data in out:
+                if peer in unpublished:
+                    self.drop(DropReason.NOT_PUBLISHED)
+                elif peer.endpoint is None:
+                    self.drop(DropReason.NO_ENDPOINT)
+                else:
+                    self.send_datagram(data, peer.endpoint)
 
-    def _on_event(self, peer: Peer, event: PeerEvent) -> None:
+    def _on_event(self, peer: Peer, event: PeerEvent) -> bool:
+        """Count and log an event; False if the record it needed could not be written."""
         v = self.v
         if event == PeerEvent.INITIATION_SENT:
             v[C.HANDSHAKES_SENT] += 1
@@ -165,7 +173,8 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
             PeerEvent.HANDSHAKE_COMPLETE,
             PeerEvent.KEYS_ZEROED,
         ):
-            self.publisher.publish(peer)
+            return self.publisher.publish(peer)
+        return True
 
     # ------------------------------------------------------------------ loop
     def run(self, control_fd: int | None = None) -> None:

@@ -109,6 +109,7 @@ class DropReason(IntEnum):
     UNEXPECTED_RESPONSE = 23
     INTERNAL_ERROR = 24
     HANDSHAKE_QUEUE_FULL = 25  # handshake backlog at its bound: dropped before any work
+    NOT_PUBLISHED = 26  # the record covering its counter or timestamp could not be written
 
 
 DROP_REASON_COUNT = len(DropReason)

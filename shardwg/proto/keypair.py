@@ -36,6 +36,7 @@ _DROP_DECRYPT = -1 - DropReason.DECRYPT_FAILED
 _DROP_REPLAYED = -1 - DropReason.REPLAYED
 _DROP_EXPIRED = -1 - DropReason.KEY_EXPIRED
 _DROP_TOO_BIG = -1 - DropReason.BAD_SIZE
+_DROP_NOT_PUBLISHED = -1 - DropReason.NOT_PUBLISHED
 
 
 class Keypair:
@@ -98,7 +99,7 @@ class Keypair:
         # Without a publisher both stay inert at the cost of one compare.
         self.send_reserved = NO_RESERVATION
         self.recv_floor: memoryview | None = None
-        self.on_reserve: Callable[[Keypair], None] | None = None
+        self.on_reserve: Callable[[Keypair], bool] | None = None
 
     def expired(self, now: float) -> bool:
         """True once the session may neither send nor receive."""
@@ -133,9 +134,9 @@ def seal_into(
     counter = kp.send_counter
     if counter >= REJECT_AFTER_MESSAGES:
         return _DROP_EXPIRED
+    if counter >= kp.send_reserved and reserve_send(kp, counter) <= counter:
+        return _DROP_NOT_PUBLISHED
     kp.send_counter = counter + 1
-    if counter >= kp.send_reserved:
-        _reserve_send(kp, counter)
     padded = padded_length(length, mtu)
     if padded > length:
         plain[length:padded] = bytes(padded - length)
@@ -177,11 +178,28 @@ def open_into(kp: Keypair, msg: memoryview, length: int, out: memoryview) -> int
     return plain_len
 
 
-def _reserve_send(kp: Keypair, counter: int) -> None:
-    """Publish the next block of send counters before using the first of them."""
-    kp.send_reserved = counter + RESERVATION_BLOCK
-    if kp.on_reserve is not None:
-        kp.on_reserve(kp)
+def reserve_send(kp: Keypair, counter: int) -> int:
+    """Publish a reservation of the send counters from `counter` to `counter` +
+    RESERVATION_BLOCK (excluded) and return the new limit, or, when it could not be
+    published, the old limit (<= counter): nothing at or past it may then be sent.
+
+    Fails closed: `send_reserved` holds the new limit only while `on_reserve` writes it
+    and keeps it only if that succeeded (returned True), so no counter is ever used that
+    a replacement worker would not skip. The one place that moves the limit; a batch
+    sealer reserves for the last counter of its batch (RESERVATION_BLOCK >= a batch).
+    """
+    old = kp.send_reserved
+    publish = kp.on_reserve
+    if publish is None:
+        return old
+    kp.send_reserved = counter + RESERVATION_BLOCK  # what the publisher writes
+    try:
+        ok = publish(kp)
+    except Exception:  # the publisher returns False on failure; be safe if it raises
+        ok = False
+    if not ok:
+        kp.send_reserved = old
+    return kp.send_reserved
 
 
 class AeadSelfTestError(Exception):

@@ -15,9 +15,12 @@ index; a session whose keys it cannot find is not resumed (a fresh handshake).
 
 from __future__ import annotations
 
+import logging
+import struct
 from typing import Any
 
-from shardwg.proto.keypair import RESERVATION_BLOCK, Keypair
+from shardwg.proto import keypair
+from shardwg.proto.keypair import Keypair
 from shardwg.proto.peer import Peer
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import (
@@ -25,7 +28,6 @@ from shardwg.shm.peerslot import (
     KP_RECV_FLOOR,
     PEER_RECORD_SIZE,
     TRAFFIC_OFFSET,
-    KeypairRecord,
     PeerRecord,
     decode_peer,
     encode_peer,
@@ -36,6 +38,7 @@ from shardwg.shm.secrets import SecretArea, decode_keys, encode_keys
 from shardwg.shm.seqlock import SLOT_HEADER, SeqlockSlot
 
 _NO_KEYS: tuple[int, ...] = ()
+log = logging.getLogger("shardwg.shm.publisher")
 
 
 class SessionPublisher:
@@ -60,6 +63,7 @@ class SessionPublisher:
         self._floors: dict[int, memoryview] = {}
         self.peers: dict[bytes, Peer] = {}
         self._handed: set[bytes] = set()  # given to another worker: never written again
+        self._failing = False  # the last write failed (logged once until one succeeds)
 
     def _slot(self, index: int) -> SeqlockSlot:
         slot = self._slots.get(index)
@@ -90,49 +94,75 @@ class SessionPublisher:
         off += TRAFFIC_OFFSET
         return memoryview(self.buf)[off : off + 16].cast("Q")
 
-    def _kp_record(self, kp: Keypair | None, index: int, which: int) -> KeypairRecord | None:
+    @staticmethod
+    def _reservation(kp: Keypair | None) -> int:
+        """The send limit to publish for `kp`: a first publication reserves a first block."""
         if kp is None:
-            return None
+            return 0
         if kp.on_reserve is None:
-            # First publication of this session: reserve the first block of send counters.
-            kp.on_reserve = self._on_reserve
-            kp.send_reserved = kp.send_counter + RESERVATION_BLOCK
-        # Sessions move between current/previous/next: point the floor at today's place.
-        kp.recv_floor = self._recv_floor(index, which)
-        return keypair_record(kp, kp.send_reserved, max(kp.replay.highest + 1, 0))
+            return kp.send_counter + keypair.RESERVATION_BLOCK
+        return kp.send_reserved
 
-    def _on_reserve(self, kp: Keypair) -> None:
-        if isinstance(kp.peer, Peer):
-            self.publish(kp.peer)
+    def _on_reserve(self, kp: Keypair) -> bool:
+        return isinstance(kp.peer, Peer) and self.publish(kp.peer)
 
-    def publish(self, peer: Peer, owner: int | None = None) -> None:
+    def publish(self, peer: Peer, owner: int | None = None) -> bool:
+        """Write the peer's record (naming `owner` as its writer: a placement move's last
+        write); True once it is written.
+
+        Fails closed: the send limits and receive floors of its sessions change only
+        after the write succeeded, so nothing is used on the strength of a record that a
+        replacement worker would not find (keypair.reserve_send relies on this).
+        """
         index = self.slot_of.get(peer.public_key)
         if index is None or peer.public_key in self._handed:
-            return
+            return False
         self.peers[peer.public_key] = peer
         gen = (self._generation.get(peer.public_key, 0) + 1) & 0xFFFFFFFF
+        kps = (peer.current, peer.previous, peer.next)
+        limits = [self._reservation(kp) for kp in kps]
+        recs = [
+            None if kp is None else keypair_record(kp, limit, max(kp.replay.highest + 1, 0))
+            for kp, limit in zip(kps, limits, strict=True)
+        ]
+        try:
+            rec = PeerRecord(
+                public_key=peer.public_key,
+                owner=self.worker_id if owner is None else owner,
+                generation=gen,
+                endpoint=peer.endpoint,
+                last_handshake_wall=peer.last_handshake_wall,
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                last_timestamp=peer.last_timestamp,
+                current=recs[0],
+                previous=recs[1],
+                next=recs[2],
+            )
+            rec.handed = owner is not None
+            encode_peer(rec, self._scratch)
+            self._publish_keys(peer, index)  # keys first: a record never names missing keys
+            self._slot(index).write(self._scratch)
+        except (OSError, ValueError, struct.error) as exc:
+            if not self._failing:
+                log.error("worker %d: peer record not written (%s); its traffic waits",
+                          self.worker_id, exc)  # fmt: skip
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("worker %d: peer records written again", self.worker_id)
+            self._failing = False
         self._generation[peer.public_key] = gen
-        rec = PeerRecord(
-            public_key=peer.public_key,
-            owner=self.worker_id if owner is None else owner,
-            generation=gen,
-            endpoint=peer.endpoint,
-            last_handshake_wall=peer.last_handshake_wall,
-            rx_bytes=peer.rx_bytes,
-            tx_bytes=peer.tx_bytes,
-            last_timestamp=peer.last_timestamp,
-            current=self._kp_record(peer.current, index, 0),
-            previous=self._kp_record(peer.previous, index, 1),
-            next=self._kp_record(peer.next, index, 2),
-        )
-        rec.handed = owner is not None
-        scratch = self._scratch
-        encode_peer(rec, scratch)
-        self._publish_keys(peer, index)
-        self._slot(index).write(scratch)
+        for which, kp in enumerate(kps):
+            if kp is not None:
+                kp.on_reserve = self._on_reserve
+                kp.send_reserved = limits[which]
+                # Sessions move between current/previous/next: the floor follows.
+                kp.recv_floor = self._recv_floor(index, which)
         if peer.traffic is None:  # from now on each count goes straight to the record
             peer.traffic = self._traffic(index)
         self._seen[peer.public_key] = (peer.rx_bytes, peer.tx_bytes, peer.endpoint)
+        return True
 
     def _publish_keys(self, peer: Peer, index: int) -> None:
         """Write the sessions' keys to the key slot if the set of sessions changed."""
@@ -195,15 +225,18 @@ class SessionPublisher:
         peer.rx_bytes, peer.tx_bytes = rec.rx_bytes, rec.tx_bytes
         peer.last_timestamp = rec.last_timestamp
         restored = False
-        for name in ("current", "previous", "next"):
+        for which, name in enumerate(("current", "previous", "next")):
             krec = getattr(rec, name)
             pair = keys.get(krec.local_index) if krec is not None else None
             if krec is None or pair is None:
                 continue
             kp = restore_keypair(krec, *pair)
             kp.peer = peer
-            # The first send or accept past the published bounds publishes new blocks.
+            # The first send past the published limit publishes a new block.
             kp.on_reserve = self._on_reserve
+            # Accepts raise the floor where this record holds it, even if the publication
+            # below fails.
+            kp.recv_floor = self._recv_floor(index, which)
             peer.table.restore(kp)
             setattr(peer, name, kp)
             restored = True
