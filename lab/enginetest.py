@@ -28,6 +28,7 @@ from collections.abc import Callable
 from lab.bindtest import LoopbackGroup
 from lab.tuntest import TunQueue
 from shardwg.config.model import Config, Endpoint, InterfaceConfig, PeerConfig
+from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
 from shardwg.engine.exits import EXIT_CRASH
@@ -130,7 +131,7 @@ class MemoryGateway:
         """Fork worker `index` (every worker if None), as Supervisor.spawn does."""
         for i in range(self.workers) if index is None else [index]:
             ctx = self.boot_context(i)
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child
                 code = EXIT_CRASH
@@ -249,9 +250,11 @@ class MemoryGateway:
         return self.group.port
 
     def broadcast(self, data: bytes) -> None:
+        """As the supervisor's, but blocking (the supervisor queues: control_link.py)."""
+        frame = control.frame_bytes(data)
         for pid, ctl in zip(self.pids, self.controls, strict=True):
             if pid and ctl is not None:
-                ctl.send(data)
+                ctl.sendall(frame)
 
     def set_fwmark(self, mark: int) -> None:
         for s in self.group.socks:  # needs CAP_NET_ADMIN, as in the real gateway

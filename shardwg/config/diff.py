@@ -23,22 +23,11 @@ def _endpoint(text: str) -> Endpoint:
     return Endpoint(host=host.strip("[]"), port=int(port))
 
 
-def _take_prefixes(peers: list[PeerConfig], owner: bytes, prefixes: list[str]) -> list[PeerConfig]:
-    """An allowed IP belongs to one peer: adding it to `owner` removes it from the rest."""
-    taken = {str(ipaddress.ip_network(p, strict=False)) for p in prefixes}
-    out = []
-    for p in peers:
-        if p.public_key != owner and taken.intersection(p.allowed_ips):
-            p = msgspec.structs.replace(
-                p, allowed_ips=[a for a in p.allowed_ips if a not in taken]
-            )
-        out.append(p)
-    return out
-
-
 def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
     """Apply a UAPI set request to a configuration (wireguard-go's order and rules).
 
+    Costs what the request changes, not request x configured peers (`wg syncconf` sends
+    every peer): peers are found by key and each allowed IP's holder in a map.
     Raises ValueError for what cannot be applied (a bad endpoint, removing the key).
     """
     iface = cfg.interface
@@ -50,38 +39,55 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
         iface = msgspec.structs.replace(iface, listen_port=req.listen_port or None)
     if req.fwmark is not UNSET:
         iface = msgspec.structs.replace(iface, fwmark=req.fwmark)
-    peers = [] if req.replace_peers else list(cfg.peers)
+    peers: dict[bytes, PeerConfig] = {}
+    if not req.replace_peers:
+        peers = {p.public_key: p for p in cfg.peers}
+    holder: dict[str, bytes] = {a: p.public_key for p in peers.values() for a in p.allowed_ips}
     for change in req.peers:
         key = change.public_key
         if key == own_public:
             continue  # wireguard-go ignores a peer with the device's own key
-        index = next((i for i, p in enumerate(peers) if p.public_key == key), None)
+        p = peers.get(key)
         if change.remove:
-            if index is not None:
-                del peers[index]
+            if p is not None:
+                del peers[key]
+                _release(holder, p)
             continue
-        if index is None:
+        if p is None:
             if change.update_only:
                 continue
-            peers.append(PeerConfig(public_key=key))
-            index = len(peers) - 1
-        p = peers[index]
+            p = PeerConfig(public_key=key)
         if change.preshared_key is not UNSET:
             p = msgspec.structs.replace(p, preshared_key=change.preshared_key)
         if change.endpoint is not UNSET:
             p = msgspec.structs.replace(p, endpoint=_endpoint(change.endpoint))
         if change.persistent_keepalive is not UNSET:
             p = msgspec.structs.replace(p, persistent_keepalive=change.persistent_keepalive)
-        allowed = [] if change.replace_allowed_ips else list(p.allowed_ips)
+        if change.replace_allowed_ips:
+            _release(holder, p)
+            allowed: list[str] = []
+        else:
+            allowed = list(p.allowed_ips)
         for prefix in change.allowed_ips_add:
             norm = str(ipaddress.ip_network(prefix, strict=False))
             if norm not in allowed:
                 allowed.append(norm)
-        p = msgspec.structs.replace(p, allowed_ips=allowed)
-        peers[index] = p
-        if change.allowed_ips_add:
-            peers = _take_prefixes(peers, key, change.allowed_ips_add)
-    return msgspec.structs.replace(cfg, interface=iface, peers=peers)
+            # An allowed IP belongs to one peer: adding it here takes it from its holder.
+            was = holder.get(norm)
+            if was is not None and was != key and was in peers:
+                other = peers[was]
+                peers[was] = msgspec.structs.replace(
+                    other, allowed_ips=[a for a in other.allowed_ips if a != norm]
+                )
+            holder[norm] = key
+        peers[key] = msgspec.structs.replace(p, allowed_ips=allowed)
+    return msgspec.structs.replace(cfg, interface=iface, peers=list(peers.values()))
+
+
+def _release(holder: dict[str, bytes], p: PeerConfig) -> None:
+    for a in p.allowed_ips:
+        if holder.get(a) == p.public_key:
+            del holder[a]
 
 
 @dataclass

@@ -187,6 +187,19 @@ class ShardControl:
             return True
         if isinstance(msg, control.Stop):
             return False
+        if isinstance(msg, control.Batch):  # one change: removals, additions, updates
+            for key in msg.removed:
+                self._one(control.RemovePeer(key), now, wall)
+            if msg.added:
+                self._add_many(msg.added, now, wall)
+            for update in msg.updated:
+                self._one(update, now, wall)
+        else:
+            self._one(msg, now, wall)
+        self.worker.counters.set(C.PEERS_OWNED, len(self.device.peers))
+        return True
+
+    def _one(self, msg: control.Control, now: float, wall: float) -> None:
         try:
             placement = self.worker.placement
             if isinstance(msg, control.RemovePeer):
@@ -196,9 +209,7 @@ class ShardControl:
                 if placement is not None:
                     placement.forget(msg.public_key)
             elif isinstance(msg, control.AddPeer):
-                if msg.slot >= 0:  # our copy of slot_of dates from the fork
-                    self.publisher.slot_of[msg.peer.public_key] = msg.slot
-                self._add(msg.peer, now, wall)
+                self._add_many([msg], now, wall)
             elif isinstance(msg, control.UpdatePeer):
                 self._update(msg.peer, msg.endpoint_changed)
                 if placement is not None and msg.peer.public_key in placement.specs:
@@ -207,20 +218,25 @@ class ShardControl:
                 if placement.refresh():
                     placement.reconcile(now, wall)
                     self.worker.replay_held(now, wall)
-        except ValueError as exc:
+        except ValueError as exc:  # one bad peer: the rest of the change still applies
             log.error("worker %d: control change not applied: %s", self.index, exc)
-        self.worker.counters.set(C.PEERS_OWNED, len(self.device.peers))
-        return True
 
-    def _add(self, spec: control.PeerSpec, now: float, wall: float) -> None:
+    def _add_many(self, adds: list[control.AddPeer], now: float, wall: float) -> None:
+        """Peers added by one change: the placement table is read once for all of them
+        (a change costs what it adds, not added x configured peers)."""
         placement = self.worker.placement
         assert placement is not None
-        placement.specs[spec.public_key] = spec
-        placement.refresh()  # the supervisor placed the peer before telling us
-        placement.reconcile(now, wall, [spec.public_key])
-        peer = self.device.peers.get(spec.public_key)
-        if peer is not None and peer.endpoint is not None and peer.persistent_keepalive:
-            peer.send_keepalive(now, wall)
+        for msg in adds:
+            if msg.slot >= 0:  # our copy of slot_of dates from the fork
+                self.publisher.slot_of[msg.peer.public_key] = msg.slot
+            placement.specs[msg.peer.public_key] = msg.peer
+        placement.refresh()  # the supervisor placed the peers before telling us
+        keys = [msg.peer.public_key for msg in adds]
+        placement.reconcile(now, wall, keys)  # a peer it cannot hold is dropped and logged
+        for key in keys:
+            peer = self.device.peers.get(key)
+            if peer is not None and peer.endpoint is not None and peer.persistent_keepalive:
+                peer.send_keepalive(now, wall)
 
     def _update(self, spec: control.PeerSpec, endpoint_changed: bool) -> None:
         key = spec.public_key

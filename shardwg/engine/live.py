@@ -16,7 +16,9 @@ import base64
 import errno
 import logging
 import os
+import signal
 import time
+from collections import deque
 
 from shardwg.config.diff import config_from_set, diff_configs, prefixes_delta
 from shardwg.config.endpoints import EndpointError, format_endpoint, resolve
@@ -31,6 +33,7 @@ from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.uapi import DeviceView, PeerView, SetRequest
 
 log = logging.getLogger("shardwg.engine.live")
+ROUTES_INLINE = 64  # route changes up to this size are made in the loop, bigger in a child
 SLOT_REUSE_DELAY = 2.0  # a freed slot waits this long: its old owner may still publish once
 
 
@@ -61,6 +64,8 @@ class LiveConfig:
         # added peer is placed before a worker hears of it, and counts are evened after.
         self.placer: Placer | None = None
         self._freeing: list[tuple[float, int]] = []
+        self._route_jobs: deque[tuple[list[str], list[str], int | None]] = deque()
+        self.route_pid = 0  # the child applying a big route change
 
     # ------------------------------------------------------------------ UAPI backend
     def uapi_get(self) -> DeviceView:
@@ -139,28 +144,36 @@ class LiveConfig:
             log.warning("%s change refused: no room for %d more peers", source, len(d.added))
             return errno.ENOSPC
         self.config = new
+        # One message per worker and one route update for the whole change: its cost grows
+        # with the peers it changes, not with the peers configured.
+        batch = control.Batch()
+        changed: list[tuple[PeerConfig | None, PeerConfig | None]] = []
         for p in d.removed:
-            self._broadcast(control.RemovePeer(p.public_key))
-            self._routes(p, None)
+            batch.removed.append(p.public_key)
+            changed.append((p, None))
             index = self.slot_of.pop(p.public_key, None)
             if index is not None:
                 self._freeing.append((time.monotonic() + SLOT_REUSE_DELAY, index))
             if self.placer is not None:
-                self.placer.remove(p.public_key)
+                self.placer.remove(p.public_key, write=False)
         for p, index in zip(d.added, free, strict=False):
             warn_low_order(p, source)
             self.slot_of[p.public_key] = index
             if self.placer is not None:  # placed before any worker hears of it
-                self.placer.add(p.public_key, index)
-            self._broadcast(control.AddPeer(specs[p.public_key], index))
-            self._routes(None, p)
+                self.placer.add(p.public_key, index, write=False)
+            batch.added.append(control.AddPeer(specs[p.public_key], index))
+            changed.append((None, p))
         if self.placer is not None and (d.added or d.removed):
-            self.placer.rebalance()  # a few moves at most, so counts stay even
+            self.placer.flush()  # one table write for the whole change
         for o, n in d.updated:
-            self._broadcast(
+            batch.updated.append(
                 control.UpdatePeer(specs[n.public_key], endpoint_changed=o.endpoint != n.endpoint)
             )
-            self._routes(o, n)
+            changed.append((o, n))
+        self._broadcast(batch)
+        if self.placer is not None and (d.added or d.removed):
+            self.placer.rebalance()  # a few moves at most, so counts stay even
+        self._routes(changed)
         if d.fwmark_changed:
             self.engine.set_fwmark(new.interface.fwmark)
         if d.private_key_changed:
@@ -182,7 +195,10 @@ class LiveConfig:
         return free[:n] if len(free) >= n else None
 
     def tick(self, now: float) -> None:
-        """Wipe freed slots once their old owner can no longer write them."""
+        """Start queued route changes; wipe freed slots once their old owner can no longer
+        write them."""
+        if self.route_pid or self._route_jobs:
+            self._next_route_job()
         mem = self.memory
         due = [i for t, i in self._freeing if t <= now]
         if not due or mem is None:
@@ -195,21 +211,56 @@ class LiveConfig:
                 mem.secrets.zero_keys(index)
 
     def _broadcast(self, msg: control.Control) -> None:
+        """One message for every worker; the engine queues it without ever blocking."""
         self.engine.broadcast(control.encode(msg))
 
-    def _routes(self, old: PeerConfig | None, new: PeerConfig | None) -> None:
+    def _routes(self, changed: list[tuple[PeerConfig | None, PeerConfig | None]]) -> None:
+        """Routes follow the allowed IPs of the changed peers, one netlink pass each way (a
+        prefix that moved between two of them keeps its route). A small change is applied
+        at once; a big one (thousands of routes take seconds of netlink) in a short-lived
+        child process, so the loop (UAPI, watchdog, /metrics) never waits for it."""
         table = routing_table(self.config)
         if table == "off":
             return
-        add, remove = prefixes_delta(old, new)
-        t = table if isinstance(table, int) else None
-        try:
-            if remove:
-                netlink.remove_routes(self.ifname, remove, t)
-            if add:
-                netlink.add_routes(self.ifname, add, t)
-        except OSError as exc:
-            log.warning("routes for %s not updated: %s", self.ifname, exc)
+        add: set[str] = set()
+        remove: set[str] = set()
+        for old, new in changed:
+            a, r = prefixes_delta(old, new)
+            add.update(a)
+            remove.update(r)
+        remove -= add
+        if not add and not remove:
+            return
+        job = (sorted(add), sorted(remove), table if isinstance(table, int) else None)
+        if len(add) + len(remove) <= ROUTES_INLINE and not self._route_jobs and not self.route_pid:
+            apply_routes(self.ifname, *job)
+        else:
+            self._route_jobs.append(job)
+            self._next_route_job()
+
+    def _next_route_job(self) -> None:
+        """Start the oldest queued route change once the previous one has finished."""
+        if self.route_pid:
+            try:
+                done, _ = os.waitpid(self.route_pid, os.WNOHANG)
+            except ChildProcessError:  # the supervisor's reaper took it
+                done = self.route_pid
+            if done != self.route_pid:
+                return
+            self.route_pid = 0
+        if not self._route_jobs:
+            return
+        add, remove, table = self._route_jobs.popleft()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child only talks netlink, then leaves
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                apply_routes(self.ifname, add, remove, table)
+                code = 0
+            finally:
+                os._exit(code)
+        self.route_pid = pid
 
     # ------------------------------------------------------------------ file
     def reload(self) -> None:
@@ -244,6 +295,21 @@ class LiveConfig:
             log.error("could not save configuration: %s", exc)
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def apply_routes(name: str, add: list[str], remove: list[str], table: int | None) -> None:
+    try:
+        if remove:
+            netlink.remove_routes(name, remove, table)
+        if add:
+            netlink.add_routes(name, add, table)
+    except OSError as exc:  # e.g. one prefix conflicts: the others still get theirs
+        log.warning("routes for %s not updated in one pass (%s); one by one", name, exc)
+        for prefix in add:
+            try:
+                netlink.add_routes(name, [prefix], table)
+            except OSError as one:
+                log.warning("route %s via %s not added: %s", prefix, name, one)
 
 
 def warn_low_order(p: PeerConfig, source: str) -> None:

@@ -85,18 +85,24 @@ class Placer:
         self._write()
 
     # ------------------------------------------------------------------ configuration
-    def add(self, key: bytes, slot: int) -> int:
-        """Place a peer being added (call before the workers hear of it)."""
+    def add(self, key: bytes, slot: int, write: bool = True) -> int:
+        """Place a peer being added (call before the workers hear of it). Adding many:
+        `write=False` for each, then `flush()` once (one table write per change)."""
         self.slot_of[key] = slot
         self.owners[key] = place_new(self.owners, key, self.workers, self.mode)
-        self._write()
+        if write:
+            self._write()
         return self.owners[key]
 
-    def remove(self, key: bytes) -> None:
+    def flush(self) -> None:
+        self._write()
+
+    def remove(self, key: bytes, write: bool = True) -> None:
         self.slot_of.pop(key, None)
         self.owners.pop(key, None)
         self.in_flight.pop(key, None)
-        self._write()
+        if write:
+            self._write()
 
     def rebalance(self) -> list[Move]:
         """After a configuration change: even the counts with the fewest moves."""

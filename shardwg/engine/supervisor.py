@@ -36,6 +36,7 @@ from shardwg.config.model import Config
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
+from shardwg.engine.control_link import STALL_LIMIT, ControlLink
 from shardwg.engine.exits import EXIT_BOOT_FAILURE, EXIT_CRASH, EXIT_FOREIGN_QUEUE
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig, warn_low_order
@@ -86,7 +87,7 @@ class WorkerSlot:
     quick_deaths: int = 0
     restarts: int = 0
     planned: bool = False  # stopped on purpose (reconfiguration): not a crash
-    control: socket.socket | None = None
+    control: ControlLink | None = None  # the control stream's queue (never blocks)
 
 
 @dataclass
@@ -235,7 +236,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ workers
     def spawn(self, slot: WorkerSlot) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = EXIT_CRASH
@@ -248,8 +249,8 @@ class Supervisor:
                 os._exit(code)
         child_end.close()
         if slot.control is not None:
-            slot.control.close()
-        slot.control = parent_end
+            slot.control.close()  # what it still queued is in the configuration the child has
+        slot.control = ControlLink(parent_end)
         slot.pid = pid
         slot.started = time.monotonic()
         log.info("worker %d started (pid %d)", slot.index, pid)
@@ -314,8 +315,12 @@ class Supervisor:
             watch: list[Any] = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
             while not self._stop:
                 fds = watch + (self.metrics.fds() if self.metrics else [])
+                out = [s.control for s in self.slots if s.control is not None and s.control.queue]
                 with contextlib.suppress(InterruptedError):
-                    select.select(fds, [], [], LOOP_INTERVAL)
+                    select.select(fds, out, [], LOOP_INTERVAL)
+                now = time.monotonic()
+                for link in out:
+                    link.flush(now)
                 if self.metrics is not None:
                     self.metrics.poll()
                 with contextlib.suppress(BlockingIOError):
@@ -418,6 +423,11 @@ class Supervisor:
                 log.warning("worker %d stuck (no heartbeat for %.1f s); killing it",
                             slot.index, now - beat)  # fmt: skip
                 _kill(slot.pid)
+            elif slot.control is not None and slot.control.stalled_for(now) > STALL_LIMIT:
+                log.warning("worker %d took no control message for %.1f s (%d bytes queued); "
+                            "replacing it", slot.index, slot.control.stalled_for(now),
+                            len(slot.control.queue))  # fmt: skip
+                _kill(slot.pid)
 
     def _maintain_global(self, now: float) -> None:
         g = self._global
@@ -447,6 +457,8 @@ class Supervisor:
 
     def _check_foreign_queues(self) -> None:
         ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
+        if self.live is not None and self.live.route_pid:
+            ours.add(self.live.route_pid)  # our route helper inherited the queues
         if self.metrics is not None:  # children rendering /metrics hold our fds until they exit
             ours |= self.metrics.renderers
         try:
@@ -467,13 +479,13 @@ class Supervisor:
         return self.gateway.port if self.gateway is not None else 0
 
     def broadcast(self, data: bytes) -> None:
+        """Queue one encoded message for every worker; never blocks (a worker that does not
+        take it is replaced by the watchdog and boots from the configuration holding it)."""
+        now = time.monotonic()
         for slot in self.slots:
             if slot.control is None or not slot.pid:
                 continue  # a worker being replaced boots from the new configuration
-            try:
-                slot.control.send(data)
-            except OSError as exc:
-                log.warning("worker %d missed a change (%s); it will be replaced", slot.index, exc)
+            slot.control.send(data, now)
 
     def set_fwmark(self, mark: int) -> None:
         if self.gateway is not None:

@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from shardwg.engine import control
 from shardwg.engine.budgets import PUBLISH_INTERVAL, TICK_INTERVAL
 from shardwg.engine.handoffs import HandoffRings
 from shardwg.engine.handshakes import HandshakeLane
@@ -110,6 +111,7 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         self.on_tick: Callable[[Worker, float, float], None] | None = None
         # Control messages from the supervisor; returns False to stop the worker.
         self.on_control: Callable[[bytes, float, float], bool] | None = None
+        self._control_frames = control.FrameReader()
         self.parent_pid = os.getppid()
         self.placement: ShardPlacement | None = None  # set by boot (engine/adoption.py)
         self._init_handoffs(mesh, worker_id)
@@ -248,6 +250,8 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
             ep.close()
 
     def _read_control(self, fd: int, now: float, wall: float) -> None:
+        """Read the control stream (at most 4 MiB a turn) and apply each whole frame."""
+        frames = self._control_frames
         for _ in range(64):
             try:
                 data = os.read(fd, 1 << 16)
@@ -258,9 +262,16 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
             if not data:  # the supervisor closed our end: stop
                 self.running = False
                 return
-            if self.on_control is None or not self.on_control(data, now, wall):
+            try:
+                payloads = frames.feed(data)
+            except control.FrameError as exc:
+                log.error("worker %d: control stream broken (%s); exiting", self.worker_id, exc)
                 self.running = False
                 return
+            for payload in payloads:
+                if self.on_control is None or not self.on_control(payload, now, wall):
+                    self.running = False
+                    return
 
     def stop(self) -> None:
         self.running = False

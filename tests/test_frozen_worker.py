@@ -1,0 +1,124 @@
+"""One frozen worker must not freeze the supervisor (issue 13, item 4).
+
+Control messages used to go to workers with a blocking send: with a worker SIGSTOPped, a big
+`wg syncconf` filled its socket and blocked the supervisor loop, and with it the UAPI, the
+heartbeat watchdog that would replace the worker, and /metrics. Here, with one of 2 workers
+stopped, 2,000 peers are added by `wg syncconf` to a gateway that has 3,001: `wg show`
+answers within 1.5 s all along, the change returns within 10 s, the stopped worker is
+replaced within 10 s, and every worker ends with the whole configuration (each owns exactly
+its share of peers), and the real peer's pings are answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_sharding import ShmView
+
+from lab.harness import Harness
+from lab.keys import keypair
+from lab.netns import unique_ifname, veth_link, wait_for
+from lab.ping import ping_rtts
+from lab.wgconf import write_secret
+from shardwg.proto.ownership import owner_of
+
+pytestmark = [pytest.mark.interop, pytest.mark.netns]
+BASE, MORE, WORKERS = 3000, 2000, 2  # the table holds 2 x the peers of the file
+
+
+def fake_peers(n: int, first: int) -> list[tuple[str, str]]:
+    """(public key, allowed IP) of n peers nobody runs (10.100.0.0/16 onwards)."""
+    out = []
+    for i in range(first, first + n):
+        key = base64.b64encode(os.urandom(32)).decode()
+        out.append((key, f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32"))
+    return out
+
+
+def wg_file(private: str, peers: list[tuple[str, str]]) -> str:
+    text = f"[Interface]\nPrivateKey = {private}\nListenPort = 51820\n"
+    return text + "".join(f"\n[Peer]\nPublicKey = {k}\nAllowedIPs = {a}\n" for k, a in peers)
+
+
+def test_stopped_worker_big_syncconf(netns_factory: Harness, tmp_path: Path) -> None:
+    gw_ns, p_ns = netns_factory(1, "gw")[0], netns_factory(1, "p")[0]
+    veth_link(gw_ns, p_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], name_a="veth0")
+    gw_keys, p_keys = keypair(), keypair()
+    netns_factory.wireguard_go(
+        p_ns, unique_ifname("wgp"), p_keys[0], 51821,
+        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.0/24"],
+          "endpoint": "10.99.0.1:51820", "persistent_keepalive": 0}],
+        ["10.0.0.10/24"],
+    )  # fmt: skip
+    real = (p_keys[1], "10.0.0.10/32")
+    base = [real, *fake_peers(BASE, 0)]
+    gw = netns_factory.gateway(
+        gw_ns, unique_ifname("swg"), gw_keys[0], 51820,
+        [{"public_key": k, "allowed_ips": [a]} for k, a in base], ["10.0.0.1/24"],
+        workers=WORKERS, start_timeout=60,
+    )  # fmt: skip
+    assert len(ping_rtts(p_ns, "10.0.0.1", 3, 15)) == 3, gw.log_text()
+    shm = ShmView(gw.ifname)
+    assert wait_for(lambda: all(w.pid for w in shm.workers()), 30)  # both booted
+    stopped = shm.workers()[1].pid
+    assert stopped > 0  # (os.kill(0, ...) would stop this test's own process group)
+    everything = base + fake_peers(MORE, BASE)
+    conf = write_secret(tmp_path / "big.conf", wg_file(gw_keys[0], everything))
+    figures: dict[str, float] = {}
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        sync = gw_ns.popen(["wg", "syncconf", gw.ifname, str(conf)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        slowest_show = 0.0
+        shows = 0
+        while sync.poll() is None and time.monotonic() - t0 < 15:
+            s0 = time.monotonic()
+            try:
+                gw_ns.run(["wg", "show", gw.ifname, "dump"], timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            slowest_show = max(slowest_show, time.monotonic() - s0)
+            shows += 1
+            time.sleep(0.2)
+        figures["syncconf_s"] = time.monotonic() - t0
+        if sync.poll() is None:
+            sync.kill()
+        figures["slowest_show_s"] = slowest_show
+        figures["shows"] = shows
+        replaced = wait_for(lambda: shm.workers()[1].pid not in (0, stopped), 10 - figures[
+            "syncconf_s"] if figures["syncconf_s"] < 10 else 0.1)  # fmt: skip
+        figures["replaced_after_s"] = time.monotonic() - t0
+        want = [sum(1 for k, _ in everything if owner_of(base64.b64decode(k), WORKERS) == w)
+                for w in range(WORKERS)]  # fmt: skip
+        owned = wait_for(lambda: [w.peers_owned for w in shm.workers()] == want, 10)
+        figures["whole_config_after_s"] = time.monotonic() - t0
+        figures["owned"] = str([w.peers_owned for w in shm.workers()])  # type: ignore[assignment]
+        pings = len(ping_rtts(p_ns, "10.0.0.1", 5, 15))
+
+        def routes() -> int:
+            out = gw_ns.ip("route", "show", "dev", gw.ifname).stdout
+            return sum(1 for line in out.splitlines() if line.startswith("10.1"))
+
+        routed = wait_for(lambda: routes() == BASE + MORE, 30, interval=0.5)
+        figures["routes_after_s"] = time.monotonic() - t0
+        print("frozen worker:", figures, "pings", pings)
+        log = gw.log_text()[-3000:]
+        assert sync.returncode == 0 and figures["syncconf_s"] <= 10, (figures, log)
+        assert slowest_show <= 1.5, figures
+        assert replaced and figures["replaced_after_s"] <= 10, figures
+        assert owned, (figures, want)
+        assert pings == 5, figures
+        assert routed, (figures, routes())  # a helper process adds the 2,000 routes
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        shm.close()
