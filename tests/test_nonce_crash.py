@@ -357,3 +357,24 @@ def test_no_nonce_reused_no_datagram_accepted_twice_across_crashes() -> None:
     print("stateful nonce test:", dict(sorted(STATS.items())))
     assert STATS["transport sent"] and STATS["transport accepted"] and STATS["responses sent"]
     assert sum(v for k, v in STATS.items() if k.startswith("crash")) > 0
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("gap", range(BLOCK + 2))
+def test_failed_reservation_then_crash(gap: int) -> None:
+    """The shapes that found the fail-open paths, replayed as fixed steps: a record write
+    fails (at each offset from a reservation), traffic goes on, the worker crashes, the
+    replacement sends; then the peer's initiation is replayed after a crash that struck
+    just before the record that held its timestamp."""
+    m = GatewayCrashes()
+    m.setup()
+    m.handshake(False)
+    m.arm(["fail"], gap)
+    m.gateway_sends(BLOCK * 3)
+    m.crash_between_turns()
+    m.gateway_sends(BLOCK * 3)
+    m.arm(["crash-before"], 0)
+    m.handshake(False)
+    m.replay_initiation(len(m.to_a) - 1)
+    m.nothing_sent_or_accepted_twice()
+    m.teardown()
