@@ -27,7 +27,7 @@ def big_batch(n: int) -> control.Batch:
 def test_a_stopped_reader_never_blocks_and_big_messages_arrive_whole() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     link = ControlLink(ours)
-    msgs = [big_batch(5000), control.RemovePeer(os.urandom(32)), big_batch(3)]
+    msgs: list[control.Control] = [big_batch(5000), control.RemovePeer(bytes(32)), big_batch(3)]
     t0 = time.monotonic()
     for m in msgs:  # ~700 KB: far more than the socket buffer, and than 64 KiB
         link.send(control.encode(m), t0)
@@ -68,3 +68,31 @@ def test_frame_reader_refuses_a_bogus_length() -> None:
     assert [reader.feed(frame[i : i + 1]) for i in range(len(frame))][-1] == [
         control.encode(control.Stop())
     ]
+
+
+def test_the_watchdog_replaces_a_worker_that_beats_but_takes_no_control_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that still beats but has read nothing for STALL_LIMIT is killed (and then
+    replaced by the reaper); one that reads slowly is left alone."""
+    from shardwg.engine import supervisor as S
+    from shardwg.engine.control_link import STALL_LIMIT
+
+    killed: list[int] = []
+    monkeypatch.setattr(S, "_kill", killed.append)
+    sup = S.Supervisor(None, "swgtest0", 2)  # type: ignore[arg-type]
+    now = time.monotonic()
+    sup.heartbeat = lambda worker: now  # type: ignore[method-assign]
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    sup.slots = [S.WorkerSlot(i, pid=1000 + i, started=now - 60) for i in range(2)]
+    for slot, (ours, _theirs) in zip(sup.slots, pairs, strict=True):
+        slot.control = ControlLink(ours)
+        slot.control.send(control.encode(big_batch(5000)), now - STALL_LIMIT - 1)
+    pairs[1][1].setblocking(False)
+    pairs[1][1].recv(1 << 16)  # worker 1 took something just now: progress
+    sup.slots[1].control.flush(now)  # type: ignore[union-attr]
+    sup._check_heartbeats(now)
+    assert killed == [1000]
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
