@@ -34,6 +34,7 @@ from shardwg.proto.constants import MessageType
 from shardwg.proto.device import Device
 from shardwg.shm.layout import Layout
 from shardwg.shm.publisher import SessionPublisher
+from shardwg.shm.secrets import SecretArea
 
 A_ADDR = ("192.0.2.1", 51820)
 B_ADDR = ("192.0.2.2", 51821)
@@ -101,6 +102,10 @@ class GatewayCrashes(RuleBasedStateMachine):
         self.layout = Layout.sized(1, 4)
         self.buf = bytearray(self.layout.total_size)
         self.layout.write_to(self.buf)
+        # Session keys live in their own area (inherited by forked workers); it survives a
+        # crash like the region does.
+        self.secrets = SecretArea(self.layout.peer_capacity, bytearray(
+            SecretArea.size_for(self.layout.peer_capacity)))  # fmt: skip
         self.slot_of = {PUB_B: 0}
         self.faults = Faults()
         self.now, self.wall = 1000.0, 1.7e9
@@ -131,7 +136,7 @@ class GatewayCrashes(RuleBasedStateMachine):
     def _boot(self) -> None:
         dev = Device(PRIV_A, os.urandom)
         peer = dev.add_peer(PUB_B, allowed_ips=["10.0.0.2/32"], endpoint=B_ADDR)
-        pub = SessionPublisher(self.layout, self.buf, self.slot_of, 0)
+        pub = SessionPublisher(self.layout, self.buf, self.slot_of, 0, self.secrets)
         pub._slot = lambda index, _s=pub._slot: FaultySlot(_s(index), self.faults)  # type: ignore[method-assign,misc,assignment]
         counters = self.layout.counters(self.buf, 0)
         worker = Worker(dev, -1, None, None, counters, publisher=pub)

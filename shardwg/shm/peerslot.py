@@ -14,13 +14,14 @@ Nonce and replay safety across a crash, without a write per packet:
   in blocks of a few thousand); a replacement starts sending at it, so no
   counter is ever used twice under one key.
 - `recv_floor`: every counter below it may already have been accepted; a
-assert struct.calcsize("<4sHHIId") == TRAFFIC_OFFSET
   replacement rejects them all (`restore_keypair`). The owner raises it to the
   counter + 1 before accepting each packet (not in blocks: a block ahead would make
   a replacement drop up to a block of fresh packets and stall a backed-off TCP
   sender), with one aligned 8-byte store outside the seqlock (atomic on x86-64; a
   reader takes either value, both safe), so the per-packet mark stays cheap.
-`encode_counters` updates just those two words of one session in place.
+`encode_counters` updates just those two words of one session in place. The rx and tx
+byte counters are kept exact for readers the same way: the owner stores each word alone
+whenever it counts.
 
 Encoding (little-endian, 8-byte fields 8-aligned from the payload start, which
 is 8-aligned in a seqlock slot), PEER_RECORD_SIZE bytes:
