@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lab import bench_report
+from lab import bench_peers, bench_report
 from lab.bench_measure import series
 from lab.bench_pairs import (
     BASELINE,
@@ -44,7 +44,7 @@ from lab.iperf import iperf3_problem
 from lab.loadgen import x25519_cost_us
 from lab.netns import REPO_ROOT
 
-SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling")
+SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling", "peers")
 HANDSHAKE_CONFIGS = {"wggo": ("wggo", 1), "shardwg-1w": ("shardwg", 1),
                      "shardwg-2w": ("shardwg", 2)}  # fmt: skip
 SCALING_WORKERS = (1, 2)
@@ -134,7 +134,7 @@ class Bench:
         total += a.reps * len(SCALING_WORKERS) * (s + 15) if self.wants("scaling") else 0
         if self.wants("tcp1", "udp"):
             total += s + 8 * (a.udp_seconds + 1)
-        return total
+        return total + (240 if self.wants("peers") else 0)
 
     def run(self) -> None:
         a = self.args
@@ -165,6 +165,19 @@ class Bench:
                 for w in rotate(list(SCALING_WORKERS), rep):
                     self.scaling(tag, w)
         self.current = ""
+        if self.wants("peers"):  # once: lab/bench_peers.py (its own table, its own targets)
+            self.current = "peers "
+            bench_peers.run_all(
+                bench_peers.SIZES,
+                self.log,
+                self.attempt,
+                lambda c, m, v, u: self.results.add("peers", c, m, v, u),
+            )
+            self.current = ""
+            figures = self.results.sections().get("peers", {})
+            self.log("\n" + bench_peers.table(
+                {c: {m: s["median"] for m, s in ms.items() if m != "detail"}
+                 for c, ms in figures.items()}))  # fmt: skip
 
     def pair(self, tag: str, key: str) -> None:
         a, r = self.args, self.results
