@@ -275,6 +275,10 @@ class MemoryGateway:
     def rebind(self, port: int) -> None:
         raise NotImplementedError("the in-memory gateway keeps its loopback port")
 
+    def set_peer_slots(self, high_water: int) -> None:
+        self.global_state.peer_slots = max(1, high_water)
+        self.layout.global_slot(self.region.buf).write(encode_global(self.global_state))
+
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         self.stop()

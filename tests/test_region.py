@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import signal
@@ -156,6 +157,31 @@ def test_zero_wipes_range_and_everything(name: str) -> None:
         r.zero(SIZE - 4, 8)
     r.zero()
     assert r.buf[:] == bytes(SIZE)
+    r.close()
+
+
+def test_zero_across_pages_keeps_the_edges(name: str) -> None:
+    size = 16 * mmap.PAGESIZE
+    r = SharedRegion.create(name, size)
+    r.buf[HEADER_SIZE:] = b"\xaa" * (size - HEADER_SIZE)
+    start, length = mmap.PAGESIZE - 100, 5 * mmap.PAGESIZE + 200
+    r.zero(start, length)
+    assert r.buf[start : start + length] == bytes(length)
+    assert r.buf[start - 1] == 0xAA and r.buf[start + length] == 0xAA
+    r.close()
+
+
+def test_zeroing_a_sparse_region_allocates_nothing(name: str) -> None:
+    """A region sized for 65,536 peers is mostly never written; wiping it at exit must not
+    allocate those pages (it wrote zeros over all of it: 64 MiB of tmpfs here)."""
+    size = 64 << 20
+    r = SharedRegion.create(name, size)
+    r.buf[size - 10 : size] = b"k" * 10  # key material in the last page only
+    used = os.stat(_dev_shm(name)).st_blocks * 512
+    assert used <= 64 * 1024
+    r.zero()
+    assert os.stat(_dev_shm(name)).st_blocks * 512 <= used
+    assert r.buf[size - 10 : size] == bytes(10)
     r.close()
 
 

@@ -259,7 +259,7 @@ def known_endpoints(layout: Any, buf: Any) -> list[bytes]:
     """Every peer's endpoint (packed ip || port) from the shared peer slots, most recent
     handshake first: the initiation filter lets these through even during a flood."""
     found: list[tuple[float, bytes]] = []
-    for i in range(layout.peer_capacity):
+    for i in range(layout.peer_slots_used(buf)):
         try:
             rec = decode_peer(layout.peer_slot(buf, i).read(max_retries=100))
         except Exception:  # torn by a dying writer: skip it this time

@@ -65,3 +65,6 @@ class EngineControl(Protocol):
 
     def rebind(self, port: int) -> None:
         """Move the UDP group to a new port and restart the workers."""
+
+    def set_peer_slots(self, high_water: int) -> None:
+        """Publish how many peer slots from 0 readers must scan (GlobalState.peer_slots)."""

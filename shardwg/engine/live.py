@@ -29,6 +29,7 @@ from shardwg.engine.placer import Placer
 from shardwg.io import netlink
 from shardwg.io.interface import routing_table
 from shardwg.proto.crypto import low_order, public_key
+from shardwg.shm.layout import MAX_PEERS
 from shardwg.shm.peerslot import PeerRecord, decode_peer
 from shardwg.uapi import DeviceView, PeerView, SetRequest
 
@@ -141,7 +142,8 @@ class LiveConfig:
             return errno.EINVAL
         free = self._free_slots(len(d.added), {p.public_key for p in d.removed})
         if free is None:
-            log.warning("%s change refused: no room for %d more peers", source, len(d.added))
+            log.warning("%s change refused: %d peers would exceed the maximum of %d per "
+                        "gateway", source, len(new.peers), MAX_PEERS)  # fmt: skip
             return errno.ENOSPC
         self.config = new
         # One message per worker and one route update for the whole change: its cost grows
@@ -163,6 +165,7 @@ class LiveConfig:
                 self.placer.add(p.public_key, index, write=False)
             batch.added.append(control.AddPeer(specs[p.public_key], index))
             changed.append((None, p))
+        self._publish_high_water()  # before any worker writes a new slot
         if self.placer is not None and (d.added or d.removed):
             self.placer.flush()  # one table write for the whole change
         for o, n in d.updated:
@@ -189,10 +192,22 @@ class LiveConfig:
         return 0
 
     def _free_slots(self, n: int, leaving: set[bytes]) -> list[int] | None:
+        """The n lowest free slots (low first keeps the readers' high-water mark low)."""
         assert self.memory is not None
         used = set(self.slot_of.values()) | {i for _t, i in self._freeing}
-        free = [i for i in range(self.memory.layout.peer_capacity) if i not in used]
-        return free[:n] if len(free) >= n else None
+        if len(used) + n > self.memory.layout.peer_capacity:
+            return None
+        free: list[int] = []
+        i = 0
+        while len(free) < n:
+            if i not in used:
+                free.append(i)
+            i += 1
+        return free
+
+    def _publish_high_water(self) -> None:
+        used = [*self.slot_of.values(), *(i for _t, i in self._freeing)]
+        self.engine.set_peer_slots(max(used) + 1 if used else 0)
 
     def tick(self, now: float) -> None:
         """Start queued route changes; wipe freed slots once their old owner can no longer
@@ -204,11 +219,13 @@ class LiveConfig:
         if not due or mem is None:
             return
         self._freeing = [(t, i) for t, i in self._freeing if t > now]
+        in_use = set(self.slot_of.values())
         for index in due:
-            if index not in self.slot_of.values():
+            if index not in in_use:
                 off = mem.layout.peers_offset + index * mem.layout.peer_stride
                 mem.region.zero(off, mem.layout.peer_stride)
                 mem.secrets.zero_keys(index)
+        self._publish_high_water()
 
     def _broadcast(self, msg: control.Control) -> None:
         """One message for every worker; the engine queues it without ever blocking."""

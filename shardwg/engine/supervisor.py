@@ -56,7 +56,7 @@ from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
-from shardwg.shm.layout import GlobalState, Layout, decode_global, encode_global
+from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout, decode_global, encode_global
 from shardwg.shm.placement import Mode
 from shardwg.shm.region import RegionError, SharedRegion, region_name
 from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
@@ -136,6 +136,10 @@ class Supervisor:
             aead_self_test()
         except AeadSelfTestError as exc:
             raise SupervisorError(f"transport AEAD self-test failed: {exc}") from exc
+        if len(self.config.peers) > MAX_PEERS:
+            raise SupervisorError(
+                f"{len(self.config.peers)} peers configured; a gateway holds at most {MAX_PEERS}"
+            )
         _no_core_dumps()
         for p in self.start_config.peers:
             warn_low_order(p, "config")
@@ -152,7 +156,7 @@ class Supervisor:
             raise SupervisorError(
                 f"UAPI socket for {self.ifname}: {exc} (is another instance running?)"
             ) from exc
-        capacity = max(256, 2 * len(self.config.peers))
+        capacity = MAX_PEERS  # sized up front, sparse: only used slots cost memory
         self.layout = Layout.sized(n, capacity, mtu=self.config.interface.mtu)
         try:
             self.region = SharedRegion.create(region_name(self.ifname), self.layout.total_size)
@@ -193,6 +197,7 @@ class Supervisor:
             interface=self.ifname,
             listen_port=self.gateway.port,
             started_wall=time.time(),
+            peer_slots=max(1, len(self.slot_of)),
         )
         self._write_global()
         self.eventfds = HandoffMesh.make_eventfds(n)
@@ -229,6 +234,14 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.poll()
         return not self._stop
+
+    def set_peer_slots(self, high_water: int) -> None:
+        """Publish how many slots from 0 readers must scan (live changes move it); at
+        least 1, as 0 means "not published" (readers then scan the whole table)."""
+        high_water = max(1, high_water)
+        if self._global is not None and self._global.peer_slots != high_water:
+            self._global.peer_slots = high_water
+            self._write_global()
 
     def _write_global(self) -> None:
         assert self.layout is not None and self.region is not None and self._global is not None

@@ -125,7 +125,7 @@ class ShmReader:
     def slots(self) -> list[tuple[int, Any]]:
         """(slot index, record) of every published peer."""
         out = []
-        for i in range(self.layout.peer_capacity):
+        for i in range(self.layout.peer_slots_used(self.region.buf)):
             try:
                 rec = decode_peer(self.layout.peer_slot(self.region.buf, i).read(max_retries=1000))
             except Exception:  # torn by a dying writer or corrupt: skip, never crash a reader

@@ -12,7 +12,10 @@ Map (every part 64-aligned, in this order):
   global        one seqlock slot holding GlobalState (written by the supervisor)
   counters      one shm/counters.py block per worker (each written by its worker)
   peers         peer_capacity seqlock slots of PEER_RECORD_SIZE (each written by
-                the peer's owning worker)
+                the peer's owning worker). A gateway sizes this for MAX_PEERS up front:
+                the region is a sparse tmpfs file, so slots never written cost no memory
+                (32 MiB of address space for 65,536), and nobody reads past the high-water
+                mark the supervisor publishes (`GlobalState.peer_slots`).
   handoff       HandoffMesh: workers * (workers - 1) SPSC rings
   placement     one seqlock slot: the supervisor's peer -> worker table (shm/placement.py)
 """
@@ -31,14 +34,18 @@ from shardwg.shm.region import HEADER_SIZE
 from shardwg.shm.seqlock import SeqlockSlot, slot_stride
 
 LAYOUT_MAGIC = b"SWLAYOUT"
-LAYOUT_VERSION = 2  # 2: no secrets in the named region
+LAYOUT_VERSION = 3  # 2: no secrets in the named region; 3: GlobalState.peer_slots
 _BLOCK = struct.Struct("<8sIIIIIIQ")
 LAYOUT_BLOCK_SIZE = 64
 MAX_WORKERS = 256  # the receiver index carries the owner in one byte
+# Peers one gateway can hold, as wireguard-go's MaxPeers: the table is sized for this at start
+# (sparse, see above), so it never has to grow under running workers; beyond it a start or a
+# live change is refused with a clear error.
+MAX_PEERS = 1 << 16
 RING_SLOT_SIZE = 2048  # the smallest ring slot: a 1420-byte MTU packet, an initiation
 
 _GLOBAL_MAGIC = b"SWGS"
-_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxd")
+_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x")
 GLOBAL_SIZE = _GLOBAL.size
 
 
@@ -59,6 +66,7 @@ class GlobalState:
     interface: str = ""
     listen_port: int = 0
     started_wall: float = 0.0
+    peer_slots: int = 0  # slots [0, peer_slots) may be in use: readers stop there (0: unknown)
 
 
 def encode_global(state: GlobalState) -> bytes:
@@ -78,6 +86,7 @@ def encode_global(state: GlobalState) -> bytes:
             name,
             state.listen_port,
             state.started_wall,
+            state.peer_slots,
         )
     except struct.error as exc:
         raise ValueError(f"global state field out of range: {exc}") from exc
@@ -101,6 +110,7 @@ def decode_global(data: bytes | bytearray | memoryview) -> GlobalState | None:
         interface=v[7].rstrip(b"\0").decode(),
         listen_port=v[8],
         started_wall=v[9],
+        peer_slots=v[10],
     )
 
 
@@ -198,6 +208,17 @@ class Layout:
     def _check_fits(self, buf: Any) -> None:
         if len(buf) < self.total_size:
             raise ValueError(f"layout needs {self.total_size} bytes, buffer has {len(buf)}")
+
+    def peer_slots_used(self, buf: Any) -> int:
+        """How many slots from 0 may hold a peer (the published high-water mark; the
+        capacity when the global block is unreadable)."""
+        try:
+            g = decode_global(self.global_slot(buf).read(max_retries=1000))
+        except Exception:  # torn or foreign: read everything rather than miss a peer
+            return self.peer_capacity
+        if g is None or g.peer_slots == 0:  # never published (e.g. lab/enginetest.py)
+            return self.peer_capacity
+        return min(g.peer_slots, self.peer_capacity)
 
     def peer_slot(self, buf: Any, index: int) -> SeqlockSlot:
         if not 0 <= index < self.peer_capacity:

@@ -123,12 +123,29 @@ class SharedRegion:
         return int(_HEADER.unpack_from(self.buf, 0)[2])
 
     def zero(self, offset: int = 0, length: int | None = None) -> None:
-        """Overwrite a range with zeros (wipe key material before unlinking)."""
+        """Make a range read as zeros (wipe key material before unlinking).
+
+        Whole pages are punched out of the tmpfs file (MADV_REMOVE): their memory is freed,
+        and pages never written are not touched, so wiping a sparse region costs what was
+        used, not its size. Partial pages at the edges are overwritten.
+        """
         end = self.size if length is None else offset + length
         if offset < 0 or end > self.size or end < offset:
             raise ValueError(f"range [{offset}, {end}) outside region of {self.size} bytes")
-        chunk = bytes(min(_ZERO_CHUNK, end - offset))
-        pos = offset
+        page = mmap.PAGESIZE
+        lo, hi = -(-offset // page) * page, end // page * page
+        if hi > lo and hasattr(mmap, "MADV_REMOVE"):
+            try:
+                self.buf.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+            except OSError:  # not a tmpfs mapping: write the zeros
+                lo = hi = end
+        else:
+            lo = hi = end
+        self._write_zeros(offset, lo)
+        self._write_zeros(hi, end)
+
+    def _write_zeros(self, pos: int, end: int) -> None:
+        chunk = bytes(min(_ZERO_CHUNK, max(0, end - pos)))
         while pos < end:
             n = min(len(chunk), end - pos)
             self.buf[pos : pos + n] = chunk[:n]  # a full-length slice is chunk itself

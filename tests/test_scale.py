@@ -1,0 +1,57 @@
+"""Many peers on one gateway (issue 14 item 1): a peer table sized for MAX_PEERS up front
+(sparse), so live changes can grow a gateway far past what it started with, and a clear
+refusal beyond the maximum. Figures (time to ready, memory, CPU) are in `scripts/bench
+--only peers`, not here."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lab.bench_peers import Fleet, Gateway, first_ping
+from lab.harness import Harness
+from lab.keys import keypair
+from shardwg.config.model import parse_config
+from shardwg.engine import supervisor as supervisor_mod
+from shardwg.engine.live import LiveConfig
+from shardwg.shm.layout import MAX_PEERS, Layout
+
+
+def test_the_table_is_sized_for_the_maximum_and_refuses_beyond_it() -> None:
+    lay = Layout(2, 4)
+    live = LiveConfig(SimpleNamespace(layout=lay, slot_of={b"a": 0, b"b": 2}), None)  # type: ignore[arg-type]
+    assert live._free_slots(2, set()) == [1, 3]  # lowest first: the high-water mark stays low
+    assert live._free_slots(3, set()) is None
+    assert MAX_PEERS == 65536
+
+
+def test_a_config_beyond_the_maximum_is_refused_before_anything_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor_mod, "MAX_PEERS", 2)
+    priv = keypair()[0]
+    text = f"[Interface]\nPrivateKey = {priv}\n" + "".join(
+        f"[Peer]\nPublicKey = {keypair()[1]}\n" for _ in range(3)
+    )
+    sup = supervisor_mod.Supervisor(parse_config(text), "swgscale0", 1)
+    with pytest.raises(supervisor_mod.SupervisorError, match="at most 2"):
+        sup.start()
+    assert sup.uapi is None and sup.region is None
+
+
+@pytest.mark.netns
+@pytest.mark.interop
+def test_one_syncconf_grows_a_one_peer_gateway_past_the_old_table(netns_factory: Harness) -> None:
+    """It refused with ENOSPC ("No space left on device"): the table held 256 slots. (300,
+    not 1,000: each added peer still costs a dump of every route, see issue 13 item 4.)"""
+    fleet = Fleet(netns_factory, 300, 0)
+    gw = Gateway(fleet, 0)
+    first_ping(fleet)
+    gw.syncconf(fleet.conf(300))
+    assert gw.dump_peers() == 301, gw.gw.log_text()[-2000:]
+    first_ping(fleet)  # the real peer's session survived the change
+    # and back down to one: the slots are freed, the real peer keeps its session
+    gw.syncconf(fleet.conf(0))
+    assert gw.dump_peers() == 1
+    first_ping(fleet)
