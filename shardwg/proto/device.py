@@ -9,6 +9,7 @@ gathers in `outbox` as (peer, datagram) pairs, events in `events`.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import struct
 from collections.abc import Callable, Iterable
@@ -30,7 +31,7 @@ from shardwg.proto.indextable import IndexTable
 from shardwg.proto.intake import HandshakeIntake
 from shardwg.proto.keypair import Keypair, open_into, seal_into
 from shardwg.proto.ownership import RemotePeer
-from shardwg.proto.peer import Peer, PeerEvent
+from shardwg.proto.peer import INF, Peer, PeerEvent
 
 RandomBytes = Callable[[int], bytes]
 _U32 = struct.Struct("<I")
@@ -83,6 +84,7 @@ class Device:
         self.intake = HandshakeIntake(self.local, random_bytes)
         self.outbox: list[tuple[Peer, bytes]] = []
         self.events: list[tuple[Peer, PeerEvent]] = []
+        self.timers: list[tuple[float, int, Peer]] = []  # wake-ups: see proto/peer.py
         self._next_gc = 0.0
         # Sessions of ours that a placement move gave to another worker: our index -> that
         # peer (its `owner` follows later moves). Datagrams still carrying such an index are
@@ -114,6 +116,7 @@ class Device:
             mtu=self.mtu,
             outbox=self.outbox,
             events=self.events,
+            timers=self.timers,
         )
         self.peers[public_key] = peer
         for net in prefixes:
@@ -340,9 +343,23 @@ class Device:
             # full table would refuse every new source for good.
             self.intake.limiter.gc(now)
             self._next_gc = now + 1.0
-        for peer in self.peers.values():
+        # Only the peers whose wake-up is due: the cost is per due timer, not per peer.
+        timers = self.timers
+        peers = self.peers
+        while timers and timers[0][0] <= now:
+            at, _id, peer = heapq.heappop(timers)
+            if at != peer.timer_at or peers.get(peer.public_key) is not peer:
+                continue  # superseded by an earlier wake-up, or the peer was removed
+            peer.timer_at = INF
             if now >= peer.next_deadline():
                 peer.tick(now, wall)
+            nxt = peer.next_deadline()
+            if nxt != INF:
+                peer.arm(nxt)
+
+    def next_wakeup(self) -> float:
+        """When `tick` next has something to do (INF: nothing armed)."""
+        return self.timers[0][0] if self.timers else INF
 
 
 def _networks(prefixes: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

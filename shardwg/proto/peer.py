@@ -8,10 +8,19 @@ appended to `events`. The I/O layer drains both after each call.
 Timers follow wireguard-go's `timers.go`, kept as deadlines (`math.inf` = not
 armed) that the data path sets with plain attribute writes and `tick` fires.
 The hot path only calls `sent_data` and `received` per packet.
+
+Which peers to tick: the device keeps a heap of (time, peer) wake-ups shared by
+all its peers (`timers`), so a tick costs what is due, not what is configured.
+`timer_at` is the peer's earliest wake-up in that heap; a deadline set earlier
+than it pushes a new one (`arm`), a deadline moved later pushes nothing: the
+old wake-up fires early, finds nothing due and re-arms at the real deadline.
+On the packet path that is one float comparison, and a push at most once per
+timer period (a busy peer's deadlines only ever move later).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -74,6 +83,7 @@ class Peer:
         mtu: int = DEFAULT_MTU,
         outbox: list[tuple[Peer, bytes]] | None = None,
         events: list[tuple[Peer, PeerEvent]] | None = None,
+        timers: list[tuple[float, int, Peer]] | None = None,
     ) -> None:
         self.local = local
         self.crypto = crypto
@@ -118,8 +128,17 @@ class Peer:
         # Shared with the device: (peer, datagram for peer.endpoint) and (peer, event).
         self.outbox: list[tuple[Peer, bytes]] = [] if outbox is None else outbox
         self.events: list[tuple[Peer, PeerEvent]] = [] if events is None else events
+        # The device's wake-up heap of (time, id, peer), and our earliest entry in it.
+        self.timers: list[tuple[float, int, Peer]] = [] if timers is None else timers
+        self.timer_at = INF
 
     # ------------------------------------------------------------------ helpers
+    def arm(self, deadline: float) -> None:
+        """A deadline was set: make sure the device wakes us by then."""
+        if deadline < self.timer_at:
+            self.timer_at = deadline
+            heapq.heappush(self.timers, (deadline, id(self), self))
+
     def _jitter(self) -> float:
         """Timer jitter needs no secret randomness: a PRNG seeded once from the injected
         source (the data path re-arms a timer after every receive, so this stays cheap)."""
@@ -129,7 +148,9 @@ class Peer:
         """timersAnyAuthenticatedPacketSent + Traversal."""
         self.keepalive_deadline = INF
         if self.persistent_keepalive:
-            self.persistent_deadline = now + self.persistent_keepalive
+            d = self.persistent_deadline = now + self.persistent_keepalive
+            if d < self.timer_at:
+                self.arm(d)
 
     def usable_session(self, now: float) -> Keypair | None:
         """The session to send data on, or None if a handshake is needed first."""
@@ -161,7 +182,8 @@ class Peer:
         self.outbox.append((self, bytes(msg)))
         self.events.append((self, PeerEvent.INITIATION_SENT))
         self._sent_authenticated(now)
-        self.retransmit_deadline = now + REKEY_TIMEOUT + self._jitter()
+        self.retransmit_deadline = d = now + REKEY_TIMEOUT + self._jitter()
+        self.arm(d)
         return True
 
     def receive_response(self, msg: bytes, now: float, wall: float) -> DropReason | None:
@@ -194,6 +216,7 @@ class Peer:
         self.new_handshake_deadline = INF  # any authenticated packet received
         if self.persistent_keepalive:
             self.persistent_deadline = now + self.persistent_keepalive
+            self.arm(self.persistent_deadline)
         # Key confirmation: the responder waits for our first transport packet.
         if not self.flush_staged(now, wall):
             self.send_keepalive(now, wall)
@@ -249,6 +272,7 @@ class Peer:
 
     def _session_derived(self, now: float) -> None:
         self.zero_deadline = now + ZERO_KEYS_AFTER
+        self.arm(self.zero_deadline)
         self.events.append((self, PeerEvent.SESSION_DERIVED))
 
     def _handshake_complete(self, now: float, wall: float) -> None:
@@ -268,9 +292,14 @@ class Peer:
         self.last_data_sent = now
         self.keepalive_deadline = INF
         if self.new_handshake_deadline == INF:
-            self.new_handshake_deadline = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            d = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            self.new_handshake_deadline = d
+            if d < self.timer_at:
+                self.arm(d)
         if self.persistent_keepalive:
-            self.persistent_deadline = now + self.persistent_keepalive
+            d = self.persistent_deadline = now + self.persistent_keepalive
+            if d < self.timer_at:
+                self.arm(d)
 
     def received(self, now: float, nbytes: int, is_data: bool) -> None:
         """After an authenticated transport packet from this peer (per packet)."""
@@ -282,19 +311,25 @@ class Peer:
         if is_data:
             self.last_data_received = now
             if self.keepalive_deadline == INF:
-                self.keepalive_deadline = now + KEEPALIVE_TIMEOUT
+                d = self.keepalive_deadline = now + KEEPALIVE_TIMEOUT
+                if d < self.timer_at:
+                    self.arm(d)
             else:
                 self.need_another_keepalive = True
         if self.persistent_keepalive:
-            self.persistent_deadline = now + self.persistent_keepalive
+            d = self.persistent_deadline = now + self.persistent_keepalive
+            if d < self.timer_at:
+                self.arm(d)
 
     def keep_key_fresh_sending(self, kp: Keypair, now: float, wall: float) -> None:
         """Initiator: data sent on a session older than REKEY_AFTER_TIME starts a rekey.
 
         The caller checks the cheap age condition per packet and calls this only then.
         """
-        if kp.is_initiator and kp is self.current and (
-            now - kp.created >= REKEY_AFTER_TIME or kp.send_counter >= REKEY_AFTER_MESSAGES
+        if (
+            kp.is_initiator
+            and kp is self.current
+            and (now - kp.created >= REKEY_AFTER_TIME or kp.send_counter >= REKEY_AFTER_MESSAGES)
         ):
             self.send_initiation(now, wall)
 
@@ -399,6 +434,7 @@ class Peer:
             if self.need_another_keepalive:
                 self.need_another_keepalive = False
                 self.keepalive_deadline = now + KEEPALIVE_TIMEOUT
+                self.arm(self.keepalive_deadline)
         if now >= self.new_handshake_deadline:
             self.new_handshake_deadline = INF
             self.send_initiation(now, wall)
@@ -421,6 +457,7 @@ class Peer:
             self.events.append((self, PeerEvent.STAGED_DROPPED))
         if self.zero_deadline == INF:
             self.zero_deadline = now + ZERO_KEYS_AFTER
+            self.arm(self.zero_deadline)
         self.events.append((self, PeerEvent.HANDSHAKE_GAVE_UP))
 
     def zero_keys(self) -> None:

@@ -242,6 +242,7 @@ class SessionPublisher:
             restored = True
         if restored and peer.current is not None:
             peer.zero_deadline = peer.current.created + 3 * 180.0
+            peer.arm(peer.zero_deadline)
         self.peers[peer.public_key] = peer
         self.publish(peer)
         return restored
