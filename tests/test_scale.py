@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import os
+import sys
+
 import pytest
 
 from lab.bench_peers import Fleet, Gateway, first_ping
@@ -55,3 +58,52 @@ def test_one_syncconf_grows_a_one_peer_gateway_past_the_old_table(netns_factory:
     gw.syncconf(fleet.conf(0))
     assert gw.dump_peers() == 1
     first_ping(fleet)
+
+
+def _foreign_check_scans(ifname: str) -> list[int]:
+    """In a namespace: how many /proc scans the supervisor's once-a-second foreign-queue check
+    makes (a) with only our queues attached, (b) once someone else attaches one, (c) after
+    FOREIGN_SCAN_INTERVAL."""
+    import fcntl
+    import struct
+
+    from shardwg.io import tun as tun_io
+
+    scans = [0]
+    real = tun_io.queue_holders
+
+    def counting(name: str, **kw: object) -> dict[int, int]:
+        scans[0] += 1
+        return real(name)
+
+    tun_io.queue_holders = counting  # type: ignore[assignment]
+    tun = tun_io.TunDevice.create(ifname, queues=2, multi_queue=True, vnet_hdr=True)
+    sup = supervisor_mod.Supervisor(None, ifname, 2)  # type: ignore[arg-type]
+    sup.gateway = SimpleNamespace(tun=tun)  # type: ignore[assignment]
+    sup._next_scan = 100.0
+    out = []
+    for k in range(5):
+        sup._check_foreign_queues(10.0 + k)
+    out.append(scans[0])
+    fd = os.open("/dev/net/tun", os.O_RDWR)  # someone else's queue on our TUN
+    fcntl.ioctl(fd, tun_io.TUNSETIFF, struct.pack("16sH", ifname.encode(), tun.flags))
+    sup._check_foreign_queues(20.0)
+    out.append(scans[0])
+    os.close(fd)
+    sup._check_foreign_queues(100.0 + supervisor_mod.FOREIGN_SCAN_INTERVAL)
+    out.append(scans[0])
+    tun.close()
+    return out
+
+
+@pytest.mark.netns
+def test_the_foreign_queue_check_scans_proc_only_when_the_count_says_so(
+    netns_factory: Harness,
+) -> None:
+    """It read every process's fds from /proc every second (5 scans in 5 s here)."""
+    (ns,) = netns_factory(1, "sc")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); from test_scale import "
+            "_foreign_check_scans as f; print(f('sctq0'))")  # fmt: skip
+    # `ip netns exec` (ns.run) mounts the namespace's own /sys, as a gateway started in it has
+    assert ns.run([sys.executable, "-c", code]).stdout.strip() == "[0, 1, 2]"

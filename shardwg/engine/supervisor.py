@@ -70,7 +70,8 @@ STUCK_AFTER = 3.0  # seconds without a heartbeat before a worker is killed and r
 BOOT_GRACE = 5.0  # a new worker has this long to send its first heartbeat
 QUICK_DEATH = 2.0  # a worker dying sooner than this after start counts towards a storm
 STORM_LIMIT = 5  # consecutive quick deaths of one worker slot that stop the gateway
-FOREIGN_CHECK_INTERVAL = 1.0
+FOREIGN_CHECK_INTERVAL = 1.0  # attached queues counted in sysfs: one directory listing
+FOREIGN_SCAN_INTERVAL = 30.0  # every process's fds read from /proc even when the count is ours
 LOOP_INTERVAL = 0.1
 _HEARTBEAT = struct.Struct("@d")
 
@@ -119,6 +120,7 @@ class Supervisor:
     _wake_w: int = -1
     _global: GlobalState | None = None
     _cookie: CookieSecrets | None = None
+    _next_scan: float = 0.0
 
     @property
     def config(self) -> Config:
@@ -325,6 +327,7 @@ class Supervisor:
                 self.gateway.port if self.gateway else 0,
             )
             next_foreign = time.monotonic() + FOREIGN_CHECK_INTERVAL
+            self._next_scan = time.monotonic() + FOREIGN_SCAN_INTERVAL
             watch: list[Any] = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
             while not self._stop:
                 fds = watch + (self.metrics.fds() if self.metrics else [])
@@ -354,7 +357,7 @@ class Supervisor:
                 if self.placer is not None:
                     self.placer.tick(now)
                 if now >= next_foreign:
-                    self._check_foreign_queues()
+                    self._check_foreign_queues(now)
                     next_foreign = now + FOREIGN_CHECK_INTERVAL
         finally:
             self.shutdown()
@@ -468,7 +471,22 @@ class Supervisor:
         self._cookie = cookie
         self.secrets.cookie_slot().write(encode_cookie(cookie))
 
-    def _check_foreign_queues(self) -> None:
+    def _check_foreign_queues(self, now: float) -> None:
+        """A foreign process attaching a queue to our TUN raises the kernel's count of attached
+        queues above ours: then (or every FOREIGN_SCAN_INTERVAL, which also finds a foreign fd
+        whose queue is detached, or when sysfs cannot tell) scan /proc for who holds them.
+        Scanning every process's fds every second cost the supervisor more with every
+        process on the machine."""
+        tun = self.gateway.tun if self.gateway is not None else None
+        attached = tun_io.attached_queue_count(self.ifname)
+        if (
+            tun is not None
+            and attached is not None
+            and attached <= len(tun.attached_fds)
+            and now < self._next_scan
+        ):
+            return
+        self._next_scan = now + FOREIGN_SCAN_INTERVAL
         ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
         if self.live is not None and self.live.route_pid:
             ours.add(self.live.route_pid)  # our route helper inherited the queues

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import io
 import os
+import socket
 import struct
 from collections.abc import Sequence
 
@@ -289,6 +290,21 @@ def queue_holders(name: str, *, same_netns: bool = True) -> dict[int, int]:
             if want in info:
                 held[pid] = held.get(pid, 0) + 1
     return held
+
+
+def attached_queue_count(name: str) -> int | None:
+    """Queues of tun `name` in the kernel's rotation right now, from sysfs (one directory
+    listing: a multiqueue TUN has one queues/tx-N per attached queue); None when this mount
+    namespace's /sys does not show our netns's `name` (then only `queue_holders` can tell).
+    """
+    base = f"/sys/class/net/{name}"
+    try:
+        with open(f"{base}/ifindex") as f:
+            if int(f.read()) != socket.if_nametoindex(name):
+                return None  # a /sys of another network namespace
+        return sum(1 for e in os.listdir(f"{base}/queues") if e.startswith("tx-"))
+    except (OSError, ValueError):
+        return None
 
 
 def count_queues(name: str) -> int:
