@@ -5,10 +5,9 @@ refusal beyond the maximum. Figures (time to ready, memory, CPU) are in `scripts
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
