@@ -106,3 +106,28 @@ def test_the_foreign_queue_check_scans_proc_only_when_the_count_says_so(
             "_foreign_check_scans as f; print(f('sctq0'))")  # fmt: skip
     # `ip netns exec` (ns.run) mounts the namespace's own /sys, as a gateway started in it has
     assert ns.run([sys.executable, "-c", code]).stdout.strip() == "[0, 1, 2]"
+
+
+def test_uapi_get_never_resolves_a_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wg show` is answered in the supervisor's loop: it looked host names up there, so a
+    slow resolver stalled the whole gateway (workers' control, heartbeats, metrics)."""
+    import socket
+
+    calls = []
+
+    def no_dns(*args: object, **kw: object) -> list[object]:
+        calls.append(args)
+        raise socket.gaierror(-2, "no DNS in the supervisor loop")
+
+    text = (
+        f"[Interface]\nPrivateKey = {keypair()[0]}\n"
+        f"[Peer]\nPublicKey = {keypair()[1]}\nEndpoint = peer.example.invalid:51820\n"
+        f"[Peer]\nPublicKey = {keypair()[1]}\nEndpoint = 192.0.2.7:51820\n"
+    )
+    sup = SimpleNamespace(config=parse_config(text), slot_of={}, layout=None, region=None,
+                          gateway=None)  # fmt: skip
+    live = LiveConfig(sup, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    view = live.uapi_get()
+    assert not calls
+    assert [p.endpoint for p in view.peers] == [None, "192.0.2.7:51820"]

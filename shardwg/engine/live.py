@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import base64
 import errno
+import ipaddress
 import logging
 import os
 import signal
 import time
 from collections import deque
+from typing import Any
 
 from shardwg.config.diff import config_from_set, diff_configs, prefixes_delta
 from shardwg.config.endpoints import EndpointError, format_endpoint, resolve
-from shardwg.config.model import Config, ConfigError, PeerConfig, format_config, load_config
+from shardwg.config.model import (
+    Config,
+    ConfigError,
+    Endpoint,
+    PeerConfig,
+    format_config,
+    load_config,
+)
 from shardwg.engine import control
 from shardwg.engine.context import EngineControl, SharedMemory
 from shardwg.engine.placer import Placer
@@ -67,6 +76,9 @@ class LiveConfig:
         self._freeing: list[tuple[float, int]] = []
         self._route_jobs: deque[tuple[list[str], list[str], int | None]] = deque()
         self.route_pid = 0  # the child applying a big route change
+        # Endpoints as resolved when they were set (config endpoint -> socket address): `get`
+        # answers from the workers' records or from here, never from DNS in the loop.
+        self._resolved: dict[Endpoint, Any] = {}
 
     # ------------------------------------------------------------------ UAPI backend
     def uapi_get(self) -> DeviceView:
@@ -82,10 +94,7 @@ class LiveConfig:
             rec = self._record(p.public_key)
             endpoint = rec.endpoint if rec is not None and rec.endpoint else None
             if endpoint is None and p.endpoint is not None:
-                try:
-                    endpoint = resolve(p.endpoint)
-                except EndpointError:
-                    endpoint = None
+                endpoint = self._resolved.get(p.endpoint) or literal_endpoint(p.endpoint)
             view.endpoint = format_endpoint(endpoint) or None
             if rec is not None:
                 sec = int(rec.last_handshake_wall)
@@ -137,6 +146,8 @@ class LiveConfig:
         try:
             for p in d.added + [n for _o, n in d.updated]:
                 specs[p.public_key] = peer_spec(p)
+                if p.endpoint is not None and specs[p.public_key].endpoint is not None:
+                    self._resolved[p.endpoint] = specs[p.public_key].endpoint_tuple()
         except EndpointError as exc:
             log.warning("%s change refused: %s", source, exc)
             return errno.EINVAL
@@ -336,6 +347,15 @@ def warn_low_order(p: PeerConfig, source: str) -> None:
             "%s: peer %s has a low-order public key: kept, but no handshake with it can "
             "ever complete", source, base64.b64encode(p.public_key).decode(),
         )  # fmt: skip
+
+
+def literal_endpoint(endpoint: Endpoint) -> Any:
+    """The socket address of an IP-literal endpoint (no DNS); None for a host name."""
+    try:
+        ipaddress.ip_address(endpoint.host)
+    except ValueError:
+        return None
+    return resolve(endpoint)
 
 
 def peer_spec(p: PeerConfig) -> control.PeerSpec:
