@@ -253,17 +253,22 @@ def measure_size(h: Harness, n: int, say: Say, out: dict[str, float]) -> None:
     remove = min(REMOVE, generated // 2)
     pinger = Pinger(fleet, gw.gw.tmp)
     time.sleep(1)
+    took: float | None = None
+    failed = ""
     try:
-        took: float | None = gw.syncconf(fleet.conf(generated - remove))
+        took = gw.syncconf(fleet.conf(generated - remove))
     except subprocess.TimeoutExpired:
-        took = None
-    time.sleep(1)
-    out["remove_pings_pct"] = pinger.share()
+        failed = "> 120 s (timed out)"
+    except LabError as e:  # wg's refusal, e.g. "Message too long"
+        failed = "failed: " + str(e).strip().splitlines()[-1]
+    finally:
+        time.sleep(1)
+        out["remove_pings_pct"] = pinger.share()
     out["removed"] = remove
     if took is not None:
         out["remove_s"] = took
     say(f"{n} peers: wg syncconf removing {remove}: "
-        f"{'> 120 s (timed out)' if took is None else f'{took:.2f} s'}, real peer's pings "
+        f"{failed or f'{took:.2f} s'}, real peer's pings "
         f"{out['remove_pings_pct']:.0f}% answered")  # fmt: skip
 
 

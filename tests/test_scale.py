@@ -131,3 +131,22 @@ def test_uapi_get_never_resolves_a_host_name(monkeypatch: pytest.MonkeyPatch) ->
     view = live.uapi_get()
     assert not calls
     assert [p.endpoint for p in view.peers] == [None, "192.0.2.7:51820"]
+
+
+def test_a_syncconf_of_ten_thousand_peers_fits_one_uapi_request() -> None:
+    """`wg syncconf` restates every kept peer in one set: on 10,000 peers that is ~1.5 MB,
+    which the parser refused with EMSGSIZE (limit 1 MiB)."""
+    from shardwg.uapi.protocol import RequestParser
+
+    lines = ["set=1", "private_key=" + "11" * 32, "listen_port=51820"]
+    for i in range(10000):
+        lines += [f"public_key={i:064x}", "replace_allowed_ips=true",
+                  f"allowed_ip=10.{128 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}/32",
+                  "preshared_key=" + "00" * 32, "persistent_keepalive_interval=0"]  # fmt: skip
+    data = ("\n".join(lines) + "\n\n").encode()
+    assert len(data) > 1 << 20
+    parser = RequestParser()
+    parser.feed(data)
+    kind, req = parser.next_event()  # type: ignore[misc]
+    assert kind == "set", req
+    assert len(req.peers) == 10000

@@ -19,7 +19,11 @@ from shardwg.uapi import PeerView as PeerView  # re-exported with the rest of th
 
 KEY_LEN = 32
 MAX_LINE = 4096  # wg's longest line is ~80 bytes; a longer one is not wg talking
-MAX_REQUEST = 1 << 20
+# A `wg syncconf` restates every kept peer (key, allowed IPs, endpoint, PSK, keepalive: about
+# 300 bytes with a few prefixes), so a request must hold the largest table a gateway may have
+# (shm.layout.MAX_PEERS = 65,536 peers: ~20 MB). It was 1 MiB: `wg syncconf` on a gateway of
+# 10,000 peers failed with EMSGSIZE. Only root can connect (the socket is 0600).
+MAX_REQUEST = 32 << 20
 _ZERO_KEY = bytes(KEY_LEN)
 _DIGITS = re.compile(r"[0-9]+")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
