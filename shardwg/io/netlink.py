@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from shardwg.io import rtnl
 
 IFA_F_NODAD = 0x02
 RTPROT_KERNEL = 2
@@ -183,33 +186,33 @@ def add_routes(name: str, prefixes: list[str], table: int | None = None) -> None
     In the main table a prefix that the link's connected routes (its own address prefixes) cover
     is skipped. Default routes are added like any other; if one exists through another link the
     kernel says EEXIST and we raise RouteConflictError (pass `table` for a separate table).
+    Sent in batches over a raw socket (io/rtnl.py): thousands of routes take milliseconds.
     """
     tbl = table or RT_TABLE_MAIN
-    with _ipr() as ipr:
-        idx = _index(ipr, name)
-        existing = _routes(ipr, idx, tbl)
-        connected = [n for n, proto in existing if proto == RTPROT_KERNEL]
-        present = {n for n, _ in existing}
-        for net in _normalise(prefixes):
-            if net in present or any(_covers(c, net) for c in connected):
-                continue
-            try:
-                ipr.route(
-                    "add",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=idx,
-                    table=tbl,
-                    family=_family(net),
-                    proto=RTPROT_STATIC,
-                    scope=0 if net.version == 6 else RT_SCOPE_LINK,  # v4 like `ip`: no gateway
-                )
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
+    idx = _link_index(name)
+    connected = rtnl.link_networks(idx) if tbl == RT_TABLE_MAIN else []
+    todo = [n for n in _normalise(prefixes) if not any(_covers(c, n) for c in connected)]
+    errs = rtnl.change_routes(rtnl.RTM_NEWROUTE, idx, todo, tbl, RTPROT_STATIC, RT_SCOPE_LINK,
+                              0, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL)  # fmt: skip
+    for net, err in zip(todo, errs, strict=True):
+        if err not in (0, errno.EEXIST):
+            raise OSError(err, f"route {net} through {name}: {os.strerror(err)}")
+    exist = [net for net, err in zip(todo, errs, strict=True) if err == errno.EEXIST]
+    if exist:  # ours already (idempotent), or through another link (a conflict)
+        with _ipr() as ipr:
+            ours = {n for n, _ in _routes(ipr, idx, tbl)}
+        for net in exist:
+            if net not in ours:
                 raise RouteConflictError(
                     errno.EEXIST, f"{net} is already routed elsewhere in table {tbl}"
-                ) from e
+                )
+
+
+def _link_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise LinkNotFoundError(f"no interface named {name!r} in this network namespace") from None
 
 
 def _covers(outer: Network, inner: Network) -> bool:
@@ -217,24 +220,12 @@ def _covers(outer: Network, inner: Network) -> bool:
 
 
 def remove_routes(name: str, prefixes: list[str], table: int | None = None) -> None:
-    """Remove routes we added through the link; absent ones and connected routes are left alone."""
+    """Remove routes we added through the link (protocol static); absent ones and connected
+    routes are left alone. One batch over a raw socket (io/rtnl.py)."""
     tbl = table or RT_TABLE_MAIN
-    with _ipr() as ipr:
-        idx = _index(ipr, name)
-        existing = {n: proto for n, proto in _routes(ipr, idx, tbl)}
-        for net in _normalise(prefixes):
-            if existing.get(net, RTPROT_KERNEL) == RTPROT_KERNEL:
-                continue
-            try:
-                ipr.route(
-                    "del",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=idx,
-                    table=tbl,
-                    family=_family(net),
-                    scope=RT_SCOPE_NOWHERE,  # "any scope" for the kernel's delete match
-                )
-            except NetlinkError as e:
-                if e.code not in (errno.ESRCH, errno.ENOENT):
-                    raise
+    nets = _normalise(prefixes)
+    errs = rtnl.change_routes(rtnl.RTM_DELROUTE, _link_index(name), nets, tbl, RTPROT_STATIC,
+                              RT_SCOPE_NOWHERE, RT_SCOPE_NOWHERE)  # fmt: skip
+    for net, err in zip(nets, errs, strict=True):
+        if err not in (0, errno.ESRCH, errno.ENOENT):
+            raise OSError(err, f"route {net} through {name}: {os.strerror(err)}")
