@@ -13,6 +13,7 @@ from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import (
     GLOBAL_SIZE,
     LAYOUT_BLOCK_SIZE,
+    RING_MIN_SLOTS,
     GlobalState,
     Layout,
     decode_global,
@@ -62,7 +63,7 @@ def test_sizes_reported() -> None:
     )
     assert small.total_size < 2 << 20
     assert big.total_size < 128 << 20
-    assert sized.ring_slots == 64 and sized.total_size < 40 << 20
+    assert sized.ring_slots == 256 and sized.total_size < 160 << 20
     assert Layout.sized(2, 256) == small
 
 
@@ -161,3 +162,25 @@ def test_ring_slots_carry_a_whole_mtu_packet(mtu: int) -> None:
         lay = Layout.sized(workers, 8, mtu=mtu)
         assert lay.ring_slot_size >= mtu
         assert lay.mesh(bytearray(lay.total_size)).outgoing(0)[1].push(bytes(mtu))
+
+
+@pytest.mark.parametrize("workers", [2, 8, 16, 32, 64, 128, 256])
+def test_rings_keep_a_turns_batch_at_any_worker_count(workers: int) -> None:
+    """Ring slots shrank to 16 from 32 workers on (a fixed 32 MiB mesh): fewer than one
+    turn's batch of packets for one owner. The floor is RING_MIN_SLOTS, and what one worker
+    may receive from all the others never shrinks as workers grow."""
+    lay = Layout.sized(workers, 0)
+    assert lay.ring_slots >= RING_MIN_SLOTS
+    assert (workers - 1) * lay.ring_slots >= min(256, 64 * (workers - 1))
+
+
+def test_a_turns_batch_fits_one_ring_at_32_workers() -> None:
+    import mmap
+
+    lay = Layout.sized(32, 0)
+    buf = mmap.mmap(-1, lay.total_size)  # anonymous: only the pages touched are allocated
+    mesh = lay.mesh(buf)
+    ring = mesh.ring(5, 7)
+    assert all(ring.push(b"p" * 1400, 1) for _ in range(64))
+    mesh.release()
+    buf.close()

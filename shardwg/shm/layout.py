@@ -43,6 +43,7 @@ MAX_WORKERS = 256  # the receiver index carries the owner in one byte
 # live change is refused with a clear error.
 MAX_PEERS = 1 << 16
 RING_SLOT_SIZE = 2048  # the smallest ring slot: a 1420-byte MTU packet, an initiation
+RING_MIN_SLOTS = 64  # a worker reads up to 64 packets per turn (engine/budgets.py BATCH)
 
 _GLOBAL_MAGIC = b"SWGS"
 _GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x")
@@ -154,18 +155,26 @@ class Layout:
 
     @classmethod
     def sized(
-        cls, workers: int, peer_capacity: int, mesh_budget: int = 32 << 20, mtu: int = 1420
+        cls,
+        workers: int,
+        peer_capacity: int,
+        mesh_budget_per_worker: int = 8 << 20,
+        mtu: int = 1420,
     ) -> Layout:
         """A layout whose ring slots carry a whole `mtu`-byte packet (a handed-over TUN packet
-        is up to MTU bytes) and whose handoff mesh fits `mesh_budget` bytes.
+        is up to MTU bytes) and whose handoff mesh fits `mesh_budget_per_worker` x workers.
 
-        The mesh grows as workers squared (16 workers at 256 slots is ~124 MiB of
-        tmpfs once every ring has cycled), so ring slots shrink from 256 (power of
-        two, at least 16) as workers grow.
+        The mesh grows as workers squared, each worker's incoming rings as workers, so
+        the budget is per worker (what its N-1 incoming rings may use once they have all
+        cycled; untouched pages cost nothing): ring slots shrink from 256 as workers grow,
+        never below RING_MIN_SLOTS, one turn's batch from one worker to one owner. A fixed
+        32 MiB budget shrank them to 16 at 32 workers, so a single turn's packets for
+        one owner overflowed its ring: 16 workers keep 256 slots, 32 keep 128, 64 keep 64.
         """
         slot_size = max(RING_SLOT_SIZE, mtu, INITIATION_PAYLOAD_SIZE)
         slots = 256
-        while slots > 16 and HandoffMesh.size(workers, slots, slot_size) > mesh_budget:
+        budget = mesh_budget_per_worker * workers
+        while slots > RING_MIN_SLOTS and HandoffMesh.size(workers, slots, slot_size) > budget:
             slots //= 2
         return cls(workers, peer_capacity, slots, slot_size)
 
