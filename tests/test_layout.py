@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from shardwg.shm import counters
+from shardwg.shm.endpoints import LIST_SIZE as ENDPOINT_LIST_SIZE
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import (
     GLOBAL_SIZE,
@@ -22,7 +23,7 @@ from shardwg.shm.layout import (
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, PeerRecord, decode_peer, encode_peer
 from shardwg.shm.placement import table_size
 from shardwg.shm.region import HEADER_SIZE, SharedRegion
-from shardwg.shm.seqlock import SLOT_HEADER
+from shardwg.shm.seqlock import SLOT_HEADER, slot_stride
 
 
 def _parts(lay: Layout) -> list[tuple[str, int, int]]:
@@ -32,6 +33,7 @@ def _parts(lay: Layout) -> list[tuple[str, int, int]]:
         ("layout", lay.layout_offset, LAYOUT_BLOCK_SIZE),
         ("global", lay.global_offset, SLOT_HEADER + GLOBAL_SIZE),
         ("counters", lay.counters_offset, counters.counters_size(lay.workers)),
+        ("endpoints", lay.endpoints_offset, lay.workers * slot_stride(ENDPOINT_LIST_SIZE, 64)),
         ("peers", lay.peers_offset, lay.peer_capacity * lay.peer_stride),
         ("handoff", lay.handoff_offset, HandoffMesh.size(lay.workers, lay.ring_slots, 2048)),
         ("placement", lay.placement_offset, SLOT_HEADER + table_size(lay.peer_capacity)),

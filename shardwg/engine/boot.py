@@ -23,12 +23,11 @@ from shardwg.engine.adoption import ShardPlacement
 from shardwg.engine.context import BootContext
 from shardwg.engine.exits import EXIT_BOOT_FAILURE
 from shardwg.engine.worker import Worker
-from shardwg.io import udp as udp_io
 from shardwg.proto.device import Device
 from shardwg.proto.peer import Peer
 from shardwg.shm import counters as C
+from shardwg.shm import endpoints
 from shardwg.shm.layout import decode_global
-from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.publisher import SessionPublisher
 from shardwg.shm.secrets import SecretArea, decode_cookie
 
@@ -123,7 +122,12 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
     worker.placement = placement
     placement.push = worker.push_handoff
     device.forward = worker.forward_transport
-    worker.known_endpoints = lambda: known_endpoints(layout, buf)
+    worker.endpoint_slot = layout.endpoint_list(buf, index)
+    for peer in owned:
+        if peer.endpoint is not None:
+            worker.recent.touch(peer.public_key, peer)
+    lists = [layout.endpoint_list(buf, w) for w in range(n)]
+    worker.known_endpoints = lambda: endpoints.read_all(lists)
     sync = GlobalSync(layout, buf, ctx.secrets)
 
     def on_tick(w: Worker, now: float, wall: float) -> None:
@@ -204,6 +208,7 @@ class ShardControl:
             placement = self.worker.placement
             if isinstance(msg, control.RemovePeer):
                 self.device.remove_peer(msg.public_key)
+                self.worker.recent.forget(msg.public_key)
                 self.publisher.forget(msg.public_key)
                 self.publisher.slot_of.pop(msg.public_key, None)  # the slot is freed
                 if placement is not None:
@@ -235,6 +240,8 @@ class ShardControl:
         placement.reconcile(now, wall, keys)  # a peer it cannot hold is dropped and logged
         for key in keys:
             peer = self.device.peers.get(key)
+            if peer is not None and peer.endpoint is not None:
+                self.worker.recent.touch(key, peer)  # the filter's list of known endpoints
             if peer is not None and peer.endpoint is not None and peer.persistent_keepalive:
                 peer.send_keepalive(now, wall)
 
@@ -251,23 +258,9 @@ class ShardControl:
         self.device.set_preshared_key(peer, spec.preshared_key)
         if endpoint_changed:
             peer.endpoint = spec.endpoint_tuple()
+            self.worker.recent.touch(key, peer)
         peer.persistent_keepalive = spec.persistent_keepalive
         self.publisher.publish(peer)
-
-
-def known_endpoints(layout: Any, buf: Any) -> list[bytes]:
-    """Every peer's endpoint (packed ip || port) from the shared peer slots, most recent
-    handshake first: the initiation filter lets these through even during a flood."""
-    found: list[tuple[float, bytes]] = []
-    for i in range(layout.peer_slots_used(buf)):
-        try:
-            rec = decode_peer(layout.peer_slot(buf, i).read(max_retries=100))
-        except Exception:  # torn by a dying writer: skip it this time
-            continue
-        if rec is not None and rec.endpoint:
-            found.append((-rec.last_handshake_wall, udp_io.sockaddr_bytes(rec.endpoint)))
-    found.sort()
-    return list(dict.fromkeys(ep for _t, ep in found))
 
 
 class GlobalSync:

@@ -35,7 +35,9 @@ from shardwg.proto.constants import (
 )
 from shardwg.proto.device import Device, ForeignInitiation
 from shardwg.shm import counters as C
+from shardwg.shm.endpoints import LIST_SIZE, RecentPeers
 from shardwg.shm.handoff import HandoffKind, pack_initiation
+from shardwg.shm.seqlock import SeqlockSlot
 
 log = logging.getLogger("shardwg.engine.worker")
 
@@ -74,6 +76,12 @@ class HandshakeLane:
         self._filter_endpoints: list[bytes] = []
         self._endpoints_due = 0.0
         self._fit_warned: dict[int, int] = {}  # family -> endpoint count last warned about
+        # Our side of the gateway-wide list: our peers' recent endpoints, rewritten into
+        # `endpoint_slot` (engine/boot.py sets it) when they change, at most once a second.
+        self.recent = RecentPeers()
+        self.endpoint_slot: SeqlockSlot | None = None
+        self._recent_scratch = bytearray(LIST_SIZE)
+        self._recent_due = 0.0
         for sock in (self.udp4, self.udp6):
             if sock is not None:
                 try:  # a dead predecessor's filter stays on the socket
@@ -151,6 +159,9 @@ class HandshakeLane:
         """Re-estimate the initiation flood, re-program the kernel filter when the share to
         admit or the known peer endpoints change, keep under-load mode on while the flood
         lasts, publish the figures."""
+        if self.recent.dirty and now >= self._recent_due and self.endpoint_slot is not None:
+            self._recent_due = now + ENDPOINT_REFRESH
+            self.recent.publish(self.endpoint_slot, self._recent_scratch, udp_io.sockaddr_bytes)
         adm = self.admission
         intake = self.device.intake
         was = adm.shift

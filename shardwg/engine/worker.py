@@ -164,6 +164,7 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
             v[C.HANDSHAKES_SENT] += 1
         elif event == PeerEvent.HANDSHAKE_COMPLETE:
             v[C.HANDSHAKES_COMPLETED] += 1
+            self.recent.touch(peer.public_key, peer)  # its endpoint heads the filter's list
             log.info("worker %d: handshake complete with peer %s", self.worker_id, peer_name(peer))
         elif event == PeerEvent.HANDSHAKE_GAVE_UP:
             log.info("worker %d: peer %s: no handshake for 90 s, giving up",

@@ -11,6 +11,8 @@ Map (every part 64-aligned, in this order):
                 size, u64 total size
   global        one seqlock slot holding GlobalState (written by the supervisor)
   counters      one shm/counters.py block per worker (each written by its worker)
+  endpoints     one seqlock slot per worker: its peers' recent endpoints
+                (shm/endpoints.py, written by that worker, read by every filter)
   peers         peer_capacity seqlock slots of PEER_RECORD_SIZE (each written by
                 the peer's owning worker). A gateway sizes this for MAX_PEERS up front:
                 the region is a sparse tmpfs file, so slots never written cost no memory
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardwg.shm.counters import WorkerCounters, counters_size
+from shardwg.shm.endpoints import LIST_SIZE as ENDPOINT_LIST_SIZE
 from shardwg.shm.handoff import INITIATION_PAYLOAD_SIZE, HandoffMesh
 from shardwg.shm.peerslot import PEER_RECORD_SIZE
 from shardwg.shm.placement import table_size
@@ -126,6 +129,7 @@ class Layout:
     layout_offset: int = field(init=False)
     global_offset: int = field(init=False)
     counters_offset: int = field(init=False)
+    endpoints_offset: int = field(init=False)
     peers_offset: int = field(init=False)
     peer_stride: int = field(init=False)
     handoff_offset: int = field(init=False)
@@ -145,7 +149,9 @@ class Layout:
         put(self, "layout_offset", HEADER_SIZE)
         put(self, "global_offset", _align(HEADER_SIZE + LAYOUT_BLOCK_SIZE))
         put(self, "counters_offset", self.global_offset + slot_stride(GLOBAL_SIZE, 64))
-        put(self, "peers_offset", _align(self.counters_offset + counters_size(self.workers)))
+        put(self, "endpoints_offset", _align(self.counters_offset + counters_size(self.workers)))
+        ends = self.workers * slot_stride(ENDPOINT_LIST_SIZE, 64)
+        put(self, "peers_offset", _align(self.endpoints_offset + ends))
         put(self, "peer_stride", slot_stride(PEER_RECORD_SIZE, 64))
         put(self, "handoff_offset", self.peers_offset + self.peer_capacity * self.peer_stride)
         mesh = HandoffMesh.size(self.workers, self.ring_slots, self.ring_slot_size)
@@ -237,6 +243,13 @@ class Layout:
     def placement_slot(self, buf: Any) -> SeqlockSlot:
         """The placement table (written by the supervisor only)."""
         return SeqlockSlot(buf, self.placement_offset, table_size(self.peer_capacity))
+
+    def endpoint_list(self, buf: Any, worker: int) -> SeqlockSlot:
+        """Worker `worker`'s list of recent peer endpoints (shm/endpoints.py)."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(f"worker {worker} outside 0..{self.workers - 1}")
+        stride = slot_stride(ENDPOINT_LIST_SIZE, 64)
+        return SeqlockSlot(buf, self.endpoints_offset + worker * stride, ENDPOINT_LIST_SIZE)
 
     def global_slot(self, buf: Any) -> SeqlockSlot:
         return SeqlockSlot(buf, self.global_offset, GLOBAL_SIZE)
