@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pairs import ADDR_B, Pair, ipv4_packet
 
-from shardwg.proto.constants import UNDER_LOAD_QUEUE_SIZE, DropReason
+from shardwg.proto.constants import DropReason
+from shardwg.proto.intake import UNDER_LOAD_BACKLOG
 
 
 def drop(reason: DropReason) -> int:
@@ -95,6 +96,7 @@ def test_unknown_index_and_garbage_counted() -> None:
 def test_ipv6_inner_packet() -> None:
     p = Pair()
     import struct
+
     payload = b"v6!"
     src = bytes.fromhex("fd000000000000000000000000000001")
     dst = bytes.fromhex("fd000000000000000000000000000002")
@@ -107,9 +109,9 @@ def test_ipv6_inner_packet() -> None:
 def test_cookie_replies_are_budgeted_under_load() -> None:
     """Under load an initiation without mac2 gets a cookie reply, up to a per-worker budget."""
     p = Pair()
-    p.b.intake.note_backlog(UNDER_LOAD_QUEUE_SIZE - 1, p.now)
+    p.b.intake.note_backlog(UNDER_LOAD_BACKLOG - 1, p.now)
     assert not p.b.intake.under_load(p.now)
-    p.b.intake.note_backlog(UNDER_LOAD_QUEUE_SIZE, p.now)  # as a worker's deep queue does
+    p.b.intake.note_backlog(UNDER_LOAD_BACKLOG, p.now)  # as a worker's deep queue does
     assert p.b.intake.under_load(p.now + 0.03)
     p.b.intake.cookie_rate = 10.0
     replies = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,18 @@ class HandshakeLane:
         dev = self.device
         dev.intake.note_backlog(len(queue), now)
         budget = HANDSHAKE_BUDGET_BUSY if busy else HANDSHAKE_BUDGET
-        for _ in range(min(budget, len(queue) + len(prio))):
+        count = min(budget, len(queue) + len(prio))
+        started = time.perf_counter()
+        try:
+            self._handshake_batch(count, now, wall)
+        finally:
+            dev.intake.note_cost(time.perf_counter() - started, count)
+
+    def _handshake_batch(self, count: int, now: float, wall: float) -> None:
+        queue = self.handshake_queue
+        prio = self.priority_queue
+        dev = self.device
+        for _ in range(count):
             msg, addr, screened = prio.popleft() if prio else queue.popleft()
             self.v[C.HANDSHAKES_RECEIVED] += 1
             try:

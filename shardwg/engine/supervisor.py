@@ -49,9 +49,9 @@ from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus, read_status, wit
 from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
 from shardwg.proto.constants import (
     UNDER_LOAD_AFTER_TIME,
-    UNDER_LOAD_QUEUE_SIZE,
 )
 from shardwg.proto.cookie import ROTATE_INTERVAL
+from shardwg.proto.intake import UNDER_LOAD_BACKLOG
 from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
@@ -456,7 +456,7 @@ class Supervisor:
             self._publish_cookie(CookieSecrets(c.next, c.next_born, os.urandom(32), switch))
         stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
         if any(
-            s.handshake_backlog >= UNDER_LOAD_QUEUE_SIZE
+            s.handshake_backlog >= UNDER_LOAD_BACKLOG
             or (s.initiation_shift > 0 and s.initiations_offered >= UNDER_LOAD_OFFERED_RATE)
             for s in stats
         ):

@@ -20,6 +20,18 @@ from shardwg.proto.ratelimiter import RateLimiter
 
 RandomBytes = Callable[[int], bytes]
 COOKIE_REPLIES_PER_SECOND = 3000.0  # per intake (worker): a flood cannot buy more of our CPU
+# A deep backlog means "under load" only when draining it would take longer than this. A
+# peer retransmits its initiation after 5 s, so a cookie reply (answered at the earliest on
+# that retransmission) helps nobody while the queue drains within a second: after a restart
+# a fleet of 1,000 peers initiating at once was 94 % cookie-replied (backlog >= 128, as in
+# wireguard-go) and served only after 5.9 s, instead of within the 0.3 s their
+# handshakes cost. A sustained flood still engages at once through the offered-rate
+# estimate (proto/admission.py), and the queue stays bounded (HANDSHAKE_QUEUE_MAX).
+UNDER_LOAD_DRAIN_TIME = 1.0
+HANDSHAKE_COST = 1e-3  # seconds per handshake message until measured (conservative)
+_COST_MIN, _COST_MAX = 2e-4, 1e-2  # four X25519 at least; a starved worker at most
+# What the supervisor, which sees backlogs but not costs, treats as deep (~1,000).
+UNDER_LOAD_BACKLOG = int(UNDER_LOAD_DRAIN_TIME / HANDSHAKE_COST)
 
 
 class HandshakeIntake:
@@ -34,11 +46,22 @@ class HandshakeIntake:
         self.cookie_rate = COOKIE_REPLIES_PER_SECOND
         self._cookie_tokens = COOKIE_REPLIES_PER_SECOND
         self._cookie_time = 0.0
+        self.handshake_cost = HANDSHAKE_COST  # EWMA of seconds per message, from `note_cost`
 
     def note_backlog(self, backlog: int, now: float) -> None:
-        """Enter under-load mode for a second when the handshake backlog is deep."""
-        if backlog >= UNDER_LOAD_QUEUE_SIZE:
+        """Enter under-load mode for a second when the handshake backlog is deep: at least
+        UNDER_LOAD_QUEUE_SIZE, and more than UNDER_LOAD_DRAIN_TIME of work."""
+        if (
+            backlog >= UNDER_LOAD_QUEUE_SIZE
+            and backlog * self.handshake_cost >= UNDER_LOAD_DRAIN_TIME
+        ):
             self.under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    def note_cost(self, seconds: float, messages: int) -> None:
+        """What `messages` handshake messages just cost (the caller's clock)."""
+        if messages > 0:
+            per = min(max(seconds / messages, _COST_MIN), _COST_MAX)
+            self.handshake_cost += (per - self.handshake_cost) * min(1.0, messages / 64)
 
     def under_load(self, now: float) -> bool:
         return now < self.under_load_until
