@@ -16,13 +16,12 @@ import pytest
 
 from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer
 from shardwg.engine import control
-from shardwg.engine.boot import Shard, boot_worker, build_shard, known_endpoints
+from shardwg.engine.boot import Shard, boot_worker, build_shard
 from shardwg.engine.exits import EXIT_BOOT_FAILURE
 from shardwg.io.udp import sockaddr_bytes
 from shardwg.proto.ownership import owner_of
 from shardwg.shm import counters as C
 from shardwg.shm.layout import decode_global, encode_global
-from shardwg.shm.peerslot import PeerRecord, encode_peer
 from shardwg.shm.secrets import CookieSecrets, decode_cookie, encode_cookie
 
 
@@ -95,17 +94,17 @@ def test_global_sync_follows_the_supervisors_block(gw: MemoryGateway) -> None:
     assert intake.under_load(now + 1)
 
 
-def test_known_endpoints_read_every_slot_most_recent_first(gw: MemoryGateway) -> None:
-    scratch = bytearray(gw.layout.peer_stride)
-    rows = [(0, ("192.0.2.1", 1000), 5.0), (1, ("192.0.2.2", 2000), 9.0),
-            (2, None, 7.0), (3, ("192.0.2.1", 1000), 1.0)]  # fmt: skip
-    for slot, endpoint, when in rows:
-        rec = PeerRecord(new_key()[1], owner=0, generation=1, endpoint=endpoint,
-                         last_handshake_wall=when)  # fmt: skip
-        encode_peer(rec, scratch)
-        gw.layout.peer_slot(gw.region.buf, slot).write(scratch[: gw.layout.peer_slot(
-            gw.region.buf, slot).payload_size])  # fmt: skip
-    assert known_endpoints(gw.layout, gw.region.buf) == [
+def test_known_endpoints_come_from_every_owners_list(gw: MemoryGateway) -> None:
+    """Each owner publishes its peers' recent endpoints (shm/endpoints.py); any worker's
+    filter reads them all, most recent handshake first, without decoding peer slots."""
+    s0, s1 = shard(gw, 0), shard(gw, 1)
+    rows = [(s0, ("192.0.2.1", 1000), 5.0), (s1, ("192.0.2.2", 2000), 9.0)]
+    for s, endpoint, when in rows:
+        p = next(iter(s.worker.device.peers.values()))
+        p.endpoint, p.last_handshake_wall = endpoint, when
+        s.worker.recent.touch(p.public_key, p)
+        s.worker.admission_tick(time.monotonic())  # the list changed: rewritten
+    assert s0.worker.known_endpoints() == [
         sockaddr_bytes(("192.0.2.2", 2000)),
         sockaddr_bytes(("192.0.2.1", 1000)),
     ]

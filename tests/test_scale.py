@@ -22,7 +22,11 @@ from shardwg.shm.layout import MAX_PEERS, Layout
 
 def test_the_table_is_sized_for_the_maximum_and_refuses_beyond_it() -> None:
     lay = Layout(2, 4)
-    live = LiveConfig(SimpleNamespace(layout=lay, slot_of={b"a": 0, b"b": 2}), None)  # type: ignore[arg-type]
+    live = LiveConfig(
+        parse_config(f"[Interface]\nPrivateKey = {keypair()[0]}\n"), None, ifname="swgscale0",
+        slot_of={b"a": 0, b"b": 2}, engine=SimpleNamespace(),  # type: ignore[arg-type]
+        memory=SimpleNamespace(layout=lay),  # type: ignore[arg-type]
+    )  # fmt: skip
     assert live._free_slots(2, set()) == [1, 3]  # lowest first: the high-water mark stays low
     assert live._free_slots(3, set()) is None
     assert MAX_PEERS == 65536
@@ -124,9 +128,10 @@ def test_uapi_get_never_resolves_a_host_name(monkeypatch: pytest.MonkeyPatch) ->
         f"[Peer]\nPublicKey = {keypair()[1]}\nEndpoint = peer.example.invalid:51820\n"
         f"[Peer]\nPublicKey = {keypair()[1]}\nEndpoint = 192.0.2.7:51820\n"
     )
-    sup = SimpleNamespace(config=parse_config(text), slot_of={}, layout=None, region=None,
-                          gateway=None)  # fmt: skip
-    live = LiveConfig(sup, None)  # type: ignore[arg-type]
+    live = LiveConfig(
+        parse_config(text), None, ifname="swgscale0", slot_of={},
+        engine=SimpleNamespace(listen_port=lambda: 0),  # type: ignore[arg-type]
+    )  # fmt: skip
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     view = live.uapi_get()
     assert not calls
