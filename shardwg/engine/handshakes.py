@@ -131,11 +131,11 @@ class HandshakeLane:
         dev.intake.note_backlog(len(queue), now)
         budget = HANDSHAKE_BUDGET_BUSY if busy else HANDSHAKE_BUDGET
         count = min(budget, len(queue) + len(prio))
-        started = time.perf_counter()
+        started = time.process_time()  # CPU, not wall: a preempted turn is not slower work
         try:
             self._handshake_batch(count, now, wall)
         finally:
-            dev.intake.note_cost(time.perf_counter() - started, count)
+            dev.intake.note_cost(time.process_time() - started, count)
 
     def _handshake_batch(self, count: int, now: float, wall: float) -> None:
         queue = self.handshake_queue

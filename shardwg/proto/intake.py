@@ -58,7 +58,8 @@ class HandshakeIntake:
             self.under_load_until = now + UNDER_LOAD_AFTER_TIME
 
     def note_cost(self, seconds: float, messages: int) -> None:
-        """What `messages` handshake messages just cost (the caller's clock)."""
+        """What `messages` handshake messages just cost in CPU seconds (preemption by other
+        processes is not work: the 5 s retransmission leaves room for it)."""
         if messages > 0:
             per = min(max(seconds / messages, _COST_MIN), _COST_MAX)
             self.handshake_cost += (per - self.handshake_cost) * min(1.0, messages / 64)
