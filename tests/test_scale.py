@@ -214,3 +214,25 @@ def test_a_backlog_is_deep_when_it_takes_over_a_second_to_drain() -> None:
     assert not slow.under_load(0.0)  # never below wireguard-go's floor
     slow.note_backlog(UNDER_LOAD_QUEUE_SIZE, 0.0)
     assert slow.under_load(0.0)
+
+
+def _rss_shmem_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_wiping_the_secret_area_for_the_maximum_allocates_nothing() -> None:
+    """Sized for MAX_PEERS the secret area is 16 MiB, mostly never written; wiping it at exit
+    wrote zeros over all of it, allocating every page first (+16 MiB of shared memory)."""
+    from shardwg.shm.secrets import SecretArea, encode_keys
+
+    area = SecretArea(MAX_PEERS)
+    area.key_slot(MAX_PEERS - 1).write(encode_keys([(7, b"s" * 32, b"r" * 32)]))
+    before = _rss_shmem_kib()
+    area.wipe()
+    assert _rss_shmem_kib() - before < 1024
+    assert bytes(area.key_slot(MAX_PEERS - 1).read()) == bytes(area.key_slot(0).payload_size)
+    area.close()

@@ -548,8 +548,8 @@ class Supervisor:
             self.region.zero(
                 self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
             )
-            if self.secrets is not None:
-                for i in range(self.secrets.peer_capacity):
+            if self.secrets is not None:  # only the slots in use: the rest were never written
+                for i in range(self.layout.peer_slots_used(self.region.buf)):
                     self.secrets.zero_keys(i)
         for s in self.slots:
             s.restarts += 1

@@ -125,7 +125,17 @@ class SecretArea:
         self.buf[off : off + self._key_stride] = bytes(self._key_stride)
 
     def wipe(self) -> None:
-        """Zero everything (on exit, so no key outlives the gateway in swap or memory)."""
+        """Zero everything (on exit, so no key outlives the gateway in swap or memory).
+
+        Sized for 65,536 peers (shm/layout.MAX_PEERS) the area is 16 MiB, mostly never
+        written: its pages are punched out (MADV_REMOVE frees them, they read as zeros)
+        rather than written, which would first allocate every one of them."""
+        if isinstance(self.buf, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
+            try:
+                self.buf.madvise(mmap.MADV_REMOVE, 0, len(self.buf))
+                return
+            except OSError:
+                pass  # not shared memory: write the zeros
         self.buf[: self.size] = bytes(self.size)
 
     def close(self) -> None:
