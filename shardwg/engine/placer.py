@@ -66,13 +66,17 @@ class Placer:
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
+        """Publish the table up to the highest slot in use, not the whole capacity: sized
+        for 65,536 peers (shm/layout.MAX_PEERS) a full table costs ~20 ms to write and as
+        much for every worker to read."""
         t = self.table
         t.generation += 1
-        t.owners = [-1] * self.layout.peer_capacity
+        t.owners = [-1] * (max(self.slot_of.values(), default=-1) + 1)
         for key, slot in self.slot_of.items():
             t.owners[slot] = self.owners.get(key, -1)
         encode_table(t, self._scratch)
-        self.layout.placement_slot(self.buf).write(self._scratch)
+        size = table_size(len(t.owners))
+        self.layout.placement_slot(self.buf).write(memoryview(self._scratch)[:size])
 
     def owner(self, key: bytes) -> int:
         return self.owners.get(key, -1)
