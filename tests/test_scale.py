@@ -271,3 +271,27 @@ def test_workers_copy_the_placement_table_only_when_it_changed() -> None:
     assert len(decoded) == 2
     w.slot.release()
     buf.close()
+
+
+def test_load_sampling_reads_two_words_per_peer_not_a_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor sampled every peer's traffic once a second by decoding its whole record:
+    0.06 cores of an idle gateway with 10,000 peers."""
+    from test_placement import _key, _placer, _publish
+
+    from shardwg.engine import placer as placer_mod
+
+    p, lay, buf = _placer(2)
+    keys = [_key(i) for i in range(3)]
+    p.start(keys, {k: i for i, k in enumerate(keys)})
+    decoded = []
+    monkeypatch.setattr(placer_mod, "decode_peer", lambda *a: decoded.append(a))
+    for i, k in enumerate(keys):
+        _publish(lay, buf, i, k, 0, 1000)
+    _publish(lay, buf, 3, _key(9), 0, 5)  # a slot of no configured peer: not counted
+    p._sample(100.0)
+    _publish(lay, buf, 1, keys[1], 0, 3000)
+    p._sample(101.0)
+    assert not decoded
+    assert p.rates == {keys[0]: 0.0, keys[1]: 2000.0, keys[2]: 0.0}

@@ -12,8 +12,10 @@ move is complete when the slot's record names the new owner and is no longer `ha
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from shardwg.engine.placement import LoadBalancer, Move, initial, place_new, rebalance
 from shardwg.shm.layout import Layout
@@ -27,9 +29,12 @@ from shardwg.shm.placement import (
     encode_table,
     table_size,
 )
+from shardwg.shm.seqlock import SLOT_HEADER
 
 log = logging.getLogger("shardwg.engine.placement")
 SAMPLE_INTERVAL = 1.0
+_RXTX = struct.Struct("<QQ")
+_RX_AT, _KEY_AT = 24, 40  # in a peer record (shm/peerslot.py): u64 rx, u64 tx; public key
 # Rates span two samples: owners republish traffic counters about once a second, so a
 # one-second window would now and then hold no publication at all and read as idle.
 RATE_WINDOW = 2
@@ -162,14 +167,17 @@ class Placer:
     # ------------------------------------------------------------------ load
     def _sample(self, now: float) -> None:
         """Each peer's bytes/s (received + sent) over the last RATE_WINDOW samples."""
+        # Two words and the key of each record, not a decode of all of it: the owner stores
+        # rx/tx into those words at every count (outside the seqlock, one aligned store each),
+        # and a decode per peer per second cost 0.06 cores at 10,000 peers.
         totals: dict[bytes, int] = {}
+        buf: Any = self.buf
+        base, stride = self.layout.peers_offset + SLOT_HEADER, self.layout.peer_stride
         for key, slot in self.slot_of.items():
-            try:
-                pr = decode_peer(self.layout.peer_slot(self.buf, slot).read(max_retries=100))
-            except Exception:
-                continue
-            if pr is not None and pr.public_key == key:
-                totals[key] = pr.rx_bytes + pr.tx_bytes
+            off = base + slot * stride
+            if buf[off + _KEY_AT : off + _KEY_AT + 32] == key:
+                rx, tx = _RXTX.unpack_from(buf, off + _RX_AT)
+                totals[key] = rx + tx
         self._history.append((now, totals))
         del self._history[: -RATE_WINDOW - 1]
         then, old = self._history[0]
