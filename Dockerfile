@@ -17,12 +17,14 @@
 # them has no wheel for this platform); the final image carries neither pip caches nor gcc.
 FROM python:3.11-slim AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 COPY shardwg ./shardwg
-RUN pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels .
+# SHARDWG_NATIVE_REQUIRED: the image always carries the native data path (libssl3 is in the
+# slim base image at run time)
+RUN SHARDWG_NATIVE_REQUIRED=1 pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels .
 
 FROM python:3.11-slim
 # wireguard-tools: the stock `wg` tool (wg show / wg set through the UAPI socket); optional.
