@@ -3,8 +3,8 @@
 `python -m shardwg.datapath.microbench` prints seal (and open, where present) for the native
 kernel and the pure-Python reference side by side, alternating the two, median of repeats.
 Seal: 1420-byte IP packets in batches of 64, either as TSO super-packets (two of 32 segments:
-64 x 1380 bytes of data would exceed the 64 KiB an IP packet can carry) or as 64 single packets; each batch is sealed into GSO runs with seal_run exactly as the worker
-does (no sends).
+64 x 1380 bytes of data would exceed the 64 KiB an IP packet can carry) or as 64 single
+packets; each batch is sealed into GSO runs with seal_run exactly as the worker does (no sends).
 """
 
 from __future__ import annotations
@@ -98,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.5)
     args = ap.parse_args(argv)
-    for label, sp in (("seal, 2 x 32-segment super-packets", True), ("seal, 64 single packets", False)):
-        nat, py = median_rates(lambda n, sp=sp: bench_seal(n, sp, args.seconds), args.repeats)
+    cases = (("seal, 2 x 32-segment super-packets", True), ("seal, 64 single packets", False))
+    for label, sp in cases:
+
+        def one(native: bool, sp: bool = sp) -> float:
+            return bench_seal(native, sp, args.seconds)
+
+        nat, py = median_rates(one, args.repeats)
         print(f"{label:40s} native {nat / 1e3:8.0f}k/s   python {py / 1e3:8.1f}k/s")
     return 0
 

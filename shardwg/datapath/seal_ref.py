@@ -85,6 +85,21 @@ class _Plan:
 
     __slots__ = ("kind", "v4", "start", "length", "cs", "at", "hl", "mss", "count", "ip_fixed",
                  "ident", "l4_fixed", "seq0", "offbyte", "flags")  # fmt: skip
+    kind: int
+    v4: bool
+    start: int
+    length: int
+    cs: int
+    at: int
+    hl: int
+    mss: int
+    count: int
+    ip_fixed: int
+    ident: int
+    l4_fixed: int
+    seq0: int
+    offbyte: int
+    flags: int
 
 
 def _v6_transport(pkt: Any, base: int, length: int) -> tuple[int, int]:
