@@ -1,22 +1,36 @@
-"""Outbound, TUN -> UDP: route each packet, seal it for its peer, send in GSO runs.
+"""Outbound, TUN -> UDP: route each read, seal runs of one peer's packets, one sendmsg per run.
 
-A mixin of `Worker` (steps 1-4 of "Outbound" in engine/worker.py): it owns the
-packet buffers (shared with the handoff rings, whose packets leave the same way)
-and the GSO batcher; the turn calls `read_tun` or `send_packets` once per batch.
+A mixin of `Worker` (steps 1-4 of "Outbound" in engine/worker.py). What the TUN queue read
+(virtio_net_hdr + IP packet; with TSO/USO a super-packet of up to 64 KiB) or a handoff ring
+delivered (plain IP packets) is routed per read; consecutive reads for one peer go to the
+batch kernel (shardwg.datapath: native, or the pure-Python reference) in one call, which
+cuts, pads, numbers and seals them straight into one UDP_SEGMENT run. Nonces: the kernel
+stops at the published reservation; we publish the next block (reserve_send) and go on, so
+a replacement worker never reuses a counter. Packets for another worker's peer are cut into
+segments (the same kernel, no encryption) and handed over; without a session they are staged.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from shardwg.datapath import kernel
 from shardwg.engine.budgets import BATCH, PLAIN_HEADROOM
-from shardwg.io import segment, udpgso
 from shardwg.io import tun as tun_io
+from shardwg.io import udpgso
 from shardwg.io.vnet import VNET_HDR_LEN
-from shardwg.proto.constants import MAX_DATAGRAM, DropReason
+from shardwg.proto.constants import (
+    MAX_DATAGRAM,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    DropReason,
+)
 from shardwg.proto.device import Device
+from shardwg.proto.keypair import Keypair, reserve_send
 from shardwg.proto.ownership import RemotePeer
 from shardwg.proto.peer import Peer
 from shardwg.shm import counters as C
@@ -25,10 +39,21 @@ from shardwg.shm.handoff import HandoffKind
 log = logging.getLogger("shardwg.engine.worker")
 
 _DROP_BASE = C.DROP_BASE
+_NO_ROUTE = _DROP_BASE + DropReason.NO_ROUTE
+_SEND_ERROR = _DROP_BASE + DropReason.SEND_ERROR
+_EXPIRED = _DROP_BASE + DropReason.KEY_EXPIRED
+_INTERNAL = _DROP_BASE + DropReason.INTERNAL_ERROR
+_NOT_PUBLISHED = _DROP_BASE + DropReason.NOT_PUBLISHED
+_NO_ENDPOINT = DropReason.NO_ENDPOINT
+_LIMIT = kernel.LIMIT
+_MAX_SEGMENTS = udpgso.MAX_SEGMENTS
+_MAX_GSO_BYTES = udpgso.MAX_GSO_BYTES
+_SEAL_OUT = 1 << 17  # one run (<= 64 KiB) or one datagram of the largest packet
+_TUN_PACKET = HandoffKind.TUN_PACKET
 
 
 class OutboundPath:
-    """Plain packets in (TUN queue or handoff ring), sealed datagrams out."""
+    """Plain packets or super-packets in (TUN queue or handoff ring), sealed runs out."""
 
     # From the worker:
     device: Device
@@ -45,7 +70,7 @@ class OutboundPath:
 
     def _init_outbound(self) -> None:
         # The TUN's virtio_net_hdr sits in front of each packet buffer (see _init_inbound);
-        # `_pk_pkt` views start at the IP packet and leave PLAIN_HEADROOM for padding.
+        # `_pk_pkt` views start at the IP packet (handoff rings fill those).
         self._pk_bufs = [
             memoryview(bytearray(VNET_HDR_LEN + MAX_DATAGRAM + PLAIN_HEADROOM))
             for _ in range(BATCH)
@@ -54,80 +79,150 @@ class OutboundPath:
         self._pk_sizes = [0] * BATCH
         self._pk_kinds = [0] * BATCH
         self._pk_auxs = [0] * BATCH
-        # One MTU-sized segment each (segment.split), plus room for its padding.
-        seg_size = max(2048, self.device.mtu + PLAIN_HEADROOM)
-        self._seg_pkt = [memoryview(bytearray(seg_size)) for _ in range(BATCH)]
-        self._seg_sizes = [0] * BATCH
-        self.gso = udpgso.GsoBatcher()
+        self._seal_out = bytearray(_SEAL_OUT)
+        self._seal_view = memoryview(self._seal_out)
+        self._seal_run = kernel.seal_run
+        self._make_sealer = kernel.Sealer
+
+    # ------------------------------------------------------------------ entry points
+    def read_tun(self, now: float, wall: float) -> int:
+        """One batch from our TUN queue (each read keeps its vnet header)."""
+        n = tun_io.read_batch(self.tun_fd, self._pk_bufs, self._pk_sizes, BATCH)
+        if n:
+            self._send(self._pk_bufs, self._pk_pkt, VNET_HDR_LEN, n, now, wall)
+        return n
 
     def send_packets(
         self, views: list[memoryview], sizes: list[int], count: int, now: float, wall: float
     ) -> None:
-        """Route and seal views[i][:sizes[i]] for i < count (from the TUN or a ring).
+        """Route and seal plain IP packets views[i][:sizes[i]] for i < count (a ring's)."""
+        if sizes is not self._pk_sizes:
+            self._pk_sizes[:count] = sizes[:count]
+        self._send(views, views, 0, count, now, wall)
 
-        Sealed datagrams go into the GSO batcher: each run to one endpoint leaves in one
-        sendmsg. Every view needs PLAIN_HEADROOM bytes after the packet for padding.
-        """
-        dev = self.device
+    # ------------------------------------------------------------------ per batch
+    def _send(self, bufs: list[memoryview], ips: list[memoryview], hdr: int, count: int,
+              now: float, wall: float) -> None:  # fmt: skip
+        """bufs[i][:sizes[i]] is read i (hdr bytes of vnet header first), ips[i] its IP packet.
+        Consecutive reads routed to one peer are handled together."""
+        route = self.device.route
+        sizes = self._pk_sizes
         v = self.v
-        gso = self.gso
-        udp4, udp6 = self.udp4, self.udp6
-        for i in range(count):
-            size = sizes[i]
-            view = views[i]
+        i = 0
+        while i < count:
+            peer = route(ips[i], sizes[i] - hdr)
+            j = i + 1
+            while j < count and route(ips[j], sizes[j] - hdr) is peer:
+                j += 1
             try:
-                peer = dev.route(view, size)
                 if peer is None:
-                    v[_DROP_BASE + DropReason.NO_ROUTE] += 1
+                    v[_NO_ROUTE] += j - i
                 elif type(peer) is RemotePeer:
-                    self._hand_over(peer.owner, view[:size], HandoffKind.TUN_PACKET)
+                    self._hand_over_reads(peer.owner, bufs, ips, hdr, i, j)
                 else:
                     assert isinstance(peer, Peer)
-                    res = dev.send_packet(peer, view, size, gso.room(size + 64), now, wall)
-                    if res > 0:
-                        ep = peer.endpoint
-                        sock = udp6 if len(ep) == 4 else udp4
-                        if sock is None:
-                            v[_DROP_BASE + DropReason.SEND_ERROR] += 1
-                            continue
-                        v[C.TX_PACKETS] += 1
-                        v[C.TX_BYTES] += res
-                        refused = gso.add(sock, res, ep)
-                        if refused:
-                            v[_DROP_BASE + DropReason.SEND_ERROR] += refused
-                    elif res < 0:
-                        v[_DROP_BASE - 1 - res] += 1
+                    self._seal_for(peer, bufs, hdr, i, j, now, wall)
             except Exception:
-                v[_DROP_BASE + DropReason.INTERNAL_ERROR] += 1
-                log.debug("error on outbound packet", exc_info=True)
-        refused = gso.flush()
-        if refused:
-            v[_DROP_BASE + DropReason.SEND_ERROR] += refused
+                v[_INTERNAL] += j - i
+                log.debug("error on outbound packets", exc_info=True)
+            i = j
 
-    def read_tun(self, now: float, wall: float) -> int:
-        n = tun_io.read_batch(self.tun_fd, self._pk_bufs, self._pk_sizes, BATCH)
-        if not n:
-            return 0
-        bufs, sizes = self._pk_bufs, self._pk_sizes
-        plain = True
-        for i in range(n):
-            buf = bufs[i]
-            if buf[0] or buf[1]:  # NEEDS_CSUM or a GSO type: not a plain packet
-                plain = False
-            sizes[i] -= VNET_HDR_LEN
-        if plain:
-            self.send_packets(self._pk_pkt, sizes, n, now, wall)
-        else:
-            self._send_offloaded(n, now, wall)
-        return n
+    def _seal_for(self, peer: Peer, bufs: list[memoryview], hdr: int, i: int, j: int,
+                  now: float, wall: float) -> None:  # fmt: skip
+        """Seal reads i..j-1 for peer, one sendmsg per run; stage them without a session."""
+        ep = peer.endpoint
+        if ep is None:
+            self.v[_DROP_BASE + _NO_ENDPOINT] += j - i
+            return
+        kp = peer.current
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
+            kp.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            self._segments(bufs, hdr, i, j, lambda seg: peer.stage(bytes(seg), now, wall))
+            return
+        sock = self.udp6 if len(ep) == 4 else self.udp4
+        if sock is None:
+            self.v[_SEND_ERROR] += j - i
+            return
+        sealer = kp.sealer
+        if sealer is None:  # once per session, at its first send
+            sealer = kp.sealer = self._make_sealer(kp.send_key)
+        sent = self._seal_runs(kp, sealer, sock, ep, bufs, hdr, i, j)
+        if sent:
+            peer.sent_data(now, sent)
+        if kp.is_initiator and (
+            now - kp.created >= REKEY_AFTER_TIME or kp.send_counter >= REKEY_AFTER_MESSAGES
+        ):
+            peer.keep_key_fresh_sending(kp, now, wall)
 
-    def _send_offloaded(self, n: int, now: float, wall: float) -> None:
-        """Rare with offloads off: finish checksums / split super-packets, then send."""
-        segs, seg_sizes = self._seg_pkt, self._seg_sizes
-        for i in range(n):
-            got = segment.split(self._pk_bufs[i], self._pk_sizes[i] + VNET_HDR_LEN, segs,
-                                seg_sizes)  # fmt: skip
-            if got > 0:
-                self.send_packets(segs, seg_sizes, got, now, wall)
+    def _seal_runs(self, kp: Keypair, sealer: Any, sock: socket.socket, ep: Any,
+                   bufs: list[memoryview], hdr: int, pos: int, end: int) -> int:  # fmt: skip
+        """Seal and send reads pos..end-1 on kp; returns the bytes sealed."""
+        v = self.v
+        out, view, run = self._seal_out, self._seal_view, self._seal_run
+        sizes = self._pk_sizes
+        mtu = self.device.mtu
+        remote = kp.remote_index
+        limit = min(kp.send_reserved, REJECT_AFTER_MESSAGES)
+        seg = 0
+        sent_bytes = 0
+        for _ in range(1 << 20):  # bounded; each call seals, drops or publishes a block
+            if pos >= end:
+                break
+            status, pos, seg, counter, count, size, used = run(
+                sealer, bufs, sizes, pos, seg, end, hdr != 0, mtu, remote, kp.send_counter,
+                limit, out, _MAX_SEGMENTS, _MAX_GSO_BYTES,
+            )  # fmt: skip
+            kp.send_counter = counter
+            if count:
+                got = udpgso.send_gso(sock, view[:used], size, count, ep)
+                v[C.TX_PACKETS] += count
+                v[C.TX_BYTES] += used
+                sent_bytes += used
+                if got < count:
+                    v[_SEND_ERROR] += count - got
+            if status == _LIMIT:
+                if counter >= REJECT_AFTER_MESSAGES:  # the session is spent: the rest too
+                    v[_EXPIRED] += end - pos
+                    break
+                limit = reserve_send(kp, counter)  # published before the first use
+                if limit <= counter:  # the publisher failed: fail closed, send nothing more
+                    v[_NOT_PUBLISHED] += end - pos
+                    break
+                limit = min(limit, REJECT_AFTER_MESSAGES)
+            elif status < 0:
+                v[_DROP_BASE - 1 - status] += 1
+        return sent_bytes
+
+    # ------------------------------------------------------------------ plain segments
+    def _segments(self, bufs: list[memoryview], hdr: int, i: int, j: int, take: Any) -> None:
+        """Call take(segment view) for every segment of reads i..j-1 (super-packets cut,
+        partial checksums finished); malformed reads are counted drops."""
+        v = self.v
+        view, run = self._seal_view, self._seal_run
+        sizes = self._pk_sizes
+        pos, seg = i, 0
+        for _ in range(1 << 20):
+            if pos >= j:
+                break
+            status, pos, seg, _c, count, size, used = run(
+                None, bufs, sizes, pos, seg, j, hdr != 0, 0, 0, 0, 0, self._seal_out,
+                _MAX_SEGMENTS, _SEAL_OUT,
+            )  # fmt: skip
+            if status < 0:
+                v[_DROP_BASE - 1 - status] += 1
+            for k in range(count):
+                start = k * size
+                take(view[start : min(start + size, used)])
+
+    def _hand_over_reads(self, owner: int, bufs: list[memoryview], ips: list[memoryview],
+                         hdr: int, i: int, j: int) -> None:  # fmt: skip
+        """Reads for a peer another worker owns: plain packets as they are, the rest cut."""
+        sizes = self._pk_sizes
+        for k in range(i, j):
+            buf = bufs[k]
+            if not hdr or not (buf[0] or buf[1]):  # no NEEDS_CSUM, no GSO type
+                self._hand_over(owner, ips[k][: sizes[k] - hdr], _TUN_PACKET)
             else:
-                self.drop(got if got < 0 else DropReason.BAD_INNER_PACKET)
+                self._segments(bufs, hdr, k, k + 1,
+                               lambda seg: self._hand_over(owner, seg, _TUN_PACKET))  # fmt: skip

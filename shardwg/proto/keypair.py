@@ -64,6 +64,7 @@ class Keypair:
         "send_reserved",
         "recv_floor",
         "on_reserve",
+        "sealer",
     )
 
     def __init__(
@@ -100,6 +101,9 @@ class Keypair:
         self.send_reserved = NO_RESERVATION
         self.recv_floor: memoryview | None = None
         self.on_reserve: Callable[[Keypair], bool] | None = None
+        # The batch kernel's key object (shardwg.datapath), made by the worker at the
+        # session's first batch send and kept with it: no cipher set-up per packet.
+        self.sealer: Any = None
 
     def expired(self, now: float) -> bool:
         """True once the session may neither send nor receive."""
