@@ -78,6 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 1 <= workers <= 256:
         log.error("--workers must be between 1 and 256")
         return 2
+    if args.tun_offload not in ("auto", "on", "off"):
+        log.error("--tun-offload / SHARDWG_TUN_OFFLOAD must be auto, on or off")
+        return 2
     metrics_addr = None
     if args.metrics:
         from shardwg.observe.metrics import parse_addr
@@ -195,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument(
         "--tun-offload",
-        action="store_true",
-        help="TSO/USO on the TUN: read 64 KiB super-packets and split them (see performance.md)",
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("SHARDWG_TUN_OFFLOAD", "auto"),
+        help="TSO/USO + checksum offload on the TUN: read 64 KiB super-packets and cut them "
+        "(auto: on with the native data path; env SHARDWG_TUN_OFFLOAD; see performance.md)",
     )
     run.add_argument(
         "--metrics", metavar="ADDR:PORT", help="serve /metrics and /healthz (e.g. 127.0.0.1:9586)"

@@ -127,11 +127,14 @@ def test_tcp_20mb_sha256(netns_factory: Harness, topo: Topology, direction: str)
         assert gw.stop() == 0
 
 
-@pytest.mark.parametrize("direction", ["gw_to_peer", "peer_to_gw"])
-def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction: str) -> None:
-    """--tun-offload: TSO/USO super-packets from the TUN are split and checksummed by us."""
+@pytest.mark.parametrize(("direction", "mode"),
+                         [("gw_to_peer", "on"), ("peer_to_gw", "on"), ("gw_to_peer", "off")])
+def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction: str,
+                               mode: str) -> None:  # fmt: skip
+    """--tun-offload on: TSO/USO super-packets from the TUN are cut and checksummed by the
+    seal kernel; off: plain reads. Either way, with either data path (SHARDWG_NATIVE)."""
     gw, _wg = start_pair(netns_factory, topo, gw_initiates=direction == "gw_to_peer",
-                         workers=2, gw_args=["--tun-offload"])  # fmt: skip
+                         workers=2, gw_args=["--tun-offload", mode])  # fmt: skip
     try:
         if direction == "gw_to_peer":
             tr = Transfer(topo.peer_ns, topo.gw_ns, "10.0.0.2", 5203, 20 * 1024 * 1024)
@@ -140,6 +143,10 @@ def test_tcp_with_tun_offloads(netns_factory: Harness, topo: Topology, direction
         sent, received, n, secs = tr.run()
         assert n == 20 * 1024 * 1024 and sent == received
         assert ping(topo.gw_ns, "fd00::2", count=2, timeout=10)  # IPv6 through split too
+        text = gw.log_text()
+        assert (f"TUN offloads {'wanted' if mode == 'on' else 'off'}" in text), text
+        if mode == "on":  # taken (this kernel has TSO), or refused and said so once
+            assert text.count("offloads on:") + text.count("refused TUN offloads") == 1, text
         print(f"offload {direction}: {n * 8 / secs / 1e6:.0f} Mbit/s")
     finally:
         assert gw.stop() == 0

@@ -33,6 +33,7 @@ from typing import Any
 
 from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
+from shardwg.datapath import kernel
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
@@ -108,7 +109,7 @@ class Supervisor:
     live: LiveConfig | None = None
     uapi: UapiServer | None = None
     metrics_addr: tuple[str, int] | None = None
-    tun_offload: bool = False
+    tun_offload: str = "auto"  # "on", "off", or "auto": on with the native kernel only
     metrics: MetricsServer | None = None
     run_hooks: bool = True  # wg-quick's PreUp/PostUp/PreDown/PostDown (False: --no-hooks)
     set_dns: bool = True  # DNS = through resolvconf (False: --no-dns)
@@ -128,6 +129,13 @@ class Supervisor:
         return self.live.config if self.live is not None else self.start_config
 
     # ------------------------------------------------------------------ set-up
+    def wants_tun_offload(self) -> bool:
+        """TSO/USO reads pay off when the native kernel cuts and checksums the super-packets;
+        the pure-Python path does that at ~2.5 us per segment, a net loss, so auto keeps it
+        off there (docs/performance.md)."""
+        mode = self.tun_offload
+        return mode == "on" or (mode == "auto" and kernel.NATIVE)
+
     def start(self) -> None:
         n = self.workers
         try:
@@ -171,7 +179,10 @@ class Supervisor:
         self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
         self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
         self.live.placer = self.placer
-        self.gateway = Gateway(self.config, self.ifname, n, tun_offload=self.tun_offload)
+        offload = self.wants_tun_offload()
+        log.info("data path: %s; TUN offloads %s (--tun-offload %s)", kernel.NAME,
+                 "wanted" if offload else "off", self.tun_offload)  # fmt: skip
+        self.gateway = Gateway(self.config, self.ifname, n, tun_offload=offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
         try:
             self._pre_up()

@@ -25,13 +25,26 @@ class GatewayError(Exception):
     """A setup problem the user must fix (shown without a traceback)."""
 
 
-def tun_offload_flags(tun: TunDevice) -> int:
-    """TSO4/6 + CSUM, and USO4/6 where the kernel has it (Linux >= 6.2)."""
+def enable_tun_offloads(tun: TunDevice) -> int:
+    """Ask for TSO4/6 + CSUM and USO4/6 (Linux >= 6.2), then TSO + CSUM alone, then nothing;
+    returns the TUN_F_* flags the kernel took and logs the outcome once (never raises)."""
+    refused: OSError | None = None
+    for flags, what in ((TUN_F_TCP | TUN_F_UDP, "TSO4/TSO6/USO4/USO6 + checksum"),
+                        (TUN_F_TCP, "TSO4/TSO6 + checksum (no USO in this kernel)")):  # fmt: skip
+        try:
+            tun.set_offload(flags)
+        except OSError as exc:
+            refused = exc
+            continue
+        log.info("TUN %s: offloads on: %s", tun.name, what)
+        return flags
     try:
-        tun.set_offload(TUN_F_TCP | TUN_F_UDP)
-        return TUN_F_TCP | TUN_F_UDP
+        tun.set_offload(0)
     except OSError:
-        return TUN_F_TCP
+        pass
+    log.warning("TUN %s: the kernel refused TUN offloads (%s); reading one packet per read",
+                tun.name, refused)  # fmt: skip
+    return 0
 
 
 def routing_table(cfg: Config) -> int | None | str:
@@ -53,7 +66,8 @@ class Gateway:
     udp4: list[socket.socket] = field(default_factory=list)
     udp6: list[socket.socket] = field(default_factory=list)
     port: int = 0
-    tun_offload: bool = False
+    tun_offload: bool = False  # try TSO/USO + checksum offload (see enable_tun_offloads)
+    offload_flags: int = 0  # what the kernel took
     created: bool = False  # we made the link: close() may delete it (never someone else's)
 
     def open(self) -> None:
@@ -61,21 +75,24 @@ class Gateway:
             raise GatewayError(f"interface {self.ifname} already exists (another instance?)")
         cfg = self.config.interface
         try:
-            # IFF_VNET_HDR. By default every offload is off: reads are plain packets whose
-            # checksums the kernel finished (cheaper than finishing them in Python: measured
-            # in docs/performance.md), while writes may be coalesced TCP super-packets.
-            # --tun-offload turns on TSO/USO + CSUM: reads are then up to 64 KiB super-packets
-            # that the worker splits and checksums before sealing.
+            # IFF_VNET_HDR. With tun_offload (the default with the native kernel, see
+            # engine/supervisor.py) reads are up to 64 KiB TSO/USO super-packets that the
+            # seal kernel cuts and checksums. Without it every offload is off: reads are plain
+            # packets whose checksums the kernel finished (cheaper than finishing them in
+            # Python: docs/performance.md). Writes may be coalesced TCP super-packets either way.
             self.tun = TunDevice.create(
                 self.ifname, queues=self.workers, multi_queue=True, vnet_hdr=True, exclusive=True
             )
             self.created = True
-            self.tun.set_offload(tun_offload_flags(self.tun) if self.tun_offload else 0)
+            if self.tun_offload:
+                self.offload_flags = enable_tun_offloads(self.tun)
+            else:
+                self.tun.set_offload(0)
         except OSError as exc:
             raise GatewayError(f"cannot create TUN {self.ifname}: {exc}") from exc
         try:
             netlink.add_addresses(self.ifname, list(cfg.addresses))
-            if self.tun_offload:
+            if self.offload_flags:
                 netlink.set_gso_max_segs(self.ifname, 64)
             netlink.set_link_up(self.ifname, cfg.mtu)
             table = routing_table(self.config)
