@@ -255,3 +255,35 @@ def test_native_matches_reference_without_vnet_header(data: st.DataObject) -> No
     seal = data.draw(st.booleans(), "seal")
     ref = drive(seal_ref, raws, vnet_hdr=False, seal=seal, mtu=mtu)
     assert drive(_native, raws, vnet_hdr=False, seal=seal, mtu=mtu) == ref
+
+
+# ---------------------------------------------------------------- the fuzz target (bounded)
+@needs_native
+def test_fuzz_target_seeds_and_examples() -> None:
+    """fuzz/seal_target.py's seeds and a bounded run of raw inputs: no crash, no divergence."""
+    from fuzz import seal_target
+
+    for seed in seal_target.seeds():
+        seal_target.seal(seed, _native)
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None)
+    @given(st.binary(max_size=600))
+    def check(data: bytes) -> None:
+        seal_target.seal(data, _native)
+
+    check()
+
+
+@needs_native
+def test_fuzz_target_notices_a_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fuzz import seal_target
+
+    real = seal_ref.seal_run
+
+    def off_by_one(*args: Any) -> Any:
+        res = real(*args)
+        return (res[0], res[1], res[2], res[3] + 1, *res[4:])
+
+    monkeypatch.setattr(seal_ref, "seal_run", off_by_one)
+    with pytest.raises(seal_target.FuzzFailure):
+        seal_target.seal(seal_target.seeds()[0], _native)

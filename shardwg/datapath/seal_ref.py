@@ -267,6 +267,8 @@ def seal_run(
     """Seal (or, with sealer None, copy) segments of bufs[pos:end] into one run in out."""
     if not 0 <= pos <= end <= min(len(bufs), len(sizes)) or seg < 0 or mtu < 0 or max_count < 1:
         raise ValueError("bad batch bounds")
+    if not (0 <= remote_index < 1 << 32 and 0 <= counter < 1 << 64 and 0 <= limit < 1 << 64):
+        raise ValueError("remote index, counter or limit out of range")
     if sealer is not None and not isinstance(sealer, Sealer):
         raise TypeError("sealer must be a seal_ref.Sealer or None")
     view = memoryview(out)

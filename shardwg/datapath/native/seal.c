@@ -239,16 +239,25 @@ static int seal_one(EVP_CIPHER_CTX *ctx, uint8_t *dg, Py_ssize_t padded, uint32_
 
 static PyObject *seal_run(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *sealer, *bufs, *sizes;
+    PyObject *sealer, *bufs, *sizes, *o_remote, *o_counter, *o_limit;
     Py_ssize_t pos, seg, end, mtu, max_count, max_bytes;
     int vnet;
-    unsigned int remote;
-    unsigned long long counter, limit;
     Py_buffer out;
-    if (!PyArg_ParseTuple(args, "OOOnnnpnIKKw*nn", &sealer, &bufs, &sizes, &pos, &seg, &end,
-                          &vnet, &mtu, &remote, &counter, &limit, &out, &max_count, &max_bytes))
+    if (!PyArg_ParseTuple(args, "OOOnnnpnOOOw*nn", &sealer, &bufs, &sizes, &pos, &seg, &end,
+                          &vnet, &mtu, &o_remote, &o_counter, &o_limit, &out, &max_count,
+                          &max_bytes))
         return NULL;
     PyObject *result = NULL;
+    /* Out of range is an error, never a silent wrap (a wrapped counter is a reused nonce). */
+    unsigned long remote = PyLong_AsUnsignedLong(o_remote);
+    unsigned long long counter = PyLong_AsUnsignedLongLong(o_counter);
+    unsigned long long limit = PyLong_AsUnsignedLongLong(o_limit);
+    if (PyErr_Occurred() || remote > 0xFFFFFFFFul) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "remote index, counter or limit out of range");
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     EVP_CIPHER_CTX *ctx = NULL;
     Py_buffer pkt = {0};
     int have = 0; /* pkt holds the buffer of bufs[pos] */
@@ -322,7 +331,7 @@ static PyObject *seal_run(PyObject *self, PyObject *args) {
             }
             write_segment(&pl, pkt.buf, seg, dst + used + 16);
             memset(dst + used + 16 + seglen, 0, (size_t)(padded - seglen));
-            if (seal_one(ctx, dst + used, padded, remote, counter) < 0) {
+            if (seal_one(ctx, dst + used, padded, (uint32_t)remote, counter) < 0) {
                 PyErr_SetString(PyExc_RuntimeError, "OpenSSL refused to seal");
                 goto done;
             }
