@@ -306,3 +306,55 @@ def test_ifreq_layout() -> None:
     """struct ifreq is 40 bytes on Linux x86-64; the flags sit right after the 16-byte name."""
     raw = tun._IFREQ.pack(b"tun0", tun.IFF_TUN | tun.IFF_NO_PI)
     assert len(raw) == 40 and raw[16:18] == struct.pack("H", 0x1001)
+
+
+# ---------------------------------------------------------------- offloads (io/interface.py)
+def _offloads() -> dict[str, int]:
+    from shardwg.io.interface import enable_tun_offloads
+
+    dev = TunDevice.create("tunoff0", vnet_hdr=True)
+    try:
+        return {"flags": enable_tun_offloads(dev)}
+    finally:
+        dev.close()
+
+
+def test_tun_offloads_taken_by_this_kernel(netns_factory) -> None:
+    """A real vnet-header TUN takes TSO4/6 + CSUM, and USO4/6 from Linux 6.2 on."""
+    from shardwg.io.vnet import TUN_F_TCP, TUN_F_UDP
+
+    (ns,) = netns_factory(1)
+    flags = ns.call(_offloads)["flags"]
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    assert flags == (TUN_F_TCP | TUN_F_UDP if (major, minor) >= (6, 2) else TUN_F_TCP)
+
+
+class _RefusingTun:
+    """A TUN whose kernel refuses offload sets above `allowed` (a double for old kernels)."""
+
+    name = "tunx"
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.calls: list[int] = []
+
+    def set_offload(self, flags: int) -> None:
+        self.calls.append(flags)
+        if flags & ~self.allowed:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+
+@pytest.mark.parametrize("allowed", [0x7F, 0x07, 0x00])
+def test_tun_offload_fallback_is_clean_and_logged_once(allowed: int,
+                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from shardwg.io.interface import enable_tun_offloads
+    from shardwg.io.vnet import TUN_F_TCP, TUN_F_UDP
+
+    t = _RefusingTun(allowed)
+    with caplog.at_level("INFO", logger="shardwg.io.interface"):
+        got = enable_tun_offloads(t)  # type: ignore[arg-type]
+    want = {0x7F: TUN_F_TCP | TUN_F_UDP, 0x07: TUN_F_TCP, 0x00: 0}[allowed]
+    assert got == want and t.calls[-1] == want
+    lines = [r for r in caplog.records if "offloads" in r.getMessage()]
+    assert len(lines) == 1
+    assert (lines[0].levelname == "WARNING") == (want == 0)
