@@ -345,8 +345,9 @@ class _RefusingTun:
 
 
 @pytest.mark.parametrize("allowed", [0x7F, 0x07, 0x00])
-def test_tun_offload_fallback_is_clean_and_logged_once(allowed: int,
-                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_tun_offload_fallback_is_logged_once(
+    allowed: int, caplog: pytest.LogCaptureFixture
+) -> None:
     from shardwg.io.interface import enable_tun_offloads
     from shardwg.io.vnet import TUN_F_TCP, TUN_F_UDP
 
