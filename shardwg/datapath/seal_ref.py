@@ -13,6 +13,10 @@ published reservation, capped at REJECT_AFTER_MESSAGES); the call returns there 
 the caller can publish the next block first. With `sealer=None` nothing is encrypted: the run
 holds the plain segments (for handoffs and staging), and the counter is not touched.
 
+The reference may zero the (at most 15) padding bytes after a plain packet in its own writable
+buffer, as seal_into always did, to encrypt without a copy; the native kernel leaves inputs
+untouched (it builds the plaintext in `out`).
+
 Result: (status, pos, seg, counter, count, size, used). `out[:used]` holds `count` datagrams of
 `size` bytes (the last may be shorter); (pos, seg) is where to resume (packet, segment). status
 is OK, LIMIT, or `-1 - DropReason` for the packet at the old `pos`, skipped (returned only when
@@ -274,21 +278,30 @@ def seal_run(
     view = memoryview(out)
     cap = len(view)
     max_bytes = min(max_bytes, cap)
-    count = size = used = 0
+    count = size = used = n = padded = 0
     closed = False
+    hdr = _B if vnet else 0
     p: _Plan | None = None
     while pos < end:
+        buf = bufs[pos]
+        # Fast lane: a plain packet (no vnet header, or one saying neither GSO nor
+        # NEEDS_CSUM) is one segment, itself; plan() would say the same, slower.
+        fast = False
         if p is None:
-            got = plan(bufs[pos], sizes[pos], vnet)
-            if isinstance(got, int):
-                if count:
-                    break
-                return got, pos + 1, 0, counter, 0, 0, 0
-            p = got
-            if seg >= p.count:  # a resume point past the end: nothing left of this packet
-                pos, seg, p = pos + 1, 0, None
-                continue
-        seglen = segment_length(p, seg)
+            n = sizes[pos]
+            if seg == 0 and hdr + 20 <= n <= len(buf) and not (vnet and (buf[0] or buf[1])):
+                fast = True
+            else:
+                got = plan(buf, n, vnet)
+                if isinstance(got, int):
+                    if count:
+                        break
+                    return got, pos + 1, 0, counter, 0, 0, 0
+                p = got
+                if seg >= p.count:  # a resume point past the end: nothing left of it
+                    pos, seg, p = pos + 1, 0, None
+                    continue
+        seglen = n - hdr if fast else segment_length(p, seg)  # type: ignore[arg-type]
         if sealer is None:
             dlen = seglen
         else:
@@ -299,18 +312,29 @@ def seal_run(
         if not count and dlen > cap:
             return TOO_BIG, pos + 1, 0, counter, 0, 0, 0
         if sealer is None:
-            write_segment(p, bufs[pos], seg, view[used : used + dlen])
+            if fast:
+                view[used : used + dlen] = buf[hdr:n]
+            else:
+                write_segment(p, buf, seg, view[used : used + dlen])  # type: ignore[arg-type]
         else:
             if counter >= limit:
                 return LIMIT, pos, seg, counter, count, size, used
-            plain = sealer.plain
-            write_segment(p, bufs[pos], seg, plain)
+            if fast and type(buf) is memoryview and not buf.readonly and len(buf) >= hdr + padded:
+                src = buf  # pad in place in the read buffer's headroom: no copy
+                start = hdr
+            else:
+                src = sealer.plain
+                start = 0
+                if fast:
+                    src[:seglen] = buf[hdr:n]
+                else:
+                    write_segment(p, buf, seg, src)  # type: ignore[arg-type]
             if padded > seglen:
-                plain[seglen:padded] = _PADS[padded - seglen]
+                src[start + seglen : start + padded] = _PADS[padded - seglen]
             _HEADER.pack_into(view, used, _TRANSPORT, remote_index, counter)
             nonce = sealer.nonce
             _COUNTER.pack_into(nonce, 4, counter)
-            sealer.aead.encrypt_into(nonce, plain[:padded], None,
+            sealer.aead.encrypt_into(nonce, src[start : start + padded], None,
                                      view[used + TRANSPORT_HEADER_SIZE : used + dlen])  # fmt: skip
             counter += 1
         if not count:
@@ -319,7 +343,10 @@ def seal_run(
             closed = True
         count += 1
         used += dlen
-        seg += 1
-        if seg >= p.count:
-            pos, seg, p = pos + 1, 0, None
+        if fast:
+            pos += 1
+        else:
+            seg += 1
+            if seg >= p.count:  # type: ignore[union-attr]
+                pos, seg, p = pos + 1, 0, None
     return OK, pos, seg, counter, count, size, used
