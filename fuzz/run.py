@@ -180,12 +180,30 @@ def _uapi_inputs() -> st.SearchStrategy[bytes]:
     )
 
 
+@st.composite
+def _seal_inputs(draw: Any) -> bytes:
+    """Knobs + a few packets: good super-packets with bytes edited, or raw ones."""
+    from fuzz.targets.seal import encode, seeds
+
+    good = list(seeds().values())
+    buf = bytearray(draw(st.sampled_from(good)))
+    for _ in range(draw(st.integers(0, 8))):
+        buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        buf = buf[: draw(st.integers(0, len(buf)))]
+    if draw(st.booleans()):
+        raws = draw(st.lists(st.binary(min_size=20, max_size=200), max_size=3))
+        buf = bytearray(encode(raws, bytes(buf[:8]).ljust(8, b"\0")))
+    return bytes(buf)
+
+
 _STRUCTURED = {
     "datagram": _datagram_inputs,
     "mutated_handshake": _handshake_inputs,
     "transport": _transport_inputs,
     "config": _config_inputs,
     "uapi": _uapi_inputs,
+    "seal": _seal_inputs,
 }
 
 

@@ -260,23 +260,23 @@ def test_native_matches_reference_without_vnet_header(data: st.DataObject) -> No
 # ---------------------------------------------------------------- the fuzz target (bounded)
 @needs_native
 def test_fuzz_target_seeds_and_examples() -> None:
-    """fuzz/seal_target.py's seeds and a bounded run of raw inputs: no crash, no divergence."""
-    from fuzz import seal_target
+    """fuzz/targets/seal.py's seeds and a bounded run of raw inputs: no crash, no divergence."""
+    from fuzz.targets.seal import seal, seeds
 
-    for seed in seal_target.seeds():
-        seal_target.seal(seed, _native)
+    for seed in seeds().values():
+        seal(seed, _native)
 
     @settings(max_examples=100, deadline=None, derandomize=True, database=None)
     @given(st.binary(max_size=600))
     def check(data: bytes) -> None:
-        seal_target.seal(data, _native)
+        seal(data, _native)
 
     check()
 
 
 @needs_native
 def test_fuzz_target_notices_a_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fuzz import seal_target
+    from fuzz.targets.seal import FuzzFailure, seal, seeds
 
     real = seal_ref.seal_run
 
@@ -285,5 +285,5 @@ def test_fuzz_target_notices_a_divergence(monkeypatch: pytest.MonkeyPatch) -> No
         return (res[0], res[1], res[2], res[3] + 1, *res[4:])
 
     monkeypatch.setattr(seal_ref, "seal_run", off_by_one)
-    with pytest.raises(seal_target.FuzzFailure):
-        seal_target.seal(seal_target.seeds()[0], _native)
+    with pytest.raises(FuzzFailure):
+        seal(seeds()["good_sealed"], _native)

@@ -18,7 +18,8 @@ replays on its own.
 
 Modules: world.py (worlds, fingerprints, shared checks, `mutate`), handshakes.py
 (`datagram`, `mutated_handshake`), transports.py (`transport`), cookies.py (`cookie`),
-local.py (`config`, `uapi`), corpus.py (the seed corpus). The UAPI is imported
+local.py (`config`, `uapi`), seal.py (`seal`: the native seal kernel against its reference),
+corpus.py (the seed corpus). The UAPI is imported
 unconditionally: if it cannot be imported, neither can the targets (no silent skip).
 """
 
@@ -30,6 +31,7 @@ from fuzz.targets.cookies import cookie
 from fuzz.targets.corpus import CORPUS_DIR, load_corpus, make_corpus
 from fuzz.targets.handshakes import datagram, mutated_handshake
 from fuzz.targets.local import config, uapi
+from fuzz.targets.seal import seal
 from fuzz.targets.transports import transport
 from fuzz.targets.world import FuzzFailure, mutate, reset_worlds
 
@@ -40,6 +42,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "config": config,
     "uapi": uapi,
     "cookie": cookie,
+    "seal": seal,
 }
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "mutate",
     "mutated_handshake",
     "reset_worlds",
+    "seal",
     "transport",
     "uapi",
 ]

@@ -7,6 +7,7 @@ import base64
 from pathlib import Path
 
 from fuzz.targets.handshakes import datagram_world
+from fuzz.targets.seal import seeds as seal_seeds
 from fuzz.targets.world import ADDR_A, MAX_UDP_PAYLOAD, World, reset_worlds, set_load
 from shardwg.proto import crypto
 from shardwg.proto.constants import (
@@ -126,6 +127,7 @@ def _corpus_entries() -> dict[str, dict[str, bytes]]:
         "config": cf,
         "uapi": ua,
         "cookie": co,
+        "seal": seal_seeds(),
     }
 
 

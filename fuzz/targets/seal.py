@@ -9,29 +9,25 @@ target drives the native kernel and the pure-Python reference exactly as the wor
 SHARDWG_NATIVE_SANITIZE=1 to turn memory errors into aborts), identical results and bytes
 after every call, no counter at or past the limit, and counters that never repeat.
 
-    python fuzz/seal_target.py --seconds 60                      # hypothesis, seeds first
-    SHARDWG_NATIVE_SANITIZE=1 python setup.py build_ext -b /tmp/asan --force
+Without the extension the target still holds the reference to the last two properties.
+Under the sanitizers (a build elsewhere, so the in-tree one stays as it is):
+
+    SHARDWG_NATIVE_SANITIZE=1 python setup.py build_ext -b /tmp/asan -t /tmp/asan-t --force
+    SHARDWG_FUZZ_NATIVE=$(ls /tmp/asan/shardwg/datapath/_native*.so) \\
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \\
-      ASAN_OPTIONS=detect_leaks=0 python fuzz/seal_target.py --native \\
-      /tmp/asan/shardwg/datapath/_native.cpython-*.so --seconds 60
+    ASAN_OPTIONS=detect_leaks=0 python fuzz/run.py --target seal --seconds 60
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.machinery
 import importlib.util
+import os
 import struct
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python fuzz/seal_target.py` puts fuzz/ first, not the repo
-    sys.path.insert(0, str(ROOT))
-
-from shardwg.datapath import seal_ref  # noqa: E402
+from fuzz.targets.world import FuzzFailure
+from shardwg.datapath import seal_ref
 
 KEY = bytes(range(7, 39))
 MTUS = (0, 1, 576, 1280, 1420, 1500, 9000, 65535)
@@ -42,15 +38,18 @@ COUNTERS = (0, 1, (1 << 64) - (1 << 13) - 70, (1 << 63))
 MAX_CALLS = 20_000  # >= 2 per segment: one LIMIT and one seal at worst
 
 
-class FuzzFailure(AssertionError):
-    """A broken property (not a crash)."""
+_loaded: list[Any] = []
 
 
 def load_native(path: str | None = None) -> Any:
-    """The built extension, or the one at `path` (e.g. a sanitizer build elsewhere)."""
+    """The extension at `path` or $SHARDWG_FUZZ_NATIVE (e.g. a sanitizer build elsewhere),
+    else the built one; None when there is none."""
+    path = path or os.environ.get("SHARDWG_FUZZ_NATIVE")
     if path is None:
-        from shardwg.datapath import _native  # type: ignore[attr-defined]
-
+        try:
+            from shardwg.datapath import _native  # type: ignore[attr-defined]
+        except ImportError:
+            return None
         return _native
     loader = importlib.machinery.ExtensionFileLoader("shardwg.datapath._native", path)
     spec = importlib.util.spec_from_loader(loader.name, loader)
@@ -115,18 +114,22 @@ def _drive(mod: Any, raws: list[bytes], k: dict[str, Any]) -> list[tuple[Any, by
 
 def seal(data: bytes, native: Any = None) -> None:
     """The target: never crash, agree with the reference, never touch a counter twice."""
-    mod = native if native is not None else load_native()
+    if native is None:
+        if not _loaded:
+            _loaded.append(load_native())
+        native = _loaded[0]
     raws, knobs = decode(data)
     try:
         ref = _drive(seal_ref, raws, knobs)
     except ValueError:
         ref = None
-    try:
-        got = _drive(mod, raws, knobs)
-    except ValueError:
-        got = None
-    if got != ref:
-        raise FuzzFailure(f"native and reference differ on {data.hex()}")
+    if native is not None:
+        try:
+            got = _drive(native, raws, knobs)
+        except ValueError:
+            got = None
+        if got != ref:
+            raise FuzzFailure(f"native and reference differ on {data.hex()}")
     if ref and knobs["seal"]:
         counters = [struct.unpack_from("<Q", d, off + 8)[0] for (r, d) in ref
                     for off in range(0, len(d), r[5] or 1)]  # fmt: skip
@@ -156,53 +159,15 @@ def _udp(payload: int, size: int) -> bytes:
     return struct.pack("<BBHHHH", 1, 5, 28, size, 20, 6) + ip + body
 
 
-def seeds() -> list[bytes]:
+def seeds() -> dict[str, bytes]:
+    """Named seed inputs (fuzz/corpus/seal)."""
     good = [_tcp(False, 5000, 1380), _tcp(True, 3000, 1000, 0x99, bytes(12)), _udp(2000, 700),
             bytes(10) + _udp(100, 0)[10:]]  # fmt: skip
-    out = [encode(good), encode(good, bytes([0, 4, 1, 2, 3, 2, 3, 5])),
-           encode(good, bytes([1, 4, 2, 1, 0, 0, 1, 0])), encode([g[10:] for g in good], b"\2"),
-           encode([_tcp(False, 3000, 1), b"", b"\0" * 30], bytes([0, 3, 3, 4, 70, 1, 3, 1]))]
-    return out  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--native", help="path of a _native .so to load (e.g. a sanitizer build)")
-    args = ap.parse_args(argv)
-    native = load_native(args.native)
-    for s in seeds():
-        seal(s, native)
-    pool = seeds()
-
-    @st.composite
-    def inputs(draw: Any) -> bytes:
-        if draw(st.booleans()):
-            return bytes(draw(st.binary(max_size=3000)))
-        buf = bytearray(draw(st.sampled_from(pool)))
-        for _ in range(draw(st.integers(0, 8))):
-            i = draw(st.integers(0, len(buf) - 1))
-            buf[i] = draw(st.integers(0, 255))
-        return bytes(buf[: draw(st.integers(0, len(buf)))] if draw(st.booleans()) else buf)
-
-    deadline = time.monotonic() + args.seconds
-    runs = 0
-    while time.monotonic() < deadline:
-
-        @settings(max_examples=200, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(inputs())
-        def batch(data: bytes) -> None:
-            seal(data, native)
-
-        batch()
-        runs += 200
-    print(f"seal: {runs} inputs, no finding")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return {
+        "good_sealed": encode(good),
+        "good_near_limit": encode(good, bytes([0, 4, 1, 2, 3, 2, 3, 5])),
+        "good_plain_tiny_mtu": encode(good, bytes([1, 1, 2, 1, 0, 0, 1, 0])),
+        "no_vnet_header": encode([g[10:] for g in good], b"\2"),
+        "mss_1_and_runts": encode([_tcp(False, 600, 1), b"", b"\0" * 30],
+                                  bytes([0, 3, 3, 4, 70, 1, 3, 1])),
+    }  # fmt: skip
