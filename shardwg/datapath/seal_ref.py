@@ -285,11 +285,12 @@ def seal_run(
     while pos < end:
         buf = bufs[pos]
         # Fast lane: a plain packet (no vnet header, or one saying neither GSO nor
-        # NEEDS_CSUM) is one segment, itself; plan() would say the same, slower.
+        # NEEDS_CSUM; DATA_VALID changes nothing) is one segment, itself; plan() would say
+        # the same, slower.
         fast = False
         if p is None:
             n = sizes[pos]
-            if seg == 0 and hdr + 20 <= n <= len(buf) and not (vnet and (buf[0] or buf[1])):
+            if seg == 0 and hdr + 20 <= n <= len(buf) and not (vnet and (buf[0] & 1 or buf[1])):
                 fast = True
             else:
                 got = plan(buf, n, vnet)

@@ -221,7 +221,7 @@ class OutboundPath:
         sizes = self._pk_sizes
         for k in range(i, j):
             buf = bufs[k]
-            if not hdr or not (buf[0] or buf[1]):  # no NEEDS_CSUM, no GSO type
+            if not hdr or not (buf[0] & 1 or buf[1]):  # no NEEDS_CSUM, no GSO type
                 self._hand_over(owner, ips[k][: sizes[k] - hdr], _TUN_PACKET)
             else:
                 self._segments(bufs, hdr, k, k + 1,
