@@ -27,14 +27,16 @@ Inbound (UDP -> TUN)
 
 Outbound (TUN -> UDP)
   1. epoll says our TUN queue (or our handoff eventfd) is readable; `read_batch`
-     fills preallocated buffers.
-  2. Cryptokey routing picks the peer. A peer another worker owns: the packet is
-     pushed onto our single-producer ring towards that worker (counted drop when
-     full) and the owner is woken once per batch. Order within a flow is kept
-     because a flow's packets always take the same path.
-  3. No session yet: staged, and a handshake starts.
-  4. Otherwise the next nonce is taken, the packet padded and sealed into a
-     preallocated datagram buffer and sent to the peer's endpoint.
+     fills preallocated buffers (with TUN offloads, reads are up to 64 KiB super-packets).
+  2. Cryptokey routing picks the peer per read. A peer another worker owns: the read,
+     cut into segments, is pushed onto our single-producer ring towards that worker
+     (counted drop when full) and the owner is woken once per batch. Order within a
+     flow is kept because a flow's packets always take the same path.
+  3. No session yet: staged (segments), and a handshake starts.
+  4. Otherwise consecutive reads for the peer go to the batch seal kernel in one call
+     (shardwg.datapath: native or its Python reference): cut, padded, numbered up to
+     the published counter reservation and sealed into one UDP_SEGMENT run, sent with
+     one sendmsg; at the reservation the next block is published, then it goes on.
 
 Ownership and crash safety: one worker owns a peer's sessions, counters, replay
 window and timers, and nothing on the packet path takes a lock. Sessions are
