@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shardwg.datapath import seal_ref
-from shardwg.io.vnet import GSO_TCPV4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET
+from shardwg.datapath.seal_ref import GSO_TCPV4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET
 
 BATCH = 64
 PACKET = 1420  # IP packet (= MTU), so each sealed datagram is 1452 bytes

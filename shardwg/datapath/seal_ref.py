@@ -29,18 +29,6 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from shardwg.io.vnet import (
-    GSO_ECN,
-    GSO_NONE,
-    GSO_TCPV4,
-    GSO_TCPV6,
-    GSO_UDP_L4,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VNET,
-    VNET_HDR_LEN,
-    finish,
-    sum16,
-)
 from shardwg.proto.constants import PADDING_MULTIPLE, TAG_LEN, TRANSPORT_HEADER_SIZE, DropReason
 from shardwg.proto.crypto import AEAD
 
@@ -50,6 +38,13 @@ MALFORMED = -1 - DropReason.BAD_INNER_PACKET
 TOO_BIG = -1 - DropReason.BAD_SIZE
 OVERHEAD = TRANSPORT_HEADER_SIZE + TAG_LEN
 MAX_PLAIN = 65535 + PADDING_MULTIPLE  # the largest segment plus padding
+
+# The virtio_net_hdr as the TUN reads it (<linux/virtio_net.h>; io/vnet.py has the same for
+# the io floor: datapath sits beside io, not above it, so it keeps its own copy, as seal.c does).
+VNET_HDR_LEN = 10
+VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 4, 5, 0x80
 
 _B = VNET_HDR_LEN
 _H = struct.Struct("!H")
@@ -67,6 +62,20 @@ _GSO_TYPES = {
 }
 _FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 _from = int.from_bytes
+
+
+def sum16(data: Any) -> int:
+    """Ones' complement sum of big-endian 16-bit words (odd length: zero-padded), as a residue
+    mod 0xFFFF: the data read as one number is congruent to its word sum (2**16 == 1)."""
+    x = _from(data, "big")
+    return (x << 8 if len(data) & 1 else x) % 0xFFFF
+
+
+def finish(total: int) -> int:
+    """The checksum field for a residue total: never 0 (UDP's "no checksum")."""
+    return 0xFFFF - total % 0xFFFF
+
+
 _PADS = [bytes(k) for k in range(PADDING_MULTIPLE)]  # padding is at most 15 zero bytes
 
 
