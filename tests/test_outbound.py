@@ -149,3 +149,25 @@ def test_malformed_reads_are_counted_drops(rig: tuple[Pair, Out, socket.socket])
               p.wall)  # fmt: skip
     assert out.v[C.DROP_BASE + DropReason.BAD_INNER_PACKET] == 1
     assert len(_receive(rx, kp, 3)) == 3
+
+
+def test_reads_interleaving_peers_keep_their_order_and_owners(
+    rig: tuple[Pair, Out, socket.socket],
+) -> None:
+    from shardwg.proto.ownership import RemotePeer
+
+    p, out, rx = rig
+    kp = _session(p, rx)
+    p.a.allowed.insert(ipaddress.ip_network("10.9.0.0/16"), RemotePeer(b"r" * 32, 2))
+    mine = [vnet.ZERO_HDR + ipv4_packet("10.200.0.1", "10.201.0.9", bytes([i]) * 50)
+            for i in range(3)]  # fmt: skip
+    theirs = vnet.ZERO_HDR + ipv4_packet("10.200.0.1", "10.9.0.1", b"other")
+    nowhere = vnet.ZERO_HDR + ipv4_packet("10.200.0.1", "192.0.2.99", b"lost")
+    reads = [mine[0], theirs, mine[1], nowhere, nowhere, mine[2]]
+    out._send(out._pk_bufs, out._pk_pkt, vnet.VNET_HDR_LEN, _load(out, reads), p.now, p.wall)
+    assert out.handed == [(2, theirs[10:])]
+    assert out.v[C.DROP_BASE + DropReason.NO_ROUTE] == 2
+    got = _receive(rx, kp, 3)
+    assert [pt[: len(m) - 10] for (_, pt), m in zip(got, mine, strict=True)] == [
+        m[10:] for m in mine
+    ]

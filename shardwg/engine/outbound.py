@@ -109,10 +109,14 @@ class OutboundPath:
         sizes = self._pk_sizes
         v = self.v
         i = 0
+        nxt = route(ips[0], sizes[0] - hdr) if count else None
         while i < count:
-            peer = route(ips[i], sizes[i] - hdr)
+            peer = nxt
             j = i + 1
-            while j < count and route(ips[j], sizes[j] - hdr) is peer:
+            while j < count:
+                nxt = route(ips[j], sizes[j] - hdr)
+                if nxt is not peer:
+                    break
                 j += 1
             try:
                 if peer is None:
