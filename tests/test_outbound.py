@@ -93,7 +93,12 @@ def test_super_packets_sealed_in_runs_with_reservations_published_first(
     kp = _session(p, rx)
     kp.send_counter, kp.send_reserved = 500, 510
     published: list[int] = []
-    kp.on_reserve = lambda k: published.append(k.send_reserved)
+
+    def publish(k: Any) -> bool:
+        published.append(k.send_reserved)
+        return True
+
+    kp.on_reserve = publish
     sends: list[tuple[int, int]] = []
     real = udpgso.send_gso
 
@@ -171,3 +176,22 @@ def test_reads_interleaving_peers_keep_their_order_and_owners(
     assert [pt[: len(m) - 10] for (_, pt), m in zip(got, mine, strict=True)] == [
         m[10:] for m in mine
     ]
+
+
+def test_a_reservation_that_cannot_be_published_stops_sending(
+    rig: tuple[Pair, Out, socket.socket],
+) -> None:
+    """Fail closed: the publisher refused the next block, so nothing at or past the old limit
+    leaves, and the rest of the batch is a counted drop."""
+    p, out, rx = rig
+    kp = _session(p, rx)
+    kp.send_counter, kp.send_reserved = 700, 705
+    kp.on_reserve = lambda k: False
+    raw = tcp_super(False, payload_of(20000), 1380)  # 15 segments
+    out._send(out._pk_bufs, out._pk_pkt, vnet.VNET_HDR_LEN, _load(out, [raw]), p.now, p.wall)
+    assert [c for c, _ in _receive(rx, kp, 5)] == list(range(700, 705))
+    rx.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        rx.recv(65535)
+    assert kp.send_counter == 705 and kp.send_reserved == 705
+    assert out.v[C.DROP_BASE + DropReason.NOT_PUBLISHED] == 1
