@@ -1,11 +1,16 @@
 """`python -m lab.bench`: shardwg against wireguard-go, measured on this machine.
 
 In throwaway network namespaces it runs wireguard-go<->wireguard-go, shardwg<->wireguard-go and
-shardwg<->shardwg (alternating within every repetition) and measures iperf3 TCP with 1 and 4
-streams, the best UDP packet rate at <= 1% loss, idle ping RTT, CPU seconds per Gbit/s of the
-tunnel processes, their memory; handshakes per second from a generator of valid initiations;
-and a shardwg gateway with 1 vs 2 workers serving 4 peers. It prints progress, then tables with
-ratios and the targets (PASS/MISS), and writes bench.json, bench.md and bench.png to --out.
+shardwg<->shardwg (alternating within every repetition) and measures, in both directions (A
+receives, A sends), iperf3 TCP with 1 and 4 streams and the best UDP packet rate at <= 1% loss;
+idle ping RTT, CPU seconds per Gbit/s of each end's tunnel processes, their memory; handshakes
+per second from a generator of valid initiations; a shardwg gateway with 1 vs 2 workers serving
+4 peers; and a syscall-free microbenchmark of open and seal per packet (native and pure Python).
+It prints progress, then tables with ratios and the targets (PASS/MISS), and writes bench.json,
+bench.md and bench.png to --out.
+
+The wireguard-go raced is `--wireguard-go PATH` (default: the one on PATH); its version
+(`wireguard-go --version`) goes into the report.
 
 Needs root, wireguard-go, wg and iperf3 (`scripts/bench` sets the machine up and runs this).
 Everything it starts is stopped by PID and its namespaces deleted by name, also on errors,
@@ -18,10 +23,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,10 +32,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lab import bench_peers, bench_report
+from lab import bench_micro, bench_peers, bench_report
+from lab.bench_env import BinaryError, machine_facts, use_wireguard_go
 from lab.bench_measure import series
 from lab.bench_pairs import (
     BASELINE,
+    DIRECTIONS,
     LABELS,
     PAIRS,
     Pair,
@@ -42,9 +47,11 @@ from lab.bench_pairs import (
 from lab.harness import Harness, exit_on_signal, lab_problems
 from lab.iperf import iperf3_problem
 from lab.loadgen import x25519_cost_us
-from lab.netns import REPO_ROOT
 
-SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling", "peers")
+SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling", "peers",
+            "micro")  # fmt: skip
+NETNS_SECTIONS = SECTIONS[:-1]
+SUFFIX = {"recv": "", "send": "_send"}  # section name per direction: tcp1, tcp1_send, ...
 HANDSHAKE_CONFIGS = {"wggo": ("wggo", 1), "shardwg-1w": ("shardwg", 1),
                      "shardwg-2w": ("shardwg", 2)}  # fmt: skip
 SCALING_WORKERS = (1, 2)
@@ -125,20 +132,25 @@ class Bench:
 
     def estimate(self) -> float:
         a, s = self.args, self.args.seconds
-        per_pair = 6.0 + (s + 2 if self.wants("tcp1", "cpu", "rss") else 0)
-        per_pair += (s + 2 if self.wants("tcp4") else 0) + (3 if self.wants("rtt") else 0)
-        per_pair += 5 * (a.udp_seconds + 1) if self.wants("udp") else 0
+        d = len(a.directions)
+        per_pair = 6.0 + (d * (s + 2) if self.wants("tcp1", "cpu", "rss") else 0)
+        per_pair += (d * (s + 2) if self.wants("tcp4") else 0) + (3 if self.wants("rtt") else 0)
+        per_pair += d * 5 * (a.udp_seconds + 1) if self.wants("udp") else 0
         total = a.reps * len(PAIRS) * per_pair
         total += a.reps * len(HANDSHAKE_CONFIGS) * (a.hs_seconds + 8) if self.wants(
             "handshakes") else 0  # fmt: skip
         total += a.reps * len(SCALING_WORKERS) * (s + 15) if self.wants("scaling") else 0
         if self.wants("tcp1", "udp"):
             total += s + 8 * (a.udp_seconds + 1)
+        total += a.reps * 2 if self.wants("micro") else 0
         return total + (240 if self.wants("peers") else 0)
 
     def run(self) -> None:
         a = self.args
         self.meta["loadavg_start"] = os.getloadavg()
+        if self.wants(*NETNS_SECTIONS):
+            wg = self.meta["wireguard_go"]
+            self.log(f"racing wireguard-go {wg['version']} ({wg['path']})")
         if self.meta["loadavg_start"][0] > 0.5:
             self.log(f"WARNING: load average {self.meta['loadavg_start'][0]:.2f} before the "
                      "start: other work shares these CPUs, numbers will be lower and "
@@ -153,6 +165,8 @@ class Bench:
             self.log(f"X25519: {x['dh_us']:.1f} µs per DH, {x['base_us']:.1f} µs per public key")
         for rep in range(a.reps):
             tag = f"rep {rep + 1}/{a.reps} "
+            if self.wants("micro"):
+                self.micro(tag)
             if rep == 0 and self.wants("tcp1", "udp"):
                 self.pair(tag, BASELINE)
             for key in rotate(list(PAIRS), rep):
@@ -199,10 +213,14 @@ class Bench:
                     r.detail("rtt", key, rtts)
                     self.log(f"idle ping RTT median {rtts_sorted[len(rtts) // 2]:.3f} ms "
                              f"({len(rtts)}/{a.ping_count} replies)")  # fmt: skip
+            # the veth baseline is symmetric: one direction is its ceiling for both
+            dirs = a.directions[:1] if key == BASELINE else a.directions
             if self.wants("tcp1", "cpu", "rss") or (key == BASELINE and self.wants("tcp1")):
-                self.tcp(p, key, 1)
+                for d in dirs:
+                    self.tcp(p, key, 1, d)
             if self.wants("tcp4") and key != BASELINE:
-                self.tcp(p, key, 4)
+                for d in dirs:
+                    self.tcp(p, key, 4, d)
             if self.wants("rss") and key != BASELINE:
                 mem = self.attempt("memory", p.memory)
                 if mem:
@@ -217,21 +235,30 @@ class Bench:
                                                 for m in procs)
                         for side, procs in mem.items()))  # fmt: skip
             if self.wants("udp"):
-                u = self.attempt("udp", lambda: p.udp_best(a.udp_seconds, say=self.log))
-                if u:
-                    r.detail("udp", key, u["steps"])
-                    if u["best"]:
-                        r.add("udp", key, "best_pps", u["best"]["received_pps"], "packets/s")
-                        r.add("udp", key, "best_mbit_s", u["best"]["received_mbit_s"], "Mbit/s")
-                        self.log(f"udp best {u['best']['received_pps']:.0f} packets/s at "
-                                 f"{u['best']['loss_percent']:.2f}% loss")  # fmt: skip
-                    else:
-                        self.log("udp: no rate with <= 1% loss")
+                for d in dirs:
+                    self.udp(p, key, d)
             self.log("tearing down")
 
-    def tcp(self, p: Pair, key: str, streams: int) -> None:
-        r, sec = self.results, f"tcp{streams}"
-        out = self.attempt(f"tcp {streams} stream(s)", lambda: p.tcp(streams, self.args.seconds))
+    def udp(self, p: Pair, key: str, direction: str) -> None:
+        a, r, sec = self.args, self.results, "udp" + SUFFIX[direction]
+        rev = direction == "send"
+        u = self.attempt(sec, lambda: p.udp_best(a.udp_seconds, say=self.log, reverse=rev))
+        if not u:
+            return
+        r.detail(sec, key, u["steps"])
+        if u["best"]:
+            r.add(sec, key, "best_pps", u["best"]["received_pps"], "packets/s")
+            r.add(sec, key, "best_mbit_s", u["best"]["received_mbit_s"], "Mbit/s")
+            self.log(f"udp ({DIRECTIONS[direction]}) best {u['best']['received_pps']:.0f} "
+                     f"packets/s at {u['best']['loss_percent']:.2f}% loss")  # fmt: skip
+        else:
+            self.log(f"udp ({DIRECTIONS[direction]}): no rate with <= 1% loss")
+
+    def tcp(self, p: Pair, key: str, streams: int, direction: str) -> None:
+        r, sec = self.results, f"tcp{streams}{SUFFIX[direction]}"
+        what = f"tcp {streams} stream(s), {DIRECTIONS[direction]}"
+        out = self.attempt(what, lambda: p.tcp(streams, self.args.seconds,
+                                               reverse=direction == "send"))  # fmt: skip
         if not out:
             return
         r.add(sec, key, "gbit_s", out["gbit_s"], "Gbit/s")
@@ -244,9 +271,22 @@ class Bench:
                 r.add("cpu", key, f"{sec}_cores_per_gbit_{side}", out[f"cores_per_gbit_{side}"],
                       "cores per Gbit/s")  # fmt: skip
                 cpu += f", end {side.upper()} {out[f'cores_{side}']:.2f} cores"
-        self.log(f"tcp {streams} stream(s): {out['gbit_s']:.3f} Gbit/s, "
+        self.log(f"{what}: {out['gbit_s']:.3f} Gbit/s, "
                  f"{out['retransmits']:.0f} retransmits{cpu}; machine "
                  f"{100 * out['machine_busy']:.0f}% busy")  # fmt: skip
+
+    def micro(self, tag: str) -> None:
+        """One repetition of the syscall-free open/seal microbenchmark, in this process."""
+        self.current = f"{tag}{'microbenchmark':<18} "
+        res = self.attempt("micro", lambda: bench_micro.run_once(self.args.micro_batches))
+        if res is None:
+            return
+        for path, metrics in res.items():
+            for m, v in metrics.items():
+                self.results.add("micro", path, m, v, "packets/s per core")
+        self.log("; ".join(f"{path}: " + ", ".join(f"{m.split('_')[0]} {v / 1e3:.0f}k/s"
+                                                   for m, v in sorted(metrics.items()))
+                           for path, metrics in res.items()))  # fmt: skip
 
     def handshakes(self, tag: str, cfg: str) -> None:
         kind, workers = HANDSHAKE_CONFIGS[cfg]
@@ -304,6 +344,8 @@ class Bench:
                 "handshake_seconds": self.args.hs_seconds,
                 "pair_workers": self.args.workers,
                 "sections": [s for s in SECTIONS if s in self.only],
+                "directions": self.args.directions,
+                "micro": {**bench_micro.describe(), "batches": self.args.micro_batches},
                 "runtime_s": round(time.monotonic() - self.started, 1),
                 "loadavg_end": os.getloadavg(),
                 "status": status,
@@ -313,40 +355,6 @@ class Bench:
         }
         doc["targets"] = bench_report.targets(doc)
         return doc
-
-
-def machine_facts() -> dict[str, Any]:
-    def first(cmd: list[str]) -> str:
-        try:
-            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (cp.stdout.strip().splitlines() or [""])[0]
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       "")  # fmt: skip
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    commit = first(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = first(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"])
-    return {
-        "machine": {
-            "cpu": cpu,
-            "cores": len(os.sched_getaffinity(0)),
-            "memory_gib": round(mem_gib, 1),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            # dpkg, not `wireguard-go --version`: this build takes unknown arguments for an
-            # interface name and daemonizes
-            "wireguard_go": first(["dpkg-query", "-W", "-f=${Version}", "wireguard-go"]),
-            "iperf3": first(["iperf3", "--version"]),
-        },
-        "shardwg_commit": commit + ("-dirty" if dirty else ""),
-    }
 
 
 def write_outputs(doc: dict[str, Any], out: Path) -> list[str]:
@@ -394,6 +402,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-out", help="directory for bench.json/.md/.png")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections of {','.join(SECTIONS)} (all)")  # fmt: skip
+    p.add_argument("--wireguard-go", metavar="PATH",
+                   help="the wireguard-go binary to race (default: the one on PATH); its "
+                        "version goes into the report")  # fmt: skip
+    p.add_argument("--directions", default="recv,send",
+                   help="recv (A receives), send (A sends) or both (default recv,send)")
+    p.add_argument("--micro-batches", type=int,
+                   help="batches of 64 packets per microbenchmark path (300; 60 --quick)")
     p.add_argument("--timeout", type=float, help="whole-run limit in seconds (default: 4x the "
                    "estimate, at least 10 min)")  # fmt: skip
     p.add_argument("--render", metavar="JSON",
@@ -405,6 +420,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not only:
         p.error(f"--only: unknown section(s) {','.join(bad)}; choose from {','.join(SECTIONS)}")
     args.only = only
+    dirs = [d.strip() for d in args.directions.split(",") if d.strip()]
+    if not dirs or any(d not in DIRECTIONS for d in dirs) or len(set(dirs)) != len(dirs):
+        p.error(f"--directions: choose from {','.join(DIRECTIONS)}")
+    args.directions = dirs
+    if args.micro_batches is None:
+        args.micro_batches = 60 if args.quick else 300
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.seconds is None:
@@ -413,8 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.udp_seconds = max(1.0, args.seconds / 2)
     if args.hs_seconds is None:
         args.hs_seconds = min(5.0, args.seconds)
-    if args.reps < 1 or args.seconds <= 0 or args.workers < 1 or args.ping_count < 1:
-        p.error("--reps, --seconds, --workers and --ping-count must be positive")
+    if (args.reps < 1 or args.seconds <= 0 or args.workers < 1 or args.ping_count < 1
+            or args.micro_batches < 1):  # fmt: skip
+        p.error("--reps, --seconds, --workers, --ping-count and --micro-batches must be positive")
     return args
 
 
@@ -432,11 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         for n in notes:
             print(n, file=sys.stderr)
         return 0
-    problems = lab_problems(iperf3_problem())
-    if problems:
-        print(f"bench cannot run here: {'; '.join(problems)}", file=sys.stderr)
-        return 2
     bench = Bench(args)
+    if bench.wants(*NETNS_SECTIONS):
+        try:
+            bench.meta["wireguard_go"] = use_wireguard_go(args.wireguard_go)
+        except BinaryError as e:
+            print(f"bench cannot run here: {e}", file=sys.stderr)
+            return 2
+        problems = lab_problems(iperf3_problem())
+        if problems:
+            print(f"bench cannot run here: {'; '.join(problems)}", file=sys.stderr)
+            return 2
     limit = args.timeout or max(600.0, 4 * bench.estimate())
     status, rc = "complete", 0
     prev = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}

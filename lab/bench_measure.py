@@ -171,7 +171,8 @@ class IperfJob:
     """An iperf3 server in server_ns (one-off, bound to addr:port) and a client in client_ns.
 
     start() starts both and returns at once, so several jobs can run together; finish() waits.
-    udp_rate (bits/s) makes it a UDP test with datagrams of udp_len bytes."""
+    udp_rate (bits/s) makes it a UDP test with datagrams of udp_len bytes; reverse (-R) makes
+    the server send and the client receive, which measures the other direction of a tunnel."""
 
     def __init__(
         self,
@@ -183,13 +184,14 @@ class IperfJob:
         streams: int = 1,
         udp_rate: float | None = None,
         udp_len: int = 1392,
+        reverse: bool = False,
     ) -> None:
         problem = iperf3_problem()
         if problem:
             raise LabError(problem)
         self.server_ns, self.client_ns, self.addr, self.port = server_ns, client_ns, addr, port
         self.seconds, self.streams = seconds, streams
-        self.udp_rate, self.udp_len = udp_rate, udp_len
+        self.udp_rate, self.udp_len, self.reverse = udp_rate, udp_len, reverse
         self.server: subprocess.Popen[Any] | None = None
         self.client: subprocess.Popen[str] | None = None
 
@@ -214,6 +216,8 @@ class IperfJob:
     def start_client(self) -> IperfJob:
         cmd = ["iperf3", "-c", self.addr, "-p", str(self.port), "-t", f"{self.seconds:g}", "-J",
                "--connect-timeout", "5000", "-P", str(self.streams)]  # fmt: skip
+        if self.reverse:
+            cmd.append("-R")
         if self.udp_rate is not None:
             # -w: a 4 MiB socket buffer at both ends, or iperf3 itself drops bursts on a busy host
             cmd += ["-u", "-b", f"{int(self.udp_rate)}", "-l", str(self.udp_len), "-w", "4M"]

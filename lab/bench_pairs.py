@@ -2,8 +2,9 @@
 PID and exact name afterwards:
 
 - a pair: two namespaces joined by a veth, a tunnel end in each (wireguard-go or shardwg, MTU
-  1420); end A holds the iperf3 server (it receives), end B the client (it sends). Kind "veth"
-  has no tunnel at all: the ceiling of the underlay and of iperf3 itself on this machine.
+  1420); end A holds the iperf3 server, end B the client. Direction "recv": A receives (B sends);
+  "send": A sends (iperf3 -R). Kind "veth" has no tunnel at all: the ceiling of the underlay
+  and of iperf3 itself on this machine.
 - a handshake responder: wireguard-go or shardwg configured with the load generator's peers.
 - a 4-peer star (lab.topology.Star) for 1-vs-2-worker scaling.
 """
@@ -52,6 +53,7 @@ WG_PORT = 51820
 IPERF_PORT = 5201
 LOSS_LIMIT = 1.0  # percent
 UDP_LEN = 1392  # fills the 1420 tunnel MTU: 1420 - 20 (IPv4) - 8 (UDP)
+DIRECTIONS = {"recv": "A receives", "send": "A sends"}
 
 
 @dataclass
@@ -132,9 +134,10 @@ class Pair:
     def tracked(self) -> list[Tracked]:
         return [t for e in self.ends for t in e.tracked()]
 
-    def tcp(self, streams: int, seconds: float) -> dict[str, float]:
-        """One iperf3 TCP run B -> A; throughput and each end's CPU cost of it."""
-        job = IperfJob(self.a_ns, self.b_ns, self.addr_a, IPERF_PORT, seconds, streams)
+    def tcp(self, streams: int, seconds: float, reverse: bool = False) -> dict[str, float]:
+        """One iperf3 TCP run B -> A (A -> B if reverse); throughput and each end's CPU cost."""
+        job = IperfJob(self.a_ns, self.b_ns, self.addr_a, IPERF_PORT, seconds, streams,
+                       reverse=reverse)  # fmt: skip
         job.start_server()
         snaps = [cpu_snapshot(e.tracked()) for e in self.ends]
         ticks = machine_ticks()
@@ -147,13 +150,18 @@ class Pair:
             out[f"cores_per_gbit_{side}"] = cores / run.gbit_s if run.gbit_s > 0 else math.inf
         return out
 
-    def udp_once(self, rate_bps: float, seconds: float) -> IperfRun:
+    def udp_once(self, rate_bps: float, seconds: float, reverse: bool = False) -> IperfRun:
         job = IperfJob(self.a_ns, self.b_ns, self.addr_a, IPERF_PORT, seconds,
-                       udp_rate=rate_bps, udp_len=UDP_LEN)  # fmt: skip
+                       udp_rate=rate_bps, udp_len=UDP_LEN, reverse=reverse)  # fmt: skip
         return job.run()
 
     def udp_best(
-        self, seconds: float, start_mbit: float = 50, max_mbit: float = 6400, say: Any = None
+        self,
+        seconds: float,
+        start_mbit: float = 50,
+        max_mbit: float = 6400,
+        say: Any = None,
+        reverse: bool = False,
     ) -> dict[str, Any]:
         """Double the offered UDP rate until loss exceeds 1% (or iperf3 cannot offer more),
         then two bisection steps between the last good and the first bad rate. Best = the
@@ -161,7 +169,7 @@ class Pair:
         steps: list[dict[str, float]] = []
 
         def step(mbit: float) -> dict[str, float]:
-            r = self.udp_once(mbit * 1e6, seconds)
+            r = self.udp_once(mbit * 1e6, seconds, reverse)
             s = {"offered_mbit_s": mbit, "sent_pps": r.packets / max(r.seconds, 1e-9),
                  "received_pps": r.received_pps, "loss_percent": r.lost_percent,
                  "received_mbit_s": r.bits_per_second / 1e6}  # fmt: skip

@@ -26,11 +26,25 @@ from lab.netns import (
 
 UAPI_DIR = Path("/var/run/wireguard")
 _INSTALL_HINT = "apt-get install wireguard-go wireguard-tools"
+# A wireguard-go binary to run instead of the one on PATH (set by `scripts/bench --wireguard-go`;
+# also lets the interop tests race another build).
+BINARY_ENV = "LAB_WIREGUARD_GO"
+
+
+def wireguard_go_binary() -> str | None:
+    """The wireguard-go executable the lab runs: $LAB_WIREGUARD_GO, else the one on PATH."""
+    chosen = os.environ.get(BINARY_ENV)
+    if chosen:
+        return chosen if os.path.isfile(chosen) and os.access(chosen, os.X_OK) else None
+    return shutil.which("wireguard-go")
 
 
 def wireguard_go_problem() -> str | None:
     """Why wireguard-go peers cannot run here, or None."""
-    missing = missing_tools("wireguard-go", "wg")
+    missing = missing_tools("wg")
+    if wireguard_go_binary() is None:
+        chosen = os.environ.get(BINARY_ENV)
+        missing.insert(0, f"{BINARY_ENV}={chosen} (not executable)" if chosen else "wireguard-go")
     return f"missing {', '.join(missing)} ({_INSTALL_HINT})" if missing else None
 
 
@@ -72,7 +86,7 @@ class WireguardGo:
         ns.on_close(self.close)
         try:
             self.proc = ns.popen(
-                [str(shutil.which("wireguard-go")), "-f", ifname],
+                [str(wireguard_go_binary()), "-f", ifname],
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env=lab_env({"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": log_level}),
