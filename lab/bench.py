@@ -357,36 +357,6 @@ class Bench:
         return doc
 
 
-def write_outputs(doc: dict[str, Any], out: Path) -> list[str]:
-    """bench.json, bench.md and bench.png in out; returns notes about what could not be made."""
-    out.mkdir(parents=True, exist_ok=True)
-    notes = []
-    (out / "bench.md").write_text(bench_report.markdown(doc))
-    try:
-        bench_report.chart(doc, out / "bench.png")
-        doc["meta"]["chart"] = "bench.png"
-    except ImportError:
-        doc["meta"]["chart"] = None
-        notes.append("no chart: matplotlib is not installed (pip install '.[bench]')")
-    (out / "bench.json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_num))
-    return notes
-
-
-def _json_num(o: Any) -> Any:
-    raise TypeError(f"not JSON serialisable: {o!r}")
-
-
-def _finite(doc: Any) -> Any:
-    """inf/nan (a zero-throughput division) become null: JSON has no such numbers."""
-    if isinstance(doc, float):
-        return doc if doc == doc and abs(doc) != float("inf") else None
-    if isinstance(doc, dict):
-        return {k: _finite(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [_finite(v) for v in doc]
-    return doc
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -449,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.render:
         doc = json.loads(Path(args.render).read_text())
-        notes = write_outputs(doc, out)
+        notes = bench_report.write_outputs(doc, out)
         print(bench_report.markdown(doc))
         for n in notes:
             print(n, file=sys.stderr)
@@ -485,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.current = ""
     if status != "complete":
         bench.log(f"{status}: writing what was measured")
-    doc = _finite(bench.document(status))
-    notes = write_outputs(doc, out)
+    doc = bench_report.finite(bench.document(status))
+    notes = bench_report.write_outputs(doc, out)
     print("\n" + bench_report.markdown(doc), flush=True)
     for n in notes:
         print(f"NOTE: {n}", flush=True)
