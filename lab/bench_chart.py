@@ -21,16 +21,18 @@ PANELS: list[tuple[str, str, str, list[str]]] = [
     ("memory of end A, PSS (MiB)", "rss", "pss_mib_a", [WG, SW, SS]),
     ("handshakes per second", "handshakes", "per_s", ["wggo", "shardwg-1w", "shardwg-2w"]),
     ("4 peers, aggregate Gbit/s", "scaling", "gbit_s", ["shardwg-1w", "shardwg-2w"]),
-    ("microbenchmark: open (kpackets/s, 1 core)", "micro", "open_pps", ["native", "python"]),
+    ("microbenchmark: open (kpackets/s, 1 core)", "micro", "open_pps",
+     ["native", "python-batch", "python"]),
     ("microbenchmark: seal (kpackets/s, 1 core)", "micro", "seal_pps",
-     ["native", "python", "aead"]),
+     ["native", "python-batch", "python", "aead"]),
 ]
 COLORS = {"veth": "#9e9e9e", WG: "#4e79a7", SW: "#f28e2b", SS: "#e15759", "wggo": "#4e79a7",
           "shardwg-1w": "#f28e2b", "shardwg-2w": "#e15759", "native": "#59a14f",
-          "python": "#edc948", "aead": "#9e9e9e"}  # fmt: skip
+          "python-batch": "#b07aa1", "python": "#edc948", "aead": "#9e9e9e"}  # fmt: skip
 SHORT = {"veth": "veth", WG: "wg-go\n↔wg-go", SW: "shardwg\n↔wg-go", SS: "shardwg\n↔shardwg",
          "wggo": "wg-go", "shardwg-1w": "shardwg\n1 worker",
-         "shardwg-2w": "shardwg\n2 workers", "native": "native", "python": "Python",
+         "shardwg-2w": "shardwg\n2 workers", "native": "native\nbatch",
+         "python-batch": "Python\nbatch", "python": "Python\nper packet",
          "aead": "bare AEAD\n(Python)"}  # fmt: skip
 
 
