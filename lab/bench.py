@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from lab import bench_micro, bench_peers, bench_report
+from lab.bench_args import NETNS_SECTIONS, SECTIONS, SUFFIX, parse_args
 from lab.bench_env import BinaryError, machine_facts, use_wireguard_go
 from lab.bench_measure import series
 from lab.bench_pairs import (
@@ -48,10 +49,6 @@ from lab.harness import Harness, exit_on_signal, lab_problems
 from lab.iperf import iperf3_problem
 from lab.loadgen import x25519_cost_us
 
-SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling", "peers",
-            "micro")  # fmt: skip
-NETNS_SECTIONS = SECTIONS[:-1]
-SUFFIX = {"recv": "", "send": "_send"}  # section name per direction: tcp1, tcp1_send, ...
 HANDSHAKE_CONFIGS = {"wggo": ("wggo", 1), "shardwg-1w": ("shardwg", 1),
                      "shardwg-2w": ("shardwg", 2)}  # fmt: skip
 SCALING_WORKERS = (1, 2)
@@ -357,65 +354,12 @@ class Bench:
         return doc
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help="1 repetition, short runs (a CI smoke test, under 3 minutes)")  # fmt: skip
-    p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
-    p.add_argument("--seconds", type=float, help="seconds per iperf3 TCP run (10; 3 --quick)")
-    p.add_argument("--udp-seconds", type=float, help="seconds per UDP rate step (seconds/2)")
-    p.add_argument("--hs-seconds", type=float, help="seconds per handshake run (min(5, seconds))")
-    p.add_argument("--workers", type=int, default=2,
-                   help="workers of each shardwg end in the pairs (default 2)")  # fmt: skip
-    p.add_argument("--ping-count", type=int, default=20, help="idle pings per pair (20)")
-    p.add_argument("--out", default="bench-out", help="directory for bench.json/.md/.png")
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections of {','.join(SECTIONS)} (all)")  # fmt: skip
-    p.add_argument("--wireguard-go", metavar="PATH",
-                   help="the wireguard-go binary to race (default: the one on PATH); its "
-                        "version goes into the report")  # fmt: skip
-    p.add_argument("--directions", default="recv,send",
-                   help="recv (A receives), send (A sends) or both (default recv,send)")
-    p.add_argument("--micro-batches", type=int,
-                   help="batches of 64 packets per microbenchmark path (300; 60 --quick)")
-    p.add_argument("--timeout", type=float, help="whole-run limit in seconds (default: 4x the "
-                   "estimate, at least 10 min)")  # fmt: skip
-    p.add_argument("--render", metavar="JSON",
-                   help="re-render bench.md and bench.png from a saved bench.json")  # fmt: skip
-    args = p.parse_args(argv)
-    args.argv = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SECTIONS]
-    if bad or not only:
-        p.error(f"--only: unknown section(s) {','.join(bad)}; choose from {','.join(SECTIONS)}")
-    args.only = only
-    dirs = [d.strip() for d in args.directions.split(",") if d.strip()]
-    if not dirs or any(d not in DIRECTIONS for d in dirs) or len(set(dirs)) != len(dirs):
-        p.error(f"--directions: choose from {','.join(DIRECTIONS)}")
-    args.directions = dirs
-    if args.micro_batches is None:
-        args.micro_batches = 60 if args.quick else 300
-    if args.reps is None:
-        args.reps = 1 if args.quick else 3
-    if args.seconds is None:
-        args.seconds = 3.0 if args.quick else 10.0
-    if args.udp_seconds is None:
-        args.udp_seconds = max(1.0, args.seconds / 2)
-    if args.hs_seconds is None:
-        args.hs_seconds = min(5.0, args.seconds)
-    if (args.reps < 1 or args.seconds <= 0 or args.workers < 1 or args.ping_count < 1
-            or args.micro_batches < 1):  # fmt: skip
-        p.error("--reps, --seconds, --workers, --ping-count and --micro-batches must be positive")
-    return args
-
-
 def _raise_timeout(_signum: int, _frame: FrameType | None) -> None:
     raise BenchTimeout()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     out = Path(args.out)
     if args.render:
         doc = json.loads(Path(args.render).read_text())
