@@ -139,7 +139,7 @@ class Bench:
         total += a.reps * len(SCALING_WORKERS) * (s + 15) if self.wants("scaling") else 0
         if self.wants("tcp1", "udp"):
             total += s + 8 * (a.udp_seconds + 1)
-        total += a.reps * 2 if self.wants("micro") else 0
+        total += a.reps * 4 if self.wants("micro") else 0
         return total + (240 if self.wants("peers") else 0)
 
     def run(self) -> None:

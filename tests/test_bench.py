@@ -75,7 +75,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert "| TCP, 1 stream, A receives (Gbit/s) |" in table, table
     assert "| TCP, 1 stream, A sends (Gbit/s) |" in table, table
     assert f"(wireguard-go {meta['wireguard_go']['version']})" in table, table
-    assert "| pure Python (per packet) |" in table, table
+    assert "| per-packet Python path (Device.send_packet" in table, table
     assert "PASS" in table or "MISS" in table, table
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed (pip install '.[bench]'): no chart to check")
