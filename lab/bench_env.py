@@ -65,6 +65,19 @@ def use_wireguard_go(spec: str | None) -> dict[str, str]:
     return facts
 
 
+def shardwg_datapath() -> str:
+    """Which data path the shardwg ends of this run use: the batch kernel's choice (native, or
+    its pure-Python reference under SHARDWG_NATIVE=0 or without the extension), or the
+    per-packet Python path of a tree that has no batch kernel yet."""
+    try:
+        from shardwg.datapath import kernel  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return "python (per packet; this tree has no batch kernel)"
+    name = str(getattr(kernel, "NAME", "unknown"))
+    forced = os.environ.get("SHARDWG_NATIVE")
+    return name + (f" (SHARDWG_NATIVE={forced})" if forced is not None else "")
+
+
 def _first(cmd: list[str]) -> str:
     """The first line a command prints, or "" when it cannot run."""
     try:
@@ -95,4 +108,5 @@ def machine_facts() -> dict[str, Any]:
             "iperf3": _first(["iperf3", "--version"]),
         },
         "shardwg_commit": commit + ("-dirty" if dirty else ""),
+        "shardwg_datapath": shardwg_datapath(),
     }

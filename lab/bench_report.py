@@ -259,6 +259,9 @@ def footnotes(doc: Doc) -> list[str]:
             "shardwg.datapath.microbench (seal = 64 single packets per call; TSO = two "
             f"32-segment super-packets); {native}."
         )
+    if meta.get("shardwg_datapath"):
+        notes.append(f"shardwg at {meta.get('shardwg_commit', '?')}, data path: "
+                     f"{meta['shardwg_datapath']}.")  # fmt: skip
     wg = meta.get("wireguard_go")
     if wg:
         pkg = f", Debian package {wg['debian_package']}" if wg.get("debian_package") else ""

@@ -52,6 +52,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert meta["wireguard_go"]["path"] == os.path.realpath(wggo), meta
     assert meta["wireguard_go"]["version"] == wireguard_go_version(wggo), meta
     assert meta["directions"] == ["recv", "send"], meta
+    assert meta["shardwg_datapath"].split()[0] in ("native", "python"), meta
     sections = doc["sections"]
     assert {"tcp1", "tcp1_send", "rtt", "handshakes", "cpu", "micro"} <= set(sections), sections
     for pair in PAIRS:
