@@ -19,7 +19,6 @@ time (one core, not disturbed by other work sharing the machine): packets / CPU 
 
 from __future__ import annotations
 
-import inspect
 import random
 import struct
 import time
@@ -31,6 +30,8 @@ from shardwg.proto.constants import MAX_DATAGRAM
 from shardwg.proto.device import Device
 from shardwg.proto.messages import MessageType, classify
 from shardwg.proto.peer import Peer
+
+Kernel = Callable[[bool], float]
 
 PACKET = 1420
 BATCH = 64
@@ -136,40 +137,49 @@ def aead_seal(batches: int, size: int = PACKET) -> float:
     return time.thread_time() - t0
 
 
-# The batch kernels' own microbenchmark (shardwg.datapath.microbench, native-open/native-seal):
-# bench_<op>(native: bool, ...) -> packets per wall second, 0.0 when that kernel is not built.
-# op -> keyword arguments; "seal" is 64 single packets per batch, "seal_tso" two 32-segment TSO
-# super-packets per batch (what a TUN with TSO hands the worker).
-KERNEL_OPS: dict[str, tuple[str, dict[str, Any]]] = {
-    "open": ("bench_open", {}),
-    "seal": ("bench_seal", {"super_packet": False}),
-    "seal_tso": ("bench_seal", {"super_packet": True}),
-}
+# The batch kernels' own microbenchmarks, where this tree has them:
+# - seal: shardwg.datapath.microbench.bench_seal(native, super_packet, seconds) -> packets per
+#   CPU-second of the process (native-seal); "seal" is 64 single packets per batch, "seal_tso"
+#   two 32-segment TSO super-packets per batch (what a TUN with TSO hands the worker);
+# - open: lab.microbench_open.Bench(impl, batches).run_once() (native-open): 64 datagrams per
+#   batch carrying 1420-byte TCP segments of one flow, opened and coalesced; timed here by the
+#   thread's CPU time around the call, since its own figure is per wall second.
+SEAL_OPS = {"seal": False, "seal_tso": True}
 
 
-def kernel_functions(seconds: float = 0.3) -> dict[str, Callable[[bool], float]]:
-    """op -> f(native) for the batch kernels' microbenchmarks that exist in this tree: {} until
-    shardwg.datapath.microbench lands. f returns packets per CPU-second of this thread (the
-    kernel's own figure is per wall second; it is rescaled by wall/CPU time of the call)."""
+def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str, Kernel]:
+    """op -> f(native) -> packets per CPU-second, for the kernel microbenchmarks that exist."""
+    found: dict[str, Kernel] = {}
     try:
         from shardwg.datapath import microbench  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
-        return {}
-    found: dict[str, Callable[[bool], float]] = {}
-    for op, (name, kwargs) in KERNEL_OPS.items():
-        fn = getattr(microbench, name, None)
-        if not callable(fn):
-            continue
-        params = inspect.signature(fn).parameters
-        kw = {k: v for k, v in {**kwargs, "seconds": seconds}.items() if k in params}
+        microbench = None
+    bench_seal: Callable[..., float] | None = getattr(microbench, "bench_seal", None)
+    if bench_seal is not None:
+        for op, tso in SEAL_OPS.items():
 
-        def run(native: bool, fn: Callable[..., float] = fn, kw: dict[str, Any] = kw) -> float:
-            w0, c0 = time.perf_counter(), time.thread_time()
-            pps = float(fn(native, **kw))
-            wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
-            return pps * wall / cpu if pps > 0 and cpu > 0 else pps
+            def seal_rate(
+                native: bool, tso: bool = tso, fn: Callable[..., float] = bench_seal
+            ) -> float:
+                return float(fn(native, tso, seconds))
 
-        found[op] = run
+            found[op] = seal_rate
+    try:
+        from lab import microbench_open  # type: ignore[attr-defined,unused-ignore]
+        from shardwg.datapath import select  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return found
+
+    def open_rate(native: bool) -> float:
+        if native and select.native_module() is None:
+            return 0.0
+        impl = select.choose("1") if native else select.python_impl()
+        bench = microbench_open.Bench(impl, open_batches)
+        c0 = time.thread_time()
+        bench.run_once()  # raises if any packet was dropped
+        return open_batches * BATCH / max(time.thread_time() - c0, 1e-9)
+
+    found["open"] = open_rate
     return found
 
 

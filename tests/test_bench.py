@@ -129,6 +129,10 @@ def test_microbenchmark_pushes_real_packets_both_ways() -> None:
     res = bench_micro.run_once(2)
     assert res["python"]["open_pps"] > 0 and res["python"]["seal_pps"] > 0, res
     assert res["aead"]["seal_pps"] > 0, res
+    for op in bench_micro.kernel_functions():  # the batch kernels, once this tree has them
+        assert res["python-batch"][f"{op}_pps"] > 0, res
+        if bench_micro.native_built():
+            assert res["native"][f"{op}_pps"] > 0, res
     # what the open loop is timed on: a fresh message opens to the whole packet, a replay is refused
     session = bench_micro.Session()
     batch = session.seal_batches(1)
