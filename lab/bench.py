@@ -281,7 +281,7 @@ class Bench:
         for path, metrics in res.items():
             for m, v in metrics.items():
                 self.results.add("micro", path, m, v, "packets/s per core")
-        self.log("; ".join(f"{path}: " + ", ".join(f"{m.split('_')[0]} {v / 1e3:.0f}k/s"
+        self.log("; ".join(f"{path}: " + ", ".join(f"{m.removesuffix('_pps')} {v / 1e3:.0f}k/s"
                                                    for m, v in sorted(metrics.items()))
                            for path, metrics in res.items()))  # fmt: skip
 

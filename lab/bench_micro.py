@@ -150,10 +150,11 @@ SEAL_OPS = {"seal": False, "seal_tso": True}
 def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str, Kernel]:
     """op -> f(native) -> packets per CPU-second, for the kernel microbenchmarks that exist."""
     found: dict[str, Kernel] = {}
+    microbench: Any = None
     try:
-        from shardwg.datapath import microbench  # type: ignore[attr-defined,unused-ignore]
+        from shardwg.datapath import microbench  # type: ignore[attr-defined,no-redef,unused-ignore]
     except ImportError:
-        microbench = None
+        pass
     bench_seal: Callable[..., float] | None = getattr(microbench, "bench_seal", None)
     if bench_seal is not None:
         for op, tso in SEAL_OPS.items():
