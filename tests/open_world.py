@@ -1,0 +1,79 @@
+"""A small world for the inbound batch path: two sans-IO devices with a session, and packet
+builders with valid (or deliberately broken) inner headers and checksums.
+
+Device A is the gateway under test (worker 0); device B is its peer and seals what A opens.
+B's allowed IPs on A cover test_segment's source addresses (10.200.0.1, fd00:200::1).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from shardwg.proto import crypto
+from shardwg.proto.constants import MAX_DATAGRAM, MessageType
+from shardwg.proto.device import Device
+from shardwg.proto.peer import Peer
+
+ADDR_A = ("127.0.0.1", 51820)
+ADDR_B = ("127.0.0.1", 40001)
+ALLOWED_B = ["10.200.0.1/32", "fd00:200::1/128", "10.77.0.0/16"]
+ALLOWED_C = ["10.78.0.0/16"]
+
+
+def seeded(seed: int) -> Callable[[int], bytes]:
+    rng = random.Random(seed)
+    return lambda n: rng.randbytes(n)
+
+
+class World:
+    """A <-> B with a confirmed session both ways (A is the responder); a third peer C on A
+    without a session, so its prefixes are someone else's."""
+
+    def __init__(self, seed: int = 1, now: float = 1000.0) -> None:
+        rnd = seeded(seed)
+        self.key_a = crypto.generate_private_key(rnd(32))
+        self.key_b = crypto.generate_private_key(rnd(32))
+        self.key_c = crypto.generate_private_key(rnd(32))
+        self.a = Device(self.key_a, seeded(seed + 1), worker_id=0)
+        self.b = Device(self.key_b, seeded(seed + 2), worker_id=1)
+        self.peer_b: Peer = self.a.add_peer(
+            crypto.public_key(self.key_b), allowed_ips=ALLOWED_B, endpoint=ADDR_B
+        )
+        self.peer_c: Peer = self.a.add_peer(crypto.public_key(self.key_c), allowed_ips=ALLOWED_C)
+        self.peer_a: Peer = self.b.add_peer(
+            crypto.public_key(self.key_a), allowed_ips=["0.0.0.0/0", "::/0"], endpoint=ADDR_A
+        )
+        self.now = now
+        self.wall = 1_700_000_000.0
+        self._handshake()
+
+    def _handshake(self) -> None:
+        """B initiates, A responds, B's first transport packet confirms A's `next`."""
+        assert self.peer_a.send_initiation(self.now, self.wall)
+        for _ in range(4):
+            for frm, to, src in ((self.b, self.a, ADDR_B), (self.a, self.b, ADDR_A)):
+                out = frm.outbox[:]
+                frm.outbox.clear()
+                for _peer, data in out:
+                    if data[0] == MessageType.TRANSPORT:
+                        continue  # keepalives: A confirms on the first real batch
+                    srcb = bytes(4) + src[1].to_bytes(2, "big")
+                    res = to.receive_handshake(data, src, srcb, self.now, self.wall)
+                    assert res is None, res
+        assert self.peer_a.current is not None and self.peer_b.next is not None
+        self.a.events.clear()
+        self.b.events.clear()
+
+    def seal(self, packet: bytes) -> bytes:
+        """B seals an IP packet (or b'' for a keepalive) for A."""
+        kp = self.peer_a.current
+        assert kp is not None
+        buf = bytearray(len(packet) + 64)
+        buf[: len(packet)] = packet
+        out = bytearray(MAX_DATAGRAM)
+        from shardwg.proto.keypair import seal_into
+
+        n = seal_into(kp, memoryview(buf), len(packet), 1420, memoryview(out))
+        assert n > 0
+        return bytes(out[:n])
