@@ -239,10 +239,12 @@ def test_snapshot_round_trip() -> None:
 
 
 def test_snapshot_layout_is_bit_per_slot() -> None:
-    snap = _fresh_with(3, 8000, 8194)  # 8194 wraps to slot 2 and clears slots 8001..1
+    # 8194 wraps to slot 2; as in wireguard-go, moving on clears whole 64-counter blocks
+    # after the old highest's (125): blocks 126, 127 and 0, which held counter 3
+    snap = _fresh_with(3, 70, 8000, 8194)
     assert int.from_bytes(snap[:8], "little") == 8194
     bits = int.from_bytes(snap[8:], "little")
-    assert bits == (1 << 3) | (1 << 8000) | (1 << 2)
+    assert bits == (1 << 70) | (1 << 8000) | (1 << 2)
 
 
 def test_restore_rejects_bad_input() -> None:

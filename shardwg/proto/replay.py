@@ -1,123 +1,125 @@
-"""Sliding-window replay filter for transport counters (RFC 6479 semantics).
+"""Sliding-window replay filter for transport counters (wireguard-go's `replay.Filter`).
 
-Accepts exactly what wireguard-go's `replay.Filter` accepts: a counter is fresh
-if it is below REJECT_AFTER_MESSAGES, not seen before, and at most REPLAY_WINDOW
-(8128) behind the highest counter seen; counter 0 is valid on a new window.
+A counter is fresh if it is below REJECT_AFTER_MESSAGES, not seen before, and at most
+REPLAY_WINDOW (8128) behind the highest counter seen; counter 0 is valid on a new window.
 
-Design (measured, see tests/test_replay.py and the commit message): wireguard-go
-keeps a ring of 64-bit words, but in CPython the bit twiddling and the big-int
-words cost more than they save. Here the ring is a `bytearray` with one byte per
-counter slot (8192 slots, indexed by `counter & 8191`): the in-order path is one
-compare and one byte store, and a forward jump clears the skipped slots with a
-single slice assignment (a memset). The ring holds only counters in
-(highest - 8192, highest], so any counter inside the window owns its slot.
-Snapshots pack the ring into bits (1032 bytes) for shared memory.
+The state is 1032 bytes in a caller's buffer (so the native batch kernel and its Python
+reference work on the very same bytes, and a replacement worker can restore it):
+  u64 little-endian highest counter, then a ring of 128 little-endian u64 blocks, bit
+  (counter & 63) of block ((counter >> 6) & 127) marking the counter as seen.
+Seen as one 8192-bit little-endian number, bit i is ring slot i = counter & 8191.
+Moving forward clears whole blocks, as wireguard-go does: every block after the old
+highest's, up to and including the new highest's. The module functions `check` and
+`accept` are the per-packet path over (buffer, offset); `ReplayWindow` wraps one window.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import struct
+from typing import Any, ClassVar
 
 from shardwg.proto.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW
 
-__all__ = ["ReplayWindow"]
+__all__ = ["ReplayWindow", "WINDOW_SIZE", "accept", "check"]
 
-_RING = 8192  # slots; must be a power of two and > REPLAY_WINDOW
-_MASK = _RING - 1
-_ZERO_RING = bytes(_RING)
-_ZERO_VIEW = memoryview(_ZERO_RING)  # slicing a view copies nothing
+_BLOCKS = 128
+_RING_BYTES = _BLOCKS * 8
+WINDOW_SIZE = 8 + _RING_BYTES
 _LIMIT = REJECT_AFTER_MESSAGES
 _WINDOW = REPLAY_WINDOW
-_TO_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
-_FROM_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
-_RING_BYTES = _RING // 8
+_U64 = struct.Struct("<Q")
+_ZERO = bytes(_RING_BYTES)
 
-assert _RING > _WINDOW and _RING & _MASK == 0
+assert _WINDOW == (_BLOCKS - 1) * 64
+
+
+def check(buf: Any, off: int, counter: int) -> bool:
+    """Would `accept` take this counter? Marks nothing: the pre-check before decrypting."""
+    last = _U64.unpack_from(buf, off)[0]
+    if counter > last:
+        return counter < _LIMIT
+    if last - counter > _WINDOW or counter < 0:
+        return False
+    return not (buf[off + 8 + ((counter >> 3) & 1023)] >> (counter & 7)) & 1
+
+
+def accept(buf: Any, off: int, counter: int) -> bool:
+    """Check and mark `counter`; True if fresh. Call only after the packet authenticated."""
+    if counter >= _LIMIT or counter < 0:
+        return False
+    last = _U64.unpack_from(buf, off)[0]
+    ring = off + 8
+    if counter > last:
+        current = last >> 6
+        diff = (counter >> 6) - current
+        if diff:
+            if diff > _BLOCKS:
+                diff = _BLOCKS
+            start = (current + 1) & (_BLOCKS - 1)
+            end = start + diff
+            if end <= _BLOCKS:
+                buf[ring + start * 8 : ring + end * 8] = _ZERO[: diff * 8]
+            else:
+                buf[ring + start * 8 : ring + _RING_BYTES] = _ZERO[: (_BLOCKS - start) * 8]
+                buf[ring : ring + (end - _BLOCKS) * 8] = _ZERO[: (end - _BLOCKS) * 8]
+        _U64.pack_into(buf, off, counter)
+    elif last - counter > _WINDOW:
+        return False
+    i = ring + ((counter >> 3) & 1023)
+    bit = 1 << (counter & 7)
+    old = buf[i]
+    if old & bit:
+        return False
+    buf[i] = old | bit
+    return True
 
 
 class ReplayWindow:
-    """Per-keypair receive-counter filter. Not thread-safe (one owner per keypair)."""
+    """One keypair's filter over `buf[off:off + WINDOW_SIZE]` (its own buffer by default).
+    Not thread-safe (one owner per keypair)."""
 
-    __slots__ = ("_last", "_ring")
+    __slots__ = ("buf", "off")
 
-    SNAPSHOT_SIZE: ClassVar[int] = 8 + _RING_BYTES
-    """u64 little-endian highest counter, then one bit per ring slot (bit i = slot i)."""
+    SNAPSHOT_SIZE: ClassVar[int] = WINDOW_SIZE
+    """The state itself: u64 highest counter, then one bit per ring slot (bit i = slot i)."""
 
-    def __init__(self) -> None:
-        self._last = 0
-        self._ring = bytearray(_RING)
+    def __init__(self, buf: Any = None, off: int = 0) -> None:
+        self.buf = bytearray(WINDOW_SIZE) if buf is None else buf
+        self.off = off
 
     def accept(self, counter: int) -> bool:
-        """Check and mark `counter`; True if fresh. Call only after the packet authenticated."""
-        last = self._last
-        if counter > last:
-            if counter >= _LIMIT:
-                return False
-            gap = counter - last
-            ring = self._ring
-            if gap > 1:
-                # Forget the slots the window skips over, as wireguard-go zeroes whole words.
-                if gap >= _RING:
-                    ring[:] = _ZERO_RING
-                else:
-                    start = (last + 1) & _MASK
-                    end = counter & _MASK
-                    if start < end:
-                        ring[start:end] = _ZERO_VIEW[: end - start]
-                    else:
-                        ring[start:] = _ZERO_VIEW[start:]
-                        ring[:end] = _ZERO_VIEW[:end]
-            ring[counter & _MASK] = 1
-            self._last = counter
-            return True
-        if last - counter > _WINDOW or counter < 0:
-            return False
-        ring = self._ring
-        slot = counter & _MASK
-        if ring[slot]:
-            return False
-        ring[slot] = 1
-        return True
+        return accept(self.buf, self.off, counter)
 
     def check(self, counter: int) -> bool:
-        """Would `accept` take this counter? Marks nothing; a cheap pre-check before decrypting."""
-        last = self._last
-        if counter > last:
-            return counter < _LIMIT
-        if last - counter > _WINDOW or counter < 0:
-            return False
-        return not self._ring[counter & _MASK]
+        return check(self.buf, self.off, counter)
 
     def reset(self) -> None:
         """Back to a fresh window (highest 0, nothing seen)."""
-        self._last = 0
-        self._ring[:] = _ZERO_RING
+        self.buf[self.off : self.off + WINDOW_SIZE] = bytes(WINDOW_SIZE)
+
+    def move_to(self, buf: Any, off: int) -> None:
+        """Carry the state over into buf[off:] and live there from now on."""
+        buf[off : off + WINDOW_SIZE] = self.snapshot()
+        self.buf, self.off = buf, off
 
     @property
     def highest(self) -> int:
         """Highest counter accepted so far (0 on a fresh window)."""
-        return self._last
+        return int(_U64.unpack_from(self.buf, self.off)[0])
 
     def snapshot(self) -> bytes:
-        """Full state in SNAPSHOT_SIZE bytes (about 25 us; not for the per-packet path)."""
-        digits = bytes(self._ring).translate(_TO_DIGITS)[::-1]
-        bits = int(digits, 2).to_bytes(_RING_BYTES, "little")
-        return self._last.to_bytes(8, "little") + bits
+        """A copy of the full state (SNAPSHOT_SIZE bytes)."""
+        return bytes(self.buf[self.off : self.off + WINDOW_SIZE])
 
     @classmethod
     def restore(cls, data: bytes | bytearray | memoryview) -> ReplayWindow:
-        """Rebuild a window from `snapshot()` output; ValueError on a wrong size."""
+        """A window with `snapshot()` output as its state; ValueError on a bad snapshot."""
         raw = bytes(data)
-        if len(raw) != cls.SNAPSHOT_SIZE:
-            raise ValueError(f"replay snapshot must be {cls.SNAPSHOT_SIZE} bytes, got {len(raw)}")
-        last = int.from_bytes(raw[:8], "little")
-        if last >= _LIMIT:
+        if len(raw) != WINDOW_SIZE:
+            raise ValueError(f"replay snapshot must be {WINDOW_SIZE} bytes, got {len(raw)}")
+        if _U64.unpack_from(raw, 0)[0] >= _LIMIT:
             raise ValueError("replay snapshot counter is beyond REJECT_AFTER_MESSAGES")
-        bits = int.from_bytes(raw[8:], "little")
-        window = cls()
-        window._last = last
-        window._ring[:] = format(bits, f"0{_RING}b")[::-1].encode().translate(_FROM_DIGITS)
-        return window
+        return cls(bytearray(raw))
 
     def __repr__(self) -> str:
-        return f"ReplayWindow(highest={self._last})"
+        return f"ReplayWindow(highest={self.highest})"

@@ -223,15 +223,20 @@ def floor_window(recv_floor: int) -> ReplayWindow:
     """A replay window that rejects every counter < recv_floor and accepts the rest.
 
     replay.py has no floor setter, so this goes through its public snapshot format:
-    highest = recv_floor - 1 with every ring bit set. Counters at most the window
-    behind `highest` hit a set bit, older ones are out of the window, and
-    recv_floor and above are ahead of `highest`, so fresh.
+    highest = recv_floor - 1 with every ring bit set but those of the counters after
+    `highest` in its block. Counters at most the window behind `highest` hit a set
+    bit, older ones are out of the window, and recv_floor and above are fresh.
     """
     if recv_floor <= 0:
         return ReplayWindow()  # a fresh window already accepts 0 and up
     highest = min(recv_floor, REJECT_AFTER_MESSAGES) - 1
     ring_bytes = ReplayWindow.SNAPSHOT_SIZE - 8
-    return ReplayWindow.restore(highest.to_bytes(8, "little") + b"\xff" * ring_bytes)
+    ring = (1 << ring_bytes * 8) - 1
+    # ...except the counters after `highest` in its own 64-counter block: the window only
+    # clears a block when it moves past it, so those bits must start clear.
+    above = highest & 63
+    ring &= ~((((1 << 64) - 1) >> (above + 1) << (above + 1)) << ((highest >> 6) & 127) * 64)
+    return ReplayWindow.restore(highest.to_bytes(8, "little") + ring.to_bytes(ring_bytes, "little"))
 
 
 def restore_keypair(rec: KeypairRecord, send_key: bytes, recv_key: bytes) -> Keypair:
