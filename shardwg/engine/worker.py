@@ -13,11 +13,14 @@ Inbound (UDP -> TUN)
   2. One `recvmmsg` (libc through ctypes, io/mmsg.py) fills up to RECV_SLOTS
      preallocated 64 KiB buffers; with UDP_GRO each may hold many datagrams of one
      sender. Reads go on until BATCH datagrams or an empty socket.
-  3. Each datagram is classified by (type, length) before any peer state.
-  4. Transport: `Device.receive_transport` finds the session by receiver index,
-     checks the replay window, decrypts into a preallocated buffer, checks the
-     inner source against the peer's allowed IPs. The decrypted packets of the whole
-     read go to our TUN queue together, TCP runs of one flow merged (coalesce.py).
+  3. One `open_batch` call per receive call (shardwg/datapath: the native kernel, or
+     its pure-Python reference with SHARDWG_NATIVE=0 or no compiler) classifies each
+     datagram by (type, length), finds the session by receiver index, checks and
+     updates the replay window, decrypts, checks the inner header, source (allowed
+     IPs) and TCP/UDP checksum, and coalesces the batch into TUN super-packets.
+  4. Each session the batch touched is settled once: its receive high-water mark
+     (recv_floor) is raised in shared memory, then key confirmation, roaming and
+     timers; only then are the TUN writes made.
   5. Handshake messages go to a bounded queue, HANDSHAKE_BUDGET per turn, so data
      never starves; its depth drives under-load (cookie) mode as in wireguard-go.
      An initiation from a peer another worker owns (initiations carry no index, so
@@ -58,6 +61,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from shardwg.datapath.select import Impl
 from shardwg.engine import control
 from shardwg.engine.budgets import PUBLISH_INTERVAL, TICK_INTERVAL
 from shardwg.engine.handoffs import HandoffRings
@@ -97,6 +101,7 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         publisher: SessionPublisher | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        datapath: Impl | None = None,
     ) -> None:
         self.device = device
         self.tun_fd = tun_fd
@@ -117,7 +122,7 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         self.parent_pid = os.getppid()
         self.placement: ShardPlacement | None = None  # set by boot (engine/adoption.py)
         self._init_handoffs(mesh, worker_id)
-        self._init_inbound(udp4, udp6)
+        self._init_inbound(udp4, udp6, datapath)
         self._init_outbound()
         self._init_handshakes()
 

@@ -102,6 +102,7 @@ class BatchReceiver:
         self._iovs = (_Iovec * slots)()
         self._msgs = (ctypes.c_char * (slots * _MSGHDR.size))()
         data = memoryview(self._data).cast("B")
+        self.data = data  # message i is data[i * size:][:lengths[i]]
         self.views = [data[i * size : (i + 1) * size] for i in range(slots)]
         self._names_view = memoryview(self._names).cast("B")
         self._ctrl_view = memoryview(self._ctrl).cast("B")

@@ -110,6 +110,7 @@ class DropReason(IntEnum):
     INTERNAL_ERROR = 24
     HANDSHAKE_QUEUE_FULL = 25  # handshake backlog at its bound: dropped before any work
     NOT_PUBLISHED = 26  # the record covering its counter or timestamp could not be written
+    BAD_INNER_CHECKSUM = 27  # a decrypted TCP/UDP packet whose checksum does not verify
 
 
 DROP_REASON_COUNT = len(DropReason)

@@ -15,12 +15,14 @@ from shardwg.proto.keypair import Keypair
 
 
 class IndexTable:
-    __slots__ = ("allocator", "sessions", "pending")
+    __slots__ = ("allocator", "sessions", "pending", "generation")
 
     def __init__(self, allocator: IndexAllocator) -> None:
         self.allocator = allocator
         self.sessions: dict[int, Keypair] = {}
         self.pending: dict[int, Any] = {}
+        # Bumped whenever `sessions` changes: the batch data path re-reads it only then.
+        self.generation = 0
 
     def new_pending(self, peer: Any) -> int:
         """Allocate an index for a handshake we are starting or answering."""
@@ -32,11 +34,13 @@ class IndexTable:
         """The handshake under `keypair.local_index` produced a session."""
         self.pending.pop(keypair.local_index, None)
         self.sessions[keypair.local_index] = keypair
+        self.generation += 1
 
     def restore(self, keypair: Keypair) -> None:
         """Re-register a session rebuilt from shared memory (worker restart)."""
         self.allocator.reserve(keypair.local_index)
         self.sessions[keypair.local_index] = keypair
+        self.generation += 1
 
     def detach(self, index: int) -> None:
         """A session given to another worker (placement move): it leaves the table the
@@ -46,6 +50,7 @@ class IndexTable:
         self.allocator.reserve(index)
 
     def release(self, index: int) -> None:
-        self.sessions.pop(index, None)
+        if self.sessions.pop(index, None) is not None:
+            self.generation += 1
         self.pending.pop(index, None)
         self.allocator.release(index)
