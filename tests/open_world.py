@@ -77,3 +77,25 @@ class World:
         n = seal_into(kp, memoryview(buf), len(packet), 1420, memoryview(out))
         assert n > 0
         return bytes(out[:n])
+
+    def rekey(self) -> None:
+        """A confirms its session, then B starts a second handshake: A holds two sessions
+        for B (current and next), B sends on the new one and still has the old one."""
+        kp = self.peer_b.next
+        assert kp is not None
+        self.peer_b.confirm(kp, self.now, self.wall)
+        self.now += 6.0
+        self.wall += 6.0
+        self._handshake()
+        assert self.peer_b.current is not None and self.peer_b.next is not None
+        assert self.peer_a.previous is not None
+
+
+def seal_with(kp: object, counter: int, packet: bytes, pad: int = 16) -> bytes:
+    """A transport datagram sealed with an explicit counter (replays, jumps, far behind)."""
+    import struct
+
+    padded = packet + bytes(-len(packet) % pad) if packet else b""
+    nonce = bytes(4) + counter.to_bytes(8, "little")
+    body = crypto.AEAD(kp.send_key).encrypt(nonce, padded, None)  # type: ignore[attr-defined]
+    return struct.pack("<IIQ", 4, kp.remote_index, counter) + body  # type: ignore[attr-defined]
