@@ -3,6 +3,7 @@ off with SHARDWG_NATIVE=0, else the pure-Python reference. Decided once per proc
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,10 +30,9 @@ def _python(why: str) -> Impl:
 
 def native_module() -> ModuleType | None:
     try:
-        from shardwg.datapath import _native  # type: ignore[attr-defined]
+        return importlib.import_module("shardwg.datapath._native")
     except ImportError:
         return None
-    return _native  # type: ignore[no-any-return]
 
 
 def choose(env: str | None = None) -> Impl:
