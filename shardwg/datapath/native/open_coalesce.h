@@ -25,22 +25,24 @@ static inline uint32_t be32(const uint8_t *p) {
 }
 static inline void put_be16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
 
-/* Ones' complement arithmetic mod 0xFFFF. Summing little-endian 64-bit loads with the
- * end-around carry keeps the sum congruent (2**16 == 1), and a little-endian word sum is
- * 256 times the big-endian one mod 0xFFFF, so one multiply turns it around. */
+/* Ones' complement arithmetic mod 0xFFFF. Little-endian 32-bit loads summed into 64-bit
+ * accumulators cannot overflow for any packet, and each load is congruent to the sum of its
+ * two little-endian 16-bit words (2**16 == 1 mod 0xFFFF); a little-endian word sum is 256
+ * times the big-endian one mod 0xFFFF (256 * 256 == 1), so one multiply turns it around. */
 static uint64_t sum_be(const uint8_t *p, size_t n) {
-    uint64_t s = 0, w;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    uint32_t w[4];
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        memcpy(&w, p + i, 8);
-        s += w;
-        s += (s < w);
+    for (; i + 16 <= n; i += 16) {
+        memcpy(w, p + i, 16);
+        a += w[0], b += w[1], c += w[2], d += w[3];
     }
-    uint64_t tail = 0;
-    for (size_t k = 0; i + k < n; k++) tail |= (uint64_t)p[i + k] << (8 * k);
-    s += tail;
-    s += (s < tail);
-    return (s % 0xFFFF) * 256 % 0xFFFF;
+    for (; i + 4 <= n; i += 4) {
+        memcpy(w, p + i, 4);
+        a += w[0];
+    }
+    for (size_t k = 0; i + k < n; k++) b += (uint64_t)p[i + k] << (8 * k);
+    return (a % 0xFFFF + b % 0xFFFF + c % 0xFFFF + d % 0xFFFF) * 256 % 0xFFFF;
 }
 
 typedef struct {

@@ -1,0 +1,130 @@
+"""Syscall-free microbenchmark of the inbound kernel: packets/s of `open_batch`, one core.
+
+Batches of 64 transport datagrams (one per receive, as a sender without GSO produces them)
+carrying 1420-byte TCP segments of one flow, opened end to end: index lookup, replay,
+ChaCha20-Poly1305, inner checks, checksum, coalescing into TUN writes (not written).
+The datagrams are sealed before the clock starts; each repetition restores the session
+state so the same counters are fresh again.
+
+    python -m lab.microbench_open [--batches 200] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import struct
+import time
+from typing import Any
+
+from shardwg.datapath import select
+from shardwg.datapath.openstate import OpenState, batch_arrays
+from shardwg.proto import crypto
+from shardwg.proto.device import Device
+
+PACKET = 1420
+BATCH = 64
+STRIDE = 2048
+
+
+def _ipv4_tcp(seq: int, payload: bytes) -> bytes:
+    """10.200.0.1:40000 -> 10.201.0.9:5201, ACK, valid checksums."""
+    src, dst = bytes([10, 200, 0, 1]), bytes([10, 201, 0, 9])
+    th = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 1000, 5 << 4, 0x10, 512, 0, 0)
+    total = 20 + len(th) + len(payload)
+
+    def csum(data: bytes) -> int:
+        s = sum(struct.unpack(f"!{len(data) // 2}H", data + b"\0" * (len(data) & 1)))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        return ~s & 0xFFFF
+
+    c = csum(src + dst + struct.pack("!BBH", 0, 6, len(th) + len(payload)) + th + payload)
+    th = th[:16] + struct.pack("!H", c) + th[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return ip + th + payload
+
+
+class Bench:
+    """One device with one session, and pre-sealed batches for it."""
+
+    def __init__(self, impl: select.Impl, batches: int) -> None:
+        self.impl = impl
+        key = crypto.generate_private_key(bytes(range(32)))
+        peer_key = crypto.public_key(crypto.generate_private_key(bytes(range(1, 33))))
+        self.device = Device(key, lambda n: bytes(n), worker_id=0)
+        peer = self.device.add_peer(peer_key, allowed_ips=["10.200.0.0/16"])
+        from shardwg.proto.keypair import Keypair
+
+        send_key, recv_key = bytes(range(32)), bytes(range(32, 64))
+        kp = Keypair(send_key, recv_key, 0x1234_5600, 0xABCD, False, time.monotonic())
+        kp.owner = peer
+        peer.current = kp
+        self.device.table.restore(kp)
+        self.state = OpenState(impl.new_keys())
+        self.state.sync(self.device)
+        self.initial = bytes(self.state.sessions)
+        aead = crypto.AEAD(recv_key)
+        payload = bytes(i & 0xFF for i in range(PACKET - 40))
+        self.data: list[bytearray] = []
+        counter = 0
+        for _ in range(batches):
+            buf = bytearray(STRIDE * BATCH)
+            for i in range(BATCH):
+                pkt = _ipv4_tcp(1 + counter * len(payload), payload)
+                pkt += bytes(-len(pkt) % 16)
+                nonce = bytes(4) + counter.to_bytes(8, "little")
+                dg = struct.pack("<IIQ", 4, kp.local_index, counter) + aead.encrypt(
+                    nonce, pkt, None
+                )
+                buf[i * STRIDE : i * STRIDE + len(dg)] = dg
+                counter += 1
+            self.data.append(buf)
+        self.dg_len = len(dg)
+        self.arrays = batch_arrays(STRIDE * BATCH)
+
+    def run_once(self) -> float:
+        """Packets/s over every pre-sealed batch, from a restored state."""
+        st, a = self.state, self.arrays
+        st.sessions[:] = self.initial
+        lengths, segs = [self.dg_len] * BATCH, [self.dg_len] * BATCH
+        fn, now = self.impl.open_batch, time.monotonic()
+        t0 = time.perf_counter()
+        for buf in self.data:
+            fn(st.keys, st.sessions, st.index, st.allowed, buf, STRIDE, lengths, segs, BATCH,
+               a["dec"], a["out"], a["spans"], a["touched"], a["handshakes"], a["counters"],
+               now, False)  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        drops = memoryview(a["counters"]).cast("Q")
+        assert sum(drops[4:]) == 0, "the benchmark's packets must all be accepted"
+        return len(self.data) * BATCH / elapsed
+
+
+def open_packets_per_second(impl: str, batches: int = 200, reps: int = 5) -> dict[str, Any]:
+    """Median packets/s of open for impl 'native' or 'python' (and every repetition)."""
+    chosen = select.choose("1") if impl == "native" else select.python_impl()
+    bench = Bench(chosen, batches)
+    samples = [bench.run_once() for _ in range(reps)]
+    return {"impl": select.describe(chosen), "packets_per_second": statistics.median(samples),
+            "samples": samples, "packet_bytes": PACKET, "batch": BATCH}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    results = {}
+    for impl in ("native", "python", "native", "python"):  # alternating
+        r = open_packets_per_second(impl, args.batches, args.reps)
+        results.setdefault(impl, []).extend(r["samples"])
+        print(f"{impl:7s} {r['packets_per_second']:>12,.0f} packets/s  ({r['impl']})")
+    nat = statistics.median(results["native"])
+    py = statistics.median(results["python"])
+    print(f"open, {PACKET}-byte packets, batches of {BATCH}: native {nat:,.0f}/s, "
+          f"python {py:,.0f}/s, ratio {nat / py:.1f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
