@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    results = {}
+    results: dict[str, list[float]] = {}
     for impl in ("native", "python", "native", "python"):  # alternating
         r = open_packets_per_second(impl, args.batches, args.reps)
         results.setdefault(impl, []).extend(r["samples"])
