@@ -34,6 +34,7 @@ from typing import Any
 from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
 from shardwg.datapath import kernel
+from shardwg.datapath import select as datapath_select
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
@@ -179,8 +180,14 @@ class Supervisor:
         self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
         self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
         self.live.placer = self.placer
+        try:
+            impl = datapath_select.current()  # chosen once, before the workers fork
+        except ImportError as exc:  # SHARDWG_NATIVE=1 without the extension
+            self._teardown()
+            raise SupervisorError(str(exc)) from exc
         offload = self.wants_tun_offload()
-        log.info("data path: %s; TUN offloads %s (--tun-offload %s)", kernel.NAME,
+        log.info("data path: %s; TUN offloads %s (--tun-offload %s)",
+                 datapath_select.describe(impl),
                  "wanted" if offload else "off", self.tun_offload)  # fmt: skip
         self.gateway = Gateway(self.config, self.ifname, n, tun_offload=offload)
         self.hooks = Hooks(self.ifname, self.config.interface, self.run_hooks, self.set_dns)
@@ -211,6 +218,7 @@ class Supervisor:
             listen_port=self.gateway.port,
             started_wall=time.time(),
             peer_slots=max(1, len(self.slot_of)),
+            datapath=datapath_select.describe(impl),
         )
         self._write_global()
         self.eventfds = HandoffMesh.make_eventfds(n)

@@ -62,6 +62,7 @@ def render(st: GatewayStatus) -> str:
         f"  listening port: {st.listen_port}",
         f"  workers: {st.workers} (supervisor pid {st.supervisor_pid}, up {st.uptime:.0f} s)"
         + ("  UNDER LOAD (cookies required)" if st.under_load else ""),
+        f"  data path: {st.datapath or 'unknown'}",
     ]
     if not st.running:
         lines.insert(1, "  NOT RUNNING: the supervisor is gone; this is a stale region "

@@ -97,6 +97,7 @@ class GatewayStatus(msgspec.Struct):
     worker_stats: list[WorkerStatus]
     drops_total: dict[str, int]
     placement: PlacementStatus | None = None
+    datapath: str = ""  # "native (OpenSSL ...)" or "python (why)"
 
 
 class ShmReader:
@@ -248,6 +249,7 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
         worker_stats=workers,
         drops_total=totals,
         placement=placement_status(table),
+        datapath=g.datapath if g else "",
     )
 
 

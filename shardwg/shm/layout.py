@@ -49,7 +49,7 @@ RING_SLOT_SIZE = 2048  # the smallest ring slot: a 1420-byte MTU packet, an init
 RING_MIN_SLOTS = 64  # a worker reads up to 64 packets per turn (engine/budgets.py BATCH)
 
 _GLOBAL_MAGIC = b"SWGS"
-_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x")
+_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x64s")
 GLOBAL_SIZE = _GLOBAL.size
 
 
@@ -71,6 +71,7 @@ class GlobalState:
     listen_port: int = 0
     started_wall: float = 0.0
     peer_slots: int = 0  # slots [0, peer_slots) may be in use: readers stop there (0: unknown)
+    datapath: str = ""  # which data path the workers run, e.g. "native (OpenSSL 3.0.19 ...)"
 
 
 def encode_global(state: GlobalState) -> bytes:
@@ -91,6 +92,7 @@ def encode_global(state: GlobalState) -> bytes:
             state.listen_port,
             state.started_wall,
             state.peer_slots,
+            state.datapath.encode()[:64],
         )
     except struct.error as exc:
         raise ValueError(f"global state field out of range: {exc}") from exc
@@ -115,6 +117,7 @@ def decode_global(data: bytes | bytearray | memoryview) -> GlobalState | None:
         listen_port=v[8],
         started_wall=v[9],
         peer_slots=v[10],
+        datapath=v[11].rstrip(b"\0").decode(errors="replace"),
     )
 
 
