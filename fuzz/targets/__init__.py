@@ -19,7 +19,8 @@ replays on its own.
 Modules: world.py (worlds, fingerprints, shared checks, `mutate`), handshakes.py
 (`datagram`, `mutated_handshake`), transports.py (`transport`), cookies.py (`cookie`),
 local.py (`config`, `uapi`), seal.py (`seal`: the native seal kernel against its reference),
-corpus.py (the seed corpus). The UAPI is imported
+open_batch.py (`open_batch`: the native open kernel against its reference), corpus.py (the
+seed corpus). The UAPI is imported
 unconditionally: if it cannot be imported, neither can the targets (no silent skip).
 """
 
@@ -31,6 +32,7 @@ from fuzz.targets.cookies import cookie
 from fuzz.targets.corpus import CORPUS_DIR, load_corpus, make_corpus
 from fuzz.targets.handshakes import datagram, mutated_handshake
 from fuzz.targets.local import config, uapi
+from fuzz.targets.open_batch import open_batch
 from fuzz.targets.seal import seal
 from fuzz.targets.transports import transport
 from fuzz.targets.world import FuzzFailure, mutate, reset_worlds
@@ -43,6 +45,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "uapi": uapi,
     "cookie": cookie,
     "seal": seal,
+    "open_batch": open_batch,  # the inbound batch kernel, native against reference
 }
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "make_corpus",
     "mutate",
     "mutated_handshake",
+    "open_batch",
     "reset_worlds",
     "seal",
     "transport",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from fuzz.targets import open_batch
 from fuzz.targets.handshakes import datagram_world
 from fuzz.targets.seal import seeds as seal_seeds
 from fuzz.targets.world import ADDR_A, MAX_UDP_PAYLOAD, World, reset_worlds, set_load
@@ -128,6 +129,7 @@ def _corpus_entries() -> dict[str, dict[str, bytes]]:
         "uapi": ua,
         "cookie": co,
         "seal": seal_seeds(),
+        "open_batch": open_batch.corpus_entries(),
     }
 
 
