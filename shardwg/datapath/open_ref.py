@@ -33,7 +33,6 @@ from shardwg.datapath.openstate import (
     HASH_MUL,
     S_CREATED,
     S_REPLAY,
-    S_TOUCH,
     SESSION_SIZE,
     TOUCH_WORDS,
 )
@@ -57,17 +56,7 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _V6ADDR = struct.Struct(">QQ")
 _HANDSHAKE_SIZES = {1: INITIATION_SIZE, 2: RESPONSE_SIZE, 3: COOKIE_REPLY_SIZE}
-_TOO_SHORT = C_DROPS + DropReason.TOO_SHORT
-_BAD_SIZE = C_DROPS + DropReason.BAD_SIZE
-_BAD_TYPE = C_DROPS + DropReason.BAD_TYPE
-_UNKNOWN_INDEX = C_DROPS + DropReason.UNKNOWN_INDEX
-_KEY_EXPIRED = C_DROPS + DropReason.KEY_EXPIRED
-_REPLAYED = C_DROPS + DropReason.REPLAYED
-_DECRYPT = C_DROPS + DropReason.DECRYPT_FAILED
-_BAD_INNER = C_DROPS + DropReason.BAD_INNER_PACKET
-_NOT_ALLOWED = C_DROPS + DropReason.SOURCE_NOT_ALLOWED
-_BAD_CSUM = C_DROPS + DropReason.BAD_INNER_CHECKSUM
-_INTERNAL = C_DROPS + DropReason.INTERNAL_ERROR
+_NONCE_PAD = bytes(4)
 _COALESCERS = {False: Coalescer(udp=False, verify=False), True: Coalescer(udp=True, verify=False)}
 
 
@@ -170,14 +159,18 @@ def open_batch(
     if count > len(lengths) or count > len(segs) or len(out) < len(dec):
         raise ValueError("open_batch: batch arrays too short")
     cnt = memoryview(counters).cast("Q")
-    rows = memoryview(touched).cast("Q")
     hs = memoryview(handshakes).cast("I")
+    datav = memoryview(data)
     decv = memoryview(dec)
     ranges = _Allowed(allowed)
     aeads = keys.aeads
-    nonce = bytearray(12)
     max_slot = len(sessions) // SESSION_SIZE
-    ntouched = nhs = 0
+    max_rows = len(touched) // (8 * TOUCH_WORDS)
+    drops = [0] * (len(cnt) - C_DROPS)
+    rx_packets = rx_bytes = transport = nhs = 0
+    rows: list[list[int]] = []  # touched rows: slot, message, bytes, data, accepted
+    row_of: dict[int, list[int]] = {}  # slot -> its row (the buffer's touch field, mirrored)
+    sessions_of: dict[int, tuple[int, Any, int, bool]] = {}  # receiver -> slot, aead, pid, age ok
     pos = 0  # next free byte in dec
     views: list[memoryview] = []
     sizes: list[int] = []
@@ -189,8 +182,8 @@ def open_batch(
         if base + n > len(data):
             raise ValueError("open_batch: message beyond the data buffer")
         if n == 0:
-            cnt[C_RX_PACKETS] += 1
-            cnt[_TOO_SHORT] += 1
+            rx_packets += 1
+            drops[DropReason.TOO_SHORT] += 1
             continue
         seg = segs[m]
         if seg <= 0 or seg > n:
@@ -200,107 +193,120 @@ def open_batch(
             size = seg if off + seg <= n else n - off
             at = base + off
             off += size
-            cnt[C_RX_PACKETS] += 1
-            cnt[C_RX_BYTES] += size
+            rx_packets += 1
+            rx_bytes += size
             if size < 4:
-                cnt[_TOO_SHORT] += 1
+                drops[DropReason.TOO_SHORT] += 1
                 continue
             mtype = _U32.unpack_from(data, at)[0]
             if mtype != 4:
                 want = _HANDSHAKE_SIZES.get(mtype)
                 if want is None:
-                    cnt[_BAD_TYPE] += 1
+                    drops[DropReason.BAD_TYPE] += 1
                 elif size != want:
-                    cnt[_BAD_SIZE] += 1
+                    drops[DropReason.BAD_SIZE] += 1
                 elif (nhs + 1) * 3 > len(hs):
-                    cnt[_INTERNAL] += 1
+                    drops[DropReason.INTERNAL_ERROR] += 1
                 else:
                     hs[nhs * 3], hs[nhs * 3 + 1], hs[nhs * 3 + 2] = m, at - base, size
                     nhs += 1
                 continue
             if size < 32:
-                cnt[_BAD_SIZE] += 1
+                drops[DropReason.BAD_SIZE] += 1
                 continue
-            cnt[C_TRANSPORT] += 1
+            transport += 1
             _, receiver, counter = _HEADER.unpack_from(data, at)
-            slot = _lookup(index, receiver)
+            known = sessions_of.get(receiver)
+            if known is None:  # look the session up once per batch
+                slot = _lookup(index, receiver)
+                so = slot * SESSION_SIZE
+                aead = aeads[slot] if 0 <= slot < len(aeads) else None
+                fresh = (
+                    slot >= 0
+                    and slot < max_slot
+                    and (now - _F64.unpack_from(sessions, so + S_CREATED)[0] < REJECT_AFTER_TIME)
+                )
+                pid = _U32.unpack_from(sessions, so + 4)[0] if 0 <= slot < max_slot else 0
+                known = sessions_of[receiver] = (slot, aead, pid, fresh)
+            slot, aead, pid_own, fresh = known
             if slot < 0:
-                cnt[_UNKNOWN_INDEX] += 1
+                drops[DropReason.UNKNOWN_INDEX] += 1
                 continue
-            so = slot * SESSION_SIZE
-            aead = aeads[slot] if slot < len(aeads) else None
             if slot >= max_slot or aead is None:
-                cnt[_INTERNAL] += 1
+                drops[DropReason.INTERNAL_ERROR] += 1
                 continue
-            if now - _F64.unpack_from(sessions, so + S_CREATED)[0] >= REJECT_AFTER_TIME:
-                cnt[_KEY_EXPIRED] += 1
+            if not fresh:
+                drops[DropReason.KEY_EXPIRED] += 1
                 continue
-            if not replay.check(sessions, so + S_REPLAY, counter):
-                cnt[_REPLAYED] += 1
+            window = slot * SESSION_SIZE + S_REPLAY
+            if not replay.check(sessions, window, counter):
+                drops[DropReason.REPLAYED] += 1
                 continue
             plen = size - 32
             start = pos + VNET_HDR_LEN
             if start + plen > len(dec):
-                cnt[_INTERNAL] += 1
+                drops[DropReason.INTERNAL_ERROR] += 1
                 continue
-            nonce[4:12] = data[at + 8 : at + 16]
+            nonce = _NONCE_PAD + datav[at + 8 : at + 16].tobytes()
             try:
-                aead.decrypt_into(bytes(nonce), data[at + 16 : at + size], None,
-                                  decv[start : start + plen])  # fmt: skip
+                aead.decrypt_into(
+                    nonce, datav[at + 16 : at + size], None, decv[start : start + plen]
+                )
             except InvalidTag:
-                cnt[_DECRYPT] += 1
+                drops[DropReason.DECRYPT_FAILED] += 1
                 continue
-            if not replay.accept(sessions, so + S_REPLAY, counter):
-                cnt[_REPLAYED] += 1
+            if not replay.accept(sessions, window, counter):
+                drops[DropReason.REPLAYED] += 1
                 continue
-            row = _U32.unpack_from(sessions, so + S_TOUCH)[0] - 1
-            if row < 0:
-                if (ntouched + 1) * TOUCH_WORDS > len(rows):
-                    cnt[_INTERNAL] += 1
+            row = row_of.get(slot)
+            if row is None:
+                if len(rows) >= max_rows:
+                    drops[DropReason.INTERNAL_ERROR] += 1
                     continue
-                row = ntouched
-                ntouched += 1
-                _U32.pack_into(sessions, so + S_TOUCH, row + 1)
-                r = row * TOUCH_WORDS
-                rows[r : r + TOUCH_WORDS] = memoryview(bytes(8 * TOUCH_WORDS)).cast("Q")
-                rows[r] = slot
-            r = row * TOUCH_WORDS
-            rows[r + 1] = m
+                row = row_of[slot] = [slot, m, 0, 0, 0]
+                rows.append(row)
+            row[1] = m
             if plen == 0:  # keepalive
-                rows[r + 2] += size
-                rows[r + 4] += 1
+                row[2] += size
+                row[4] += 1
                 continue
             p = decv[start : start + plen]
             version = p[0] >> 4
             if version == 4:
                 total = _BE16.unpack_from(p, 2)[0] if plen >= 20 else 0
                 if total < 20 or total > plen:
-                    cnt[_BAD_INNER] += 1
+                    drops[DropReason.BAD_INNER_PACKET] += 1
                     continue
                 pid = ranges.v4(_BE32.unpack_from(p, 12)[0])
             elif version == 6:
                 total = 40 + _BE16.unpack_from(p, 4)[0] if plen >= 40 else plen + 1
                 if total > plen:
-                    cnt[_BAD_INNER] += 1
+                    drops[DropReason.BAD_INNER_PACKET] += 1
                     continue
                 pid = ranges.v6(*_V6ADDR.unpack_from(p, 8))
             else:
-                cnt[_BAD_INNER] += 1
+                drops[DropReason.BAD_INNER_PACKET] += 1
                 continue
-            if pid == 0 or pid != _U32.unpack_from(sessions, so + 4)[0]:
-                cnt[_NOT_ALLOWED] += 1
+            if pid == 0 or pid != pid_own:
+                drops[DropReason.SOURCE_NOT_ALLOWED] += 1
                 continue
             if not _csum_ok(p, total):
-                cnt[_BAD_CSUM] += 1
+                drops[DropReason.BAD_INNER_CHECKSUM] += 1
                 continue
-            rows[r + 2] += size
-            rows[r + 3] += 1
-            rows[r + 4] += 1
+            row[2] += size
+            row[3] += 1
+            row[4] += 1
             views.append(decv[pos : start + total])
             sizes.append(total)
             pos = (start + plen + 7) & ~7
-    for row in range(ntouched):
-        _U32.pack_into(sessions, rows[row * TOUCH_WORDS] * SESSION_SIZE + S_TOUCH, 0)
+    cnt[C_RX_PACKETS] += rx_packets
+    cnt[C_RX_BYTES] += rx_bytes
+    cnt[C_TRANSPORT] += transport
+    for reason, x in enumerate(drops):
+        if x:
+            cnt[C_DROPS + reason] += x
+    if rows:
+        struct.pack_into(f"<{len(rows) * TOUCH_WORDS}Q", touched, 0, *(x for r in rows for x in r))
     nwrites = 0
     if views:
         coalescer = _COALESCERS[bool(udp)]
@@ -313,4 +319,4 @@ def open_batch(
             nwrites += 1
             at += length
         cnt[C_MERGED] += coalescer.merged - merged
-    return nwrites, ntouched, nhs
+    return nwrites, len(rows), nhs
