@@ -59,7 +59,7 @@ class Bench:
 
         send_key, recv_key = bytes(range(32)), bytes(range(32, 64))
         kp = Keypair(send_key, recv_key, 0x1234_5600, 0xABCD, False, time.monotonic())
-        kp.owner = peer
+        kp.peer = peer
         peer.current = kp
         self.device.table.restore(kp)
         self.state = OpenState(impl.new_keys())
