@@ -99,3 +99,50 @@ def test_good_segments_merge_into_one_write(v6: bool) -> None:
     finally:
         for s in (rx, tun_w, tun_r, tx):
             s.close()
+
+
+@pytest.mark.parametrize("impl", ["native", "python"])
+def test_recv_floor_is_raised_before_the_tun_writes(impl: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Crash safety: once a packet reached the TUN, the shared receive high-water mark
+    already rejects it, so a replacement worker never accepts it twice."""
+    from shardwg.datapath import select
+    from shardwg.engine import inbound
+
+    if impl == "native" and select.native_module() is None:
+        pytest.skip("native extension not built")
+    chosen = select.choose("1") if impl == "native" else select.python_impl()
+    world = World()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    tun_w, tun_r = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    counters = C.WorkerCounters(bytearray(C.BLOCK_SIZE), 0)
+    w = Worker(world.a, tun_w.fileno(), rx, None, counters, datapath=chosen)
+    kp = world.peer_b.next
+    assert kp is not None
+    shm_word = memoryview(bytearray(8)).cast("Q")
+    kp.recv_floor = shm_word
+    seen: list[int] = []
+    real = inbound.tun_io.write_packet
+
+    def spy(fd: int, data: memoryview) -> bool:
+        seen.append(shm_word[0])
+        return real(fd, data)
+
+    monkeypatch.setattr(inbound.tun_io, "write_packet", spy)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(5):
+            tx.sendto(world.seal(tcp_packet(False, 1 + i * 100, payload_of(100, i))),
+                      rx.getsockname())  # fmt: skip
+        time.sleep(0.05)
+        assert w.read_udp(rx, world.now, world.wall) == 5
+        sender = world.peer_a.current
+        assert sender is not None
+        top = sender.send_counter - 1  # the last counter B used
+        assert seen and all(floor == top + 1 for floor in seen)
+        assert kp.replay.highest == top and shm_word[0] == top + 1
+        assert w.datapath.name == impl
+    finally:
+        for s in (rx, tun_w, tun_r, tx):
+            s.close()
