@@ -18,6 +18,7 @@ from test_sharding import ShmView, build_site
 from lab.harness import Harness
 from lab.netns import wait_for
 from lab.ping import ping
+from shardwg.datapath import select
 from shardwg.observe.metrics import parse_addr
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -74,6 +75,8 @@ def test_metrics_and_healthz(netns_factory: Harness) -> None:
         assert set(rx) == {"0", "1"} and sum(rx.values()) > 0
         peers = families["shardwg_peer_last_handshake_seconds"].samples
         assert len(peers) == 2 and all(s.value > 0 for s in peers)
+        (info,) = families["shardwg_datapath_info"].samples
+        assert info.labels["impl"] == select.current().name and info.value == 1
         assert http_get(site, "/healthz")[0] == 200
         assert http_get(site, "/nope")[0] == 404
 

@@ -12,6 +12,7 @@ from test_sharding import build_site
 
 from lab.harness import Harness
 from lab.ping import ping
+from shardwg.datapath import select
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 
@@ -59,6 +60,8 @@ def test_show_counts_packets_per_worker(netns_factory: Harness) -> None:
             capture_output=True, text=True, check=True, timeout=30,
         ).stdout  # fmt: skip
         assert "workers:" in human and kp[1] in human
+        want = select.describe()  # the gateway inherits this process's environment
+        assert after["datapath"] == want and f"data path: {want}" in human
         print("\n" + human)
     finally:
         assert site.gw.stop() == 0
