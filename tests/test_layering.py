@@ -9,14 +9,17 @@ sibling packages on one floor do not import each other):
                            diff of its SetRequest, so it sits below config (the brief's sketch
                            had it beside observe)
   2  config, shm           configuration files and diffs; shared memory
-  3  io, datapath          sockets, TUN, netlink, steering; the batch data path
-  4  observe               status, show, metrics (read shared memory and config)
-  5  engine                supervisor, workers, boot, live configuration
-  6  cli                   the command line
-  7  container             the container entry point: it turns the environment into a
+  3  io                    sockets, TUN, netlink, steering, offloads (vnet, coalesce)
+  4  datapath              the batch data path (its Python reference builds on io's vnet
+                           and coalesce)
+  5  observe               status, show, metrics (read shared memory and config; `check`
+                           reports whether the native kernel is built)
+  6  engine                supervisor, workers, boot, live configuration
+  7  cli                   the command line
+  8  container             the container entry point: it turns the environment into a
                            configuration, then runs the command line's `run` (the brief's
                            sketch had it below cli; the code builds on the cli's parser)
-  8  __main__              `python -m shardwg`
+  9  __main__              `python -m shardwg`
 
 The graph holds every import statement, function-local and TYPE_CHECKING ones included: a
 circle through a deferred import is still a circle the reader has to untangle.
@@ -43,12 +46,12 @@ FLOORS = {
     "shardwg.config": 2,
     "shardwg.shm": 2,
     "shardwg.io": 3,
-    "shardwg.datapath": 3,
-    "shardwg.observe": 4,
-    "shardwg.engine": 5,
-    "shardwg.cli": 6,
-    "shardwg.container": 7,
-    "shardwg.__main__": 8,
+    "shardwg.datapath": 4,
+    "shardwg.observe": 5,
+    "shardwg.engine": 6,
+    "shardwg.cli": 7,
+    "shardwg.container": 8,
+    "shardwg.__main__": 9,
 }
 
 
@@ -233,7 +236,7 @@ def test_checker_catches_planted_violations(tmp_path: Path) -> None:
     assert graph["shardwg.engine.boss"] == {"shardwg.engine.helper", "lab.netns"}
     assert floor_violations(graph) == [
         "shardwg.mystery is on no floor (add its package to FLOORS)",
-        "shardwg.shm.slot (floor 2) imports shardwg.engine.boss (floor 5)",
+        "shardwg.shm.slot (floor 2) imports shardwg.engine.boss (floor 6)",
     ]
     assert lab_imports(graph) == ["shardwg.engine.boss imports lab.netns"]
     assert import_cycles(graph) == [["shardwg.engine.boss", "shardwg.engine.helper"]]
