@@ -1,9 +1,11 @@
 """The sans-IO device: one worker's peers, index table, routing table and handshake intake.
 
 It turns datagrams and IP packets into IP packets and datagrams. The worker
-calls `receive_transport` and `send_packet` per packet with preallocated
-buffers (they return sizes or `-1 - DropReason`, never raise), and
-`receive_handshake` for the rare handshake messages. Whatever peers want sent
+calls `send_packet` per packet with preallocated buffers (it returns a size or
+`-1 - DropReason`, never raises) and `receive_handshake` for the rare handshake
+messages; it opens transport datagrams in batches (shardwg/datapath), over the
+same sessions and replay windows. `receive_transport` is the single-packet open
+of the sans-IO model (in-memory pairs, fuzzers). Whatever peers want sent
 gathers in `outbox` as (peer, datagram) pairs, events in `events`.
 """
 

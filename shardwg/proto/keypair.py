@@ -1,9 +1,10 @@
 """One WireGuard session (a keypair) and the transport seal/open that uses it.
 
-The worker's hot path calls `seal_into` and `open_into` directly with
-preallocated buffers: no ciphertext or plaintext object is allocated per packet
-(`cryptography` >= 47 encrypts and decrypts into caller buffers; 46 and older have
-no `encrypt_into`, so `aead_self_test` runs before a gateway starts and refuses them). Both
+The worker's hot path calls `seal_into` directly (and opens in batches through
+shardwg/datapath, on the same replay window) with preallocated buffers: no
+ciphertext or plaintext object is allocated per packet (`cryptography` >= 47
+encrypts and decrypts into caller buffers; 46 and older have no `encrypt_into`,
+so `aead_self_test` runs before a gateway starts and refuses them). Both
 functions return a length, or a negative `-1 - DropReason` code, and never raise.
 """
 
