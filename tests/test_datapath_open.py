@@ -342,3 +342,19 @@ def test_handshakes_come_back_untouched() -> None:
     nat, ref = twin.run([(flow[0] + init, len(flow[0])), (init, len(init))], world.now)
     assert_same(nat, ref)
     assert struct.unpack("<6I", nat["handshakes"]) == (0, len(flow[0]), 148, 1, 0, 148)
+
+
+def test_a_merged_burst_of_initiation_sized_datagrams_is_dropped_whole() -> None:
+    """Only initiations are 148 bytes and no honest peer sends a GRO burst of them (the
+    kernel's initiation filter sees only the first): the whole message is one counted drop
+    per datagram, none of it reaches the handshake lane."""
+    world, twin, sender = _fresh()
+    init = bytes([1, 0, 0, 0]) + bytes(144)
+    flow = _flow(sender, 1)
+    msgs = [(init * 5, 148), (init, 148), (flow[0], len(flow[0])), (init * 2 + b"x", 148)]
+    nat, ref = twin.run(msgs, world.now)
+    assert_same(nat, ref)
+    cnt = nat["counters"]
+    assert cnt[C_DROPS + DropReason.INITIATION_FLOOD] == 5 + 3
+    assert cnt[C_RX_PACKETS] == 5 + 1 + 1 + 3
+    assert nat["result"][2] == 1 and len(nat["writes"]) == 1  # the lone initiation, the packet

@@ -4,7 +4,8 @@ One call opens a whole receive batch (see `open_batch`); the state it reads and 
 the flat buffers of openstate.py, so the native kernel and this reference can be compared
 byte for byte (tests/test_datapath_open.py). Per datagram, in this order:
   1. classify by (type, length): handshake messages are handed back untouched (`handshakes`
-     rows), junk is counted;
+     rows), junk is counted; a GRO message of 148-byte datagrams (a merged burst of
+     initiations, which no honest peer sends) is dropped whole;
   2. transport: session by receiver index, key age, replay pre-check, ChaCha20-Poly1305
      into `dec`, replay window update (only after the tag verified);
   3. inner packet: IPv4/IPv6 header and length, the source inside the session's peer's
@@ -188,6 +189,15 @@ def open_batch(
         seg = segs[m]
         if seg <= 0 or seg > n:
             seg = n
+        if seg == INITIATION_SIZE and n > seg:
+            # Merged 148-byte datagrams from one source: only initiations are 148 bytes and
+            # no honest peer sends a burst of them; the kernel filter cannot see past the
+            # first (io/initiation_filter.py). Dropped whole, in one step.
+            k = -(-n // seg)
+            rx_packets += k
+            rx_bytes += n
+            drops[DropReason.INITIATION_FLOOD] += k
+            continue
         off = 0
         while off < n:
             size = seg if off + seg <= n else n - off

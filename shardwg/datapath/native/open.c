@@ -35,7 +35,7 @@
 #define TOUCH_WORDS 5
 /* DropReason codes (proto/constants.py) */
 enum {
-    D_TOO_SHORT = 0, D_BAD_TYPE = 1, D_BAD_SIZE = 2, D_UNKNOWN_INDEX = 10, D_DECRYPT = 11,
+    D_TOO_SHORT = 0, D_BAD_TYPE = 1, D_BAD_SIZE = 2, D_INITIATION_FLOOD = 9, D_UNKNOWN_INDEX = 10, D_DECRYPT = 11,
     D_REPLAYED = 12, D_KEY_EXPIRED = 13, D_BAD_INNER = 14, D_NOT_ALLOWED = 15,
     D_INTERNAL = 24, D_BAD_CSUM = 27, D_LAST = 27
 };
@@ -455,6 +455,13 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
             continue;
         }
         if (seg <= 0 || seg > n) seg = n;
+        if (seg == 148 && n > seg) { /* a merged burst of initiation-sized datagrams */
+            uint64_t k = ((uint64_t)n + 147) / 148;
+            add64(cnt, C_RX_PACKETS, k);
+            add64(cnt, C_RX_BYTES, (uint64_t)n);
+            add64(cnt, C_DROPS + D_INITIATION_FLOOD, k);
+            continue;
+        }
         for (size_t off = 0; off < (size_t)n;) {
             size_t size = off + (size_t)seg <= (size_t)n ? (size_t)seg : (size_t)n - off;
             const uint8_t *dg = data + base + off;
