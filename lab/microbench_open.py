@@ -96,7 +96,7 @@ class Bench:
         for buf in self.data:
             fn(st.keys, st.sessions, st.index, st.allowed, buf, STRIDE, lengths, segs, BATCH,
                a["dec"], a["out"], a["spans"], a["touched"], a["handshakes"], a["counters"],
-               now, False)  # fmt: skip
+               now, False, False)  # fmt: skip
         elapsed = time.thread_time() - t0
         drops = memoryview(a["counters"]).cast("Q")
         assert sum(drops[4:]) == 0, "the benchmark's packets must all be accepted"

@@ -60,7 +60,8 @@ class Twin:
                 self.ref.keys.set(slot, kp.recv_key)
 
     def run(self, msgs: list[tuple[bytes, int]], now: float, udp: bool = False,
-            skip: frozenset[int] = frozenset()) -> tuple[Any, Any]:  # fmt: skip
+            skip: frozenset[int] = frozenset(),
+            forward: bool = False) -> tuple[Any, Any]:  # fmt: skip
         """Open one batch (message bytes, GRO segment size) with both kernels."""
         stride = max([len(m) for m, _ in msgs] + [1]) + 13
         data = bytearray(stride * len(msgs))
@@ -89,6 +90,7 @@ class Twin:
                 arrays["counters"],
                 now,
                 udp,
+                forward,
             )
             got.append(_outputs(res, arrays, state))
         return got[0], got[1]
@@ -256,10 +258,11 @@ def test_random_batches_agree(data: st.DataObject) -> None:
     world, twin, sender = _fresh()
     now = world.now + data.draw(st.sampled_from([0.0, 1.0, 179.0, 200.0]))
     udp = data.draw(st.booleans())
+    forward = data.draw(st.booleans())
     for _ in range(data.draw(st.integers(1, 4))):
         msgs = data.draw(st.lists(message(sender), min_size=1, max_size=5))
         skip = frozenset(data.draw(st.sets(st.integers(0, len(msgs) - 1), max_size=1)))
-        nat, ref = twin.run(msgs, now, udp, skip)
+        nat, ref = twin.run(msgs, now, udp, skip, forward)
         assert_same(nat, ref)
         cnt = nat["counters"]
         for name, hit in (("written", nat["writes"]), ("merged", cnt[openstate.C_MERGED]),
@@ -358,3 +361,16 @@ def test_a_merged_burst_of_initiation_sized_datagrams_is_dropped_whole() -> None
     assert cnt[C_DROPS + DropReason.INITIATION_FLOOD] == 5 + 3
     assert cnt[C_RX_PACKETS] == 5 + 1 + 1 + 3
     assert nat["result"][2] == 1 and len(nat["writes"]) == 1  # the lone initiation, the packet
+
+
+def test_unknown_indices_come_back_when_peers_moved_away() -> None:
+    """With `forward` (the device gave sessions away in a placement move), a transport
+    datagram under an index we do not know is handed back for the worker to pass on."""
+    world, twin, sender = _fresh()
+    flow = _flow(sender, 2)
+    bogus = flow[1][:4] + b"\x01\x02\x03\x04" + flow[1][8:]
+    nat, ref = twin.run([(flow[0], len(flow[0])), (bogus, len(bogus))], world.now, forward=True)
+    assert_same(nat, ref)
+    assert nat["counters"][C_DROPS + DropReason.UNKNOWN_INDEX] == 0
+    assert struct.unpack("<3I", nat["handshakes"]) == (1, 0, len(bogus))
+    assert len(nat["writes"]) == 1

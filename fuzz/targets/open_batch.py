@@ -8,8 +8,9 @@ under ASan/UBSan: scripts/native_sanitize), and both must produce the same TUN b
 counters, handshake rows, touched sessions and state bytes.
 
 Input layout: byte 0 = flags (bit 0: USO on; bits 1-2: clock 0 s, 1 s, 179 s or 200 s
-after the sessions were made); byte 1 = message count - 1 (mod 8); then per message a
-little-endian u16 length, a u8 segment size / 8 (0: not a GRO batch) and the bytes.
+after the sessions were made; bit 3: unknown indices handed back for forwarding);
+byte 1 = message count - 1 (mod 8); then per message a little-endian u16 length, a u8
+segment size / 8 (0: not a GRO batch) and the bytes.
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def build(msgs: list[tuple[bytes, int]], flags: int = 0) -> bytes:
 
 
 def _run(fn: Any, state: OpenState, data: bytearray, stride: int, msgs: list[tuple[bytes, int]],
-         now: float, udp: bool) -> Any:  # fmt: skip
+         now: float, udp: bool, fwd: bool = False) -> Any:  # fmt: skip
     a = batch_arrays(len(data))
     lengths = [len(m) for m, _ in msgs]
     segs = [s for _, s in msgs]
     res = fn(state.keys, state.sessions, state.index, state.allowed, data, stride, lengths,
              segs, len(msgs), a["dec"], a["out"], a["spans"], a["touched"], a["handshakes"],
-             a["counters"], now, udp)  # fmt: skip
+             a["counters"], now, udp, fwd)  # fmt: skip
     nw, nt, nh = res
     spans = struct.unpack_from(f"<{2 * nw}I", a["spans"])
     used = spans[-2] + spans[-1] if nw else 0
@@ -141,6 +142,7 @@ def open_batch(data: bytes) -> None:
     msgs, udp, offset = parse(data)
     if not msgs:
         return
+    fwd = bool(data[0] & 8)
     world = env["world"]
     stride = max(len(m) for m, _ in msgs) + 7
     buf = bytearray(b"\xa5" * (stride * len(msgs)))  # stale bytes after each message
@@ -148,10 +150,10 @@ def open_batch(data: bytes) -> None:
         buf[i * stride : i * stride + len(m)] = m
     now = world.now + offset
     env["ref"].sessions[:] = env["initial"]
-    ref = _run(open_ref.open_batch, env["ref"], buf, stride, msgs, now, udp)
+    ref = _run(open_ref.open_batch, env["ref"], buf, stride, msgs, now, udp, fwd)
     if "nat" in env:
         env["nat"].sessions[:] = env["initial"]
-        nat = _run(env["native"].open_batch, env["nat"], buf, stride, msgs, now, udp)
+        nat = _run(env["native"].open_batch, env["nat"], buf, stride, msgs, now, udp, fwd)
         names = ("result", "spans", "out", "touched", "handshakes", "counters", "sessions")
         for name, x, y in zip(names, nat, ref, strict=True):
             if x != y:

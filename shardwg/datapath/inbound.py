@@ -62,7 +62,7 @@ class Opener:
         result: tuple[int, int, int] = self.impl.open_batch(
             st.keys, st.sessions, st.index, st.allowed, data, stride, lengths, segs, count,
             self.dec, self.out, self.spans, self.touched, self.handshakes, self.counters,
-            now, self.udp,
+            now, self.udp, bool(self.device.moved) and self.device.forward is not None,
         )  # fmt: skip
         return result
 

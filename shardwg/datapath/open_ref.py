@@ -150,12 +150,14 @@ def open_batch(
     keys: RefKeys, sessions: Any, index: Any, allowed: Any,
     data: Any, stride: int, lengths: list[int], segs: list[int], count: int,
     dec: Any, out: Any, spans: Any, touched: Any, handshakes: Any, counters: Any,
-    now: float, udp: bool,
+    now: float, udp: bool, forward: bool = False,
 ) -> tuple[int, int, int]:  # fmt: skip
     """Open messages i < count of a receive batch: data[i * stride:][:lengths[i]], cut into
     datagrams of segs[i] bytes (GRO; the last may be shorter; a negative length is skipped).
 
-    Returns (TUN writes in `spans`, rows in `touched`, rows in `handshakes`).
+    Returns (TUN writes in `spans`, rows in `touched`, rows in `handshakes`). With
+    `forward`, transport datagrams under an unknown receiver index are handed back in
+    `handshakes` too (uncounted): the caller forwards those of peers that moved away.
     """
     if count > len(lengths) or count > len(segs) or len(out) < len(dec):
         raise ValueError("open_batch: batch arrays too short")
@@ -240,7 +242,11 @@ def open_batch(
                 known = sessions_of[receiver] = (slot, aead, pid, fresh)
             slot, aead, pid_own, fresh = known
             if slot < 0:
-                drops[DropReason.UNKNOWN_INDEX] += 1
+                if forward and (nhs + 1) * 3 <= len(hs):  # maybe a peer that moved away
+                    hs[nhs * 3], hs[nhs * 3 + 1], hs[nhs * 3 + 2] = m, at - base, size
+                    nhs += 1
+                else:
+                    drops[DropReason.UNKNOWN_INDEX] += 1
                 continue
             if slot >= max_slot or aead is None:
                 drops[DropReason.INTERNAL_ERROR] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from shardwg.datapath import select as datapath_select
@@ -17,13 +18,14 @@ from shardwg.datapath.inbound import Opener
 from shardwg.engine.budgets import BATCH, MAX_RECVS, RECV_SLOTS
 from shardwg.io import mmsg, udpgso
 from shardwg.io import tun as tun_io
-from shardwg.proto.constants import DropReason
+from shardwg.proto.constants import DropReason, MessageType
 from shardwg.proto.device import Device
 from shardwg.shm import counters as C
 
 log = logging.getLogger("shardwg.engine.worker")
 
 _DROP_BASE = C.DROP_BASE
+_U32 = struct.Struct("<I")
 
 
 class _OneReceive:
@@ -118,9 +120,19 @@ class InboundPath:
             op.fold_counters(v, C.RX_PACKETS, C.RX_BYTES, _DROP_BASE)
             return max(1, count)
         self._turn_data += op.fold_counters(v, C.RX_PACKETS, C.RX_BYTES, _DROP_BASE)
+        dev = self.device
         for i in range(nhs):
             m, off, size = op.handshake(i)
-            self._queue_handshake(views[m][off : off + size], addrs[m], False, now)
+            msg = views[m][off : off + size]
+            if msg[0] != MessageType.TRANSPORT:
+                self._queue_handshake(msg, addrs[m], False, now)
+                continue
+            # an index we gave away with its peer (placement move): pass it to the new owner
+            moved = dev.moved.get(_U32.unpack_from(msg, 4)[0])
+            if moved is None or dev.forward is None:
+                v[_DROP_BASE + DropReason.UNKNOWN_INDEX] += 1
+            else:
+                dev.forward(moved.owner, msg, size, addrs[m])
         tun_fd = self.tun_fd
         for i in range(nw):
             if not tun_io.write_packet(tun_fd, op.write_view(i)):

@@ -2,7 +2,8 @@
  * is the reference it must match byte for byte; openstate.py documents the buffers).
  *
  * 1. classify each datagram by (type, length); handshake messages go back to Python as
- *    (message, offset, length) rows, untouched;
+ *    (message, offset, length) rows, untouched (with `forward`, so do transport datagrams
+ *    under an index we do not know: they may belong to a peer that moved to another worker);
  * 2. transport: session by receiver index (probe table), key age, replay pre-check,
  *    ChaCha20-Poly1305 (one EVP context per session, made when the session is) into `dec`,
  *    replay window update after the tag verified;
@@ -413,14 +414,14 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
     PyObject *lengths, *segs;
     Py_ssize_t stride, count;
     double now;
-    int udp;
+    int udp, fwd;
     bufs_t b;
     memset(&b, 0, sizeof(b));
     if (PyType_Ready(&OpenKeysType) < 0) return NULL;
-    if (!PyArg_ParseTuple(args, "O!w*y*y*y*nO!O!nw*w*w*w*w*w*dp", &OpenKeysType, &keys,
+    if (!PyArg_ParseTuple(args, "O!w*y*y*y*nO!O!nw*w*w*w*w*w*dpp", &OpenKeysType, &keys,
                           &b.sessions, &b.index, &b.allowed, &b.data, &stride, &PyList_Type,
                           &lengths, &PyList_Type, &segs, &count, &b.dec, &b.out, &b.spans,
-                          &b.touched, &b.hs, &b.counters, &now, &udp))
+                          &b.touched, &b.hs, &b.counters, &now, &udp, &fwd))
         return NULL;
     PyObject *result = NULL;
     ranges_t ranges;
@@ -496,7 +497,12 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
             uint64_t counter = ld64(dg + 8);
             long slot = index_lookup(b.index.buf, (size_t)b.index.len, ld32(dg + 4));
             if (slot < 0) {
-                DROP(D_UNKNOWN_INDEX);
+                if (fwd && nhs < max_hs) { /* maybe a peer that moved: Python forwards it */
+                    uint8_t *row = (uint8_t *)b.hs.buf + 12 * nhs++;
+                    st32(row, (uint32_t)m), st32(row + 4, (uint32_t)at_in_msg), st32(row + 8, (uint32_t)size);
+                } else {
+                    DROP(D_UNKNOWN_INDEX);
+                }
                 continue;
             }
             if ((size_t)slot >= max_slot || slot >= keys->cap || keys->ctx[slot] == NULL) {
@@ -614,7 +620,7 @@ static PyObject *open_abi(PyObject *mod, PyObject *noargs) {
 PyMethodDef shardwg_open_methods[] = {
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(keys, sessions, index, allowed, data, stride, lengths, segs, count, dec, out,"
-     " spans, touched, handshakes, counters, now, udp) -> (writes, touched, handshakes)"},
+     " spans, touched, handshakes, counters, now, udp, forward) -> (writes, touched, handshakes)"},
     {"OpenKeys", open_keys_new, METH_NOARGS, "A new, empty set of per-session cipher contexts."},
     {"open_abi", open_abi, METH_NOARGS, "The buffer layout constants open.c was built with."},
     {NULL, NULL, 0, NULL},
