@@ -69,11 +69,9 @@ def shardwg_datapath() -> str:
     """Which data path the shardwg ends of this run use: the batch kernel's choice (native, or
     its pure-Python reference under SHARDWG_NATIVE=0 or without the extension), or the
     per-packet Python path of a tree that has no batch kernel yet."""
-    try:
-        from shardwg.datapath import kernel  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return "python (per packet; this tree has no batch kernel)"
-    name = str(getattr(kernel, "NAME", "unknown"))
+    from shardwg.datapath import select
+
+    name = select.current().name
     forced = os.environ.get("SHARDWG_NATIVE")
     return name + (f" (SHARDWG_NATIVE={forced})" if forced is not None else "")
 

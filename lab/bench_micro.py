@@ -137,39 +137,30 @@ def aead_seal(batches: int, size: int = PACKET) -> float:
     return time.thread_time() - t0
 
 
-# The batch kernels' own microbenchmarks, where this tree has them:
+# The batch kernels' own microbenchmarks:
 # - seal: shardwg.datapath.microbench.bench_seal(native, super_packet, seconds) -> packets per
-#   CPU-second of the process (native-seal); "seal" is 64 single packets per batch, "seal_tso"
-#   two 32-segment TSO super-packets per batch (what a TUN with TSO hands the worker);
-# - open: lab.microbench_open.Bench(impl, batches).run_once() (native-open): 64 datagrams per
-#   batch carrying 1420-byte TCP segments of one flow, opened and coalesced; timed here by the
+#   CPU-second of the process; "seal" is 64 single packets per batch, "seal_tso" two
+#   32-segment TSO super-packets per batch (what a TUN with TSO hands the worker);
+# - open: lab.microbench_open.Bench(impl, batches).run_once(): 64 datagrams per batch
+#   carrying 1420-byte TCP segments of one flow, opened and coalesced; timed here by the
 #   thread's CPU time around the call, since its own figure is per wall second.
 SEAL_OPS = {"seal": False, "seal_tso": True}
 
 
 def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str, Kernel]:
-    """op -> f(native) -> packets per CPU-second, for the kernel microbenchmarks that exist."""
+    """op -> f(native) -> packets per CPU-second, for the batch kernels' microbenchmarks."""
+    from lab import microbench_open
+    from shardwg.datapath import microbench, select
+
     found: dict[str, Kernel] = {}
-    microbench: Any = None
-    try:
-        from shardwg.datapath import microbench  # type: ignore[attr-defined,no-redef,unused-ignore]
-    except ImportError:
-        pass
-    bench_seal: Callable[..., float] | None = getattr(microbench, "bench_seal", None)
-    if bench_seal is not None:
-        for op, tso in SEAL_OPS.items():
+    for op, tso in SEAL_OPS.items():
 
-            def seal_rate(
-                native: bool, tso: bool = tso, fn: Callable[..., float] = bench_seal
-            ) -> float:
-                return float(fn(native, tso, seconds))
+        def seal_rate(native: bool, tso: bool = tso) -> float:
+            if native and select.native_module() is None:
+                return 0.0
+            return float(microbench.bench_seal(native, tso, seconds))
 
-            found[op] = seal_rate
-    try:
-        from lab import microbench_open  # type: ignore[attr-defined,unused-ignore]
-        from shardwg.datapath import select  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return found
+        found[op] = seal_rate
 
     def open_rate(native: bool) -> float:
         if native and select.native_module() is None:

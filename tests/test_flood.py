@@ -11,6 +11,7 @@ headers with random sources, sent over a raw IP_HDRINCL socket with sendmmsg.
 from __future__ import annotations
 
 import base64
+import os
 import random
 import re
 import statistics
@@ -320,6 +321,11 @@ def test_handshake_flood_cookies_rate_limits_memory_and_rehandshake(
         assert site.gw.stop() == 0
 
 
+@pytest.mark.skipif(
+    os.environ.get("SHARDWG_NATIVE") == "0",
+    reason="a throughput floor of the production (native) path; the kernel filter it guards "
+    "is the same on both paths, and the pure-Python reference is checked for correctness",
+)
 def test_honest_throughput_survives_handshake_flood(netns_factory: Harness) -> None:
     """A 40k/s flood (5x what two workers take with full DH work) must not take the honest
     peer's throughput down: the median of three loaded iperf3 runs, interleaved with four

@@ -20,12 +20,16 @@ class Impl:
     detail: str  # the OpenSSL version, or why the Python path runs
     open_batch: Any
     new_keys: Any  # () -> a per-session cipher context holder (set/clear)
+    seal_run: Any  # one run of TUN reads for one peer -> one GSO run of sealed datagrams
+    sealer: Any  # (key) -> the per-session send cipher context seal_run takes
 
 
 def _python(why: str) -> Impl:
-    from shardwg.datapath import open_ref
+    from shardwg.datapath import open_ref, seal_ref
 
-    return Impl("python", why, open_ref.open_batch, open_ref.RefKeys)
+    return Impl(
+        "python", why, open_ref.open_batch, open_ref.RefKeys, seal_ref.seal_run, seal_ref.Sealer
+    )
 
 
 def native_module() -> ModuleType | None:
@@ -47,7 +51,9 @@ def choose(env: str | None = None) -> Impl:
             raise ImportError(f"{ENV}=1 but shardwg.datapath._native is not built")
         return _python("the native extension is not built (pip install needs a C compiler and "
                        "libssl-dev)")  # fmt: skip
-    return Impl("native", str(mod.OPENSSL_VERSION), mod.open_batch, mod.OpenKeys)
+    return Impl(
+        "native", str(mod.OPENSSL_VERSION), mod.open_batch, mod.OpenKeys, mod.seal_run, mod.Sealer
+    )
 
 
 def python_impl() -> Impl:

@@ -16,7 +16,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from shardwg.datapath import kernel
+from shardwg.datapath import seal_ref, select
 from shardwg.engine.budgets import BATCH, PLAIN_HEADROOM
 from shardwg.io import tun as tun_io
 from shardwg.io import udpgso
@@ -45,7 +45,7 @@ _EXPIRED = _DROP_BASE + DropReason.KEY_EXPIRED
 _INTERNAL = _DROP_BASE + DropReason.INTERNAL_ERROR
 _NOT_PUBLISHED = _DROP_BASE + DropReason.NOT_PUBLISHED
 _NO_ENDPOINT = DropReason.NO_ENDPOINT
-_LIMIT = kernel.LIMIT
+_LIMIT = seal_ref.LIMIT
 _MAX_SEGMENTS = udpgso.MAX_SEGMENTS
 _MAX_GSO_BYTES = udpgso.MAX_GSO_BYTES
 _SEAL_OUT = 1 << 17  # one run (<= 64 KiB) or one datagram of the largest packet
@@ -81,8 +81,9 @@ class OutboundPath:
         self._pk_auxs = [0] * BATCH
         self._seal_out = bytearray(_SEAL_OUT)
         self._seal_view = memoryview(self._seal_out)
-        self._seal_run = kernel.seal_run
-        self._make_sealer = kernel.Sealer
+        impl = select.current()
+        self._seal_run = impl.seal_run
+        self._make_sealer = impl.sealer
 
     # ------------------------------------------------------------------ entry points
     def read_tun(self, now: float, wall: float) -> int:

@@ -33,7 +33,6 @@ from typing import Any
 
 from shardwg.config.keys import encode_key
 from shardwg.config.model import Config
-from shardwg.datapath import kernel
 from shardwg.datapath import select as datapath_select
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
@@ -135,7 +134,7 @@ class Supervisor:
         the pure-Python path does that at ~2.5 us per segment, a net loss, so auto keeps it
         off there (docs/performance.md)."""
         mode = self.tun_offload
-        return mode == "on" or (mode == "auto" and kernel.NATIVE)
+        return mode == "on" or (mode == "auto" and datapath_select.current().name == "native")
 
     def start(self) -> None:
         n = self.workers
