@@ -66,6 +66,7 @@ class Keypair:
         "recv_floor",
         "on_reserve",
         "sealer",
+        "blocks",
     )
 
     def __init__(
@@ -105,6 +106,9 @@ class Keypair:
         # The batch kernel's key object (shardwg.datapath), made by the worker at the
         # session's first batch send and kept with it: no cipher set-up per packet.
         self.sealer: Any = None
+        # Spread peers (proto/spread.py): this worker's counter blocks, or None when one
+        # worker owns the peer and counts sequentially.
+        self.blocks: Any = None
 
     def expired(self, now: float) -> bool:
         """True once the session may neither send nor receive."""
@@ -139,8 +143,12 @@ def seal_into(
     counter = kp.send_counter
     if counter >= REJECT_AFTER_MESSAGES:
         return _DROP_EXPIRED
-    if counter >= kp.send_reserved and reserve_send(kp, counter) <= counter:
-        return _DROP_NOT_PUBLISHED
+    if counter >= kp.send_reserved:
+        if reserve_send(kp, counter) <= counter:
+            return _DROP_NOT_PUBLISHED
+        counter = kp.send_counter  # a spread peer's next block may start further on
+        if counter >= REJECT_AFTER_MESSAGES:
+            return _DROP_EXPIRED
     kp.send_counter = counter + 1
     padded = padded_length(length, mtu)
     if padded > length:
@@ -194,6 +202,17 @@ def reserve_send(kp: Keypair, counter: int) -> int:
     sealer reserves for the last counter of its batch (RESERVATION_BLOCK >= a batch).
     """
     old = kp.send_reserved
+    if kp.blocks is not None:
+        # A spread peer (proto/spread.py): the next block of this worker's class, published
+        # in the spread ledger (shared memory) before use; send_counter moves to its start.
+        # The owner's slot copy is a courtesy (its restore goes through the ledger too).
+        limit: int = kp.blocks.reserve(kp)
+        if kp.on_reserve is not None:
+            try:
+                kp.on_reserve(kp)
+            except Exception:
+                pass
+        return limit
     publish = kp.on_reserve
     if publish is None:
         return old

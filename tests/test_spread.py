@@ -1,0 +1,285 @@
+"""One peer spread over simulated workers: counter blocks, crashes, moves, rekeys (no root).
+
+The workers are Keypairs over one real spread ledger (shm/spread.py on a bytearray) and
+the owner's published sequential reservation; the remote end is both a plain WireGuard
+receiver (one replay window, every datagram in send order) and a spread receiver (one
+window per worker, steered by the counter as the reuseport program would). A hypothesis
+state machine drives random sends, crashes, rekeys, spreading and moves, and checks:
+no (key, counter) sealed twice, every datagram within the receiver's window (the plain
+receiver accepts each one the first time), no datagram accepted twice on replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from shardwg.proto.constants import REPLAY_WINDOW
+from shardwg.proto.keypair import RESERVATION_BLOCK, Keypair, open_into, seal_into
+from shardwg.proto.spread import (
+    SPREAD_BLOCK,
+    SpreadBlocks,
+    block_start,
+    receiver_worker,
+)
+from shardwg.shm.spread import SpreadArea, area_size
+
+_PLAIN = bytearray(64 + 32)
+_COUNTER = struct.Struct("<Q")
+
+
+def test_block_start_picks_the_workers_class() -> None:
+    assert block_start(0, 2, 0) == 0
+    assert block_start(1, 2, 0) == SPREAD_BLOCK
+    assert block_start(0, 2, 1) == 2 * SPREAD_BLOCK
+    assert block_start(1, 3, 5 * SPREAD_BLOCK) == 7 * SPREAD_BLOCK
+    for w in range(4):
+        for at in (0, 1, 1023, 1024, 5000, 99999):
+            start = block_start(w, 4, at)
+            assert start >= at and start % SPREAD_BLOCK == 0
+            assert receiver_worker(start, 4) == w
+            assert start - at < 4 * SPREAD_BLOCK + SPREAD_BLOCK
+
+
+def test_ledger_cells_by_session() -> None:
+    area = SpreadArea(bytearray(area_size(3, 2)), 3, 2)
+    led = area.peer(1)
+    assert led.base(7) == -1 and led.front(7) == 0 and led.reserved(0, 7) == 0
+    led.publish_base(7, 4096)
+    led.publish(1, 7, 6144)
+    assert (led.base(7), led.reserved(1, 7), led.front(7)) == (4096, 6144, 6144)
+    led.publish(1, 8, 1024)  # a new session replaces the old in the worker's cell
+    assert led.reserved(1, 7) == 0 and led.reserved(1, 8) == 1024 and led.front(8) == 1024
+    assert area.peer(0).front(7) == 0 and area.peer(2).front(8) == 0
+    area.clear(1)
+    assert led.base(7) == -1
+    with pytest.raises(IndexError):
+        area.peer(3)
+    with pytest.raises(ValueError):
+        SpreadArea(bytearray(10), 3, 2)
+
+
+def test_a_lagging_worker_jumps_past_the_front() -> None:
+    area = SpreadArea(bytearray(area_size(1, 2)), 1, 2)
+    led = area.peer(0)
+    send, recv = os.urandom(32), os.urandom(32)
+    kps = [Keypair(send, recv, 5, 9, True, 0.0) for _ in range(2)]
+    blocks = [SpreadBlocks(w, 2, led) for w in range(2)]
+    blocks[0].begin(kps[0])
+    assert blocks[1].follow(kps[1])
+    out = bytearray(200)
+    assert seal_into(kps[1], memoryview(_PLAIN), 32, 1420, memoryview(out)) > 0
+    assert _COUNTER.unpack_from(out, 8)[0] == SPREAD_BLOCK  # worker 1's first block
+    for _ in range(3 * REPLAY_WINDOW):
+        seal_into(kps[0], memoryview(_PLAIN), 32, 1420, memoryview(out))
+    blocks[1].keep_up(kps[1])
+    seal_into(kps[1], memoryview(_PLAIN), 32, 1420, memoryview(out))
+    counter = _COUNTER.unpack_from(out, 8)[0]
+    assert counter >= led.front(5) - SPREAD_BLOCK * 2 > 2 * REPLAY_WINDOW
+    assert receiver_worker(counter, 2) == 1
+
+
+def test_a_follower_waits_for_the_owners_base() -> None:
+    area = SpreadArea(bytearray(area_size(1, 2)), 1, 2)
+    kp = Keypair(os.urandom(32), os.urandom(32), 5, 9, True, 0.0)
+    assert not SpreadBlocks(1, 2, area.peer(0)).follow(kp)
+    assert kp.blocks is None
+
+
+def test_spreading_a_sequential_session_starts_above_its_reservation() -> None:
+    """The owner counted sequentially (reserving RESERVATION_BLOCK ahead) before spreading:
+    no worker's block may start below what the owner published."""
+    area = SpreadArea(bytearray(area_size(1, 2)), 1, 2)
+    led = area.peer(0)
+    send, recv = os.urandom(32), os.urandom(32)
+    owner, other = (Keypair(send, recv, 5, 9, True, 0.0) for _ in range(2))
+    owner.on_reserve = lambda kp: True
+    owner.send_reserved = 2000  # e.g. restored from a slot: published 2000 ahead
+    out = bytearray(200)
+    for _ in range(1500):
+        seal_into(owner, memoryview(_PLAIN), 32, 1420, memoryview(out))
+    SpreadBlocks(0, 2, led).begin(owner)
+    assert led.base(5) == 2000
+    assert SpreadBlocks(1, 2, led).follow(other)
+    seal_into(other, memoryview(_PLAIN), 32, 1420, memoryview(out))
+    seal_into(owner, memoryview(_PLAIN), 32, 1420, memoryview(out))
+    assert other.send_counter - 1 >= 2000
+    assert owner.send_counter - 1 >= 2000
+
+
+def test_a_replacement_worker_starts_past_its_published_block() -> None:
+    area = SpreadArea(bytearray(area_size(1, 2)), 1, 2)
+    led = area.peer(0)
+    send, recv = os.urandom(32), os.urandom(32)
+    owner = Keypair(send, recv, 5, 9, True, 0.0)
+    SpreadBlocks(0, 2, led).begin(owner)
+    first = Keypair(send, recv, 5, 9, True, 0.0)
+    SpreadBlocks(1, 2, led).follow(first)
+    out = bytearray(200)
+    seal_into(first, memoryview(_PLAIN), 32, 1420, memoryview(out))
+    used = _COUNTER.unpack_from(out, 8)[0]
+    again = Keypair(send, recv, 5, 9, True, 0.0)  # the crashed worker's replacement
+    SpreadBlocks(1, 2, led).follow(again)
+    seal_into(again, memoryview(_PLAIN), 32, 1420, memoryview(out))
+    assert _COUNTER.unpack_from(out, 8)[0] >= used + SPREAD_BLOCK
+
+
+class Remote:
+    """The peer's receive side for one session: a plain window and a spread one."""
+
+    def __init__(self, kp: Keypair, workers: int) -> None:
+        self.plain = Keypair(kp.recv_key, kp.send_key, kp.remote_index, kp.local_index,
+                             not kp.is_initiator, 0.0)  # fmt: skip
+        self.spread = [
+            Keypair(kp.recv_key, kp.send_key, kp.remote_index, kp.local_index, False, 0.0)
+            for _ in range(workers)
+        ]
+
+
+class SpreadMachine(RuleBasedStateMachine):
+    """Random sends, crashes, rekeys, spreading and moves over N simulated workers."""
+
+    @initialize(workers=st.integers(2, 4))
+    def start(self, workers: int) -> None:
+        self.n = workers
+        self.area = SpreadArea(bytearray(area_size(1, workers)), 1, workers)
+        self.ledger = self.area.peer(0)
+        self.owner = 0
+        self.spread = False  # the placement says "spread"
+        self.next_index = 1
+        self.slot_reserved: dict[int, int] = {}  # the owner's published send_reserved
+        self.sent: set[tuple[bytes, int]] = set()
+        self.wire: list[tuple[int, bytes]] = []
+        self.accepted: set[tuple[int, int]] = set()
+        self.kps: list[dict[int, Keypair]] = [{} for _ in range(workers)]
+        self.remotes: dict[int, Remote] = {}
+        self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.rekey()
+
+    def _publish(self, kp: Keypair) -> bool:
+        self.slot_reserved[kp.local_index] = kp.send_reserved
+        return True
+
+    def _owner_kp(self, index: int) -> Keypair:
+        """The owner's Keypair as its worker holds it (restored from the slot if new)."""
+        kps = self.kps[self.owner]
+        kp = kps.get(index)
+        if kp is None:
+            send, recv = self.keys[index]
+            kp = Keypair(send, recv, index, index ^ 0xFFFF, True, 0.0)
+            kp.send_counter = kp.send_reserved = self.slot_reserved[index]
+            kp.on_reserve = self._publish
+            if self.ledger.base(index) >= 0:
+                SpreadBlocks(self.owner, self.n, self.ledger).follow(kp)
+            kps[index] = kp
+        return kp
+
+    @rule()
+    def rekey(self) -> None:
+        index = self.next_index
+        self.next_index += 1
+        send = hashlib.sha256(b"s%d" % index).digest()
+        recv = hashlib.sha256(b"r%d" % index).digest()
+        self.keys[index] = (send, recv)
+        self.current = index
+        kp = Keypair(send, recv, index, index ^ 0xFFFF, True, 0.0)
+        kp.on_reserve = self._publish
+        kp.send_reserved = kp.send_counter + RESERVATION_BLOCK  # the publisher's first block
+        self._publish(kp)
+        self.kps[self.owner][index] = kp
+        self.remotes[index] = Remote(kp, self.n)
+        if self.spread:
+            SpreadBlocks(self.owner, self.n, self.ledger).begin(kp)
+
+    @precondition(lambda self: not self.spread)
+    @rule()
+    def spread_on(self) -> None:
+        self.spread = True
+        SpreadBlocks(self.owner, self.n, self.ledger).begin(self._owner_kp(self.current))
+
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        """A worker dies at a batch boundary; its replacement holds nothing but shm."""
+        self.kps[data.draw(st.integers(0, self.n - 1))] = {}
+
+    @rule(data=st.data())
+    def move(self, data: st.DataObject) -> None:
+        """The owner hands the peer over through its slot (exact counter, as adoption.py)."""
+        dst = data.draw(st.integers(0, self.n - 1))
+        if dst == self.owner:
+            return
+        old = self._owner_kp(self.current)
+        if self.ledger.base(self.current) < 0:
+            self.slot_reserved[self.current] = old.send_counter
+        self.kps[self.owner].pop(self.current, None)
+        self.owner = dst
+        self.kps[dst].pop(self.current, None)
+        self._owner_kp(self.current)
+
+    @rule(data=st.data(), count=st.integers(1, 64), repeat=st.integers(1, 80))
+    def send(self, data: st.DataObject, count: int, repeat: int) -> None:
+        """`repeat` batches of `count` packets read by one worker from its TUN queue."""
+        w = data.draw(st.integers(0, self.n - 1))
+        index = self.current
+        kp = self._follower(w, index)
+        out = bytearray(128)
+        for _ in range(repeat):
+            if kp.blocks is not None:
+                kp.blocks.keep_up(kp)
+            for _ in range(count):
+                size = seal_into(kp, memoryview(_PLAIN), 32, 1420, memoryview(out))
+                assert size > 0
+                counter = _COUNTER.unpack_from(out, 8)[0]
+                assert (kp.send_key, counter) not in self.sent, "counter reused"
+                self.sent.add((kp.send_key, counter))
+                if kp.blocks is not None:
+                    assert counter < self.ledger.reserved(kp.blocks.worker, index), "unpublished"
+                    assert receiver_worker(counter, self.n) == kp.blocks.worker
+                else:
+                    assert counter < self.slot_reserved[index]
+                self.deliver(index, bytes(out[:size]), fresh=True)
+
+    def _follower(self, w: int, index: int) -> Keypair:
+        if w == self.owner or not self.spread or self.ledger.base(index) < 0:
+            return self._owner_kp(index)  # a non-owner hands the packet over
+        kp = self.kps[w].get(index)
+        if kp is None:
+            send, recv = self.keys[index]
+            kp = Keypair(send, recv, index, index ^ 0xFFFF, True, 0.0)
+            assert SpreadBlocks(w, self.n, self.ledger).follow(kp)
+            self.kps[w][index] = kp
+        return kp
+
+    def deliver(self, index: int, msg: bytes, fresh: bool) -> None:
+        remote = self.remotes[index]
+        counter = _COUNTER.unpack_from(msg, 8)[0]
+        view, out = memoryview(bytearray(msg)), memoryview(bytearray(128))
+        got = open_into(remote.plain, view, len(msg), out)
+        if fresh and index == self.current:
+            assert got >= 0, f"counter {counter} out of the window at {remote.plain.replay.highest}"
+        steered = remote.spread[receiver_worker(counter, self.n)]
+        got2 = open_into(steered, view, len(msg), out)
+        if got2 >= 0:
+            assert (index, counter) not in self.accepted, "accepted twice"
+            self.accepted.add((index, counter))
+        elif fresh and index == self.current:
+            raise AssertionError(f"spread receiver refused fresh counter {counter}")
+        if fresh:
+            self.wire.append((index, msg))
+
+    @precondition(lambda self: len(self.wire) > 0)
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        index, msg = data.draw(st.sampled_from(self.wire[-200:]))
+        self.deliver(index, msg, fresh=False)
+
+
+SpreadMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                           deadline=None)  # fmt: skip
+TestSpread = SpreadMachine.TestCase
