@@ -24,6 +24,7 @@ from shardwg.shm.peerslot import PEER_RECORD_SIZE, PeerRecord, decode_peer, enco
 from shardwg.shm.placement import table_size
 from shardwg.shm.region import HEADER_SIZE, SharedRegion
 from shardwg.shm.seqlock import SLOT_HEADER, slot_stride
+from shardwg.shm.spread import area_size as spread_area_size
 
 
 def _parts(lay: Layout) -> list[tuple[str, int, int]]:
@@ -37,6 +38,7 @@ def _parts(lay: Layout) -> list[tuple[str, int, int]]:
         ("peers", lay.peers_offset, lay.peer_capacity * lay.peer_stride),
         ("handoff", lay.handoff_offset, HandoffMesh.size(lay.workers, lay.ring_slots, 2048)),
         ("placement", lay.placement_offset, SLOT_HEADER + table_size(lay.peer_capacity)),
+        ("spread", lay.spread_offset, spread_area_size(lay.peer_capacity, lay.workers)),
     ]
 
 

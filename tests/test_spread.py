@@ -283,3 +283,52 @@ class SpreadMachine(RuleBasedStateMachine):
 SpreadMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                            deadline=None)  # fmt: skip
 TestSpread = SpreadMachine.TestCase
+
+
+def test_a_non_owner_seals_with_the_owners_session_from_shared_memory() -> None:
+    """Real publisher, slot, secret area and ledger: the owner spreads its session, the
+    other worker follows it read-only and seals; the remote WireGuard accepts every
+    datagram, none with a counter used twice, also after the follower crashes."""
+    from shardwg.shm.follower import SpreadFollower
+    from tests.placement_world import GW_ADDR, World, ip_packet
+
+    world = World(workers=2)
+    world.handshake()
+    owner = world.owner()
+    other = 1 - owner
+    ledger = world.layout.spread_area(world.buf).peer(0)
+    peer = world.w[owner].device.peers[world.remote_key]
+
+    def follower() -> SpreadFollower:
+        return SpreadFollower(world.layout.peer_slot(world.buf, 0), world.secrets, 0,
+                              world.remote_key, ledger, other, 2)  # fmt: skip
+
+    fol = follower()
+    assert fol.session() is None  # not spread yet: the packet goes to the owner
+    SpreadBlocks(owner, 2, ledger).begin(peer.current)
+    world.w[owner].flush_events()
+    out = memoryview(bytearray(2048))
+    seen: set[int] = set()
+
+    def send(kp: Keypair) -> None:
+        pkt = ip_packet("10.0.0.1", "10.9.0.2", b"spread!!")
+        n = seal_into(kp, memoryview(pkt), len(pkt) - 16, 1420, out)
+        assert n > 0
+        counter = _COUNTER.unpack_from(out, 8)[0]
+        assert counter not in seen
+        seen.add(counter)
+        got = world.remote.receive_transport(out, n, GW_ADDR, memoryview(bytearray(2048)),
+                                             world.now, world.wall)  # fmt: skip
+        assert got > 0, (counter, got)
+
+    for round_ in range(3):
+        kp = fol.session()
+        assert kp is not None and kp.local_index == peer.current.local_index
+        assert fol.endpoint is not None
+        for _ in range(1500):
+            send(kp)
+        for _ in range(700):
+            send(peer.current)
+        if round_ == 1:
+            fol = follower()  # the follower's worker crashed and was replaced
+    assert {receiver_worker(c, 2) for c in seen} == {0, 1}

@@ -20,6 +20,8 @@ Map (every part 64-aligned, in this order):
                 mark the supervisor publishes (`GlobalState.peer_slots`).
   handoff       HandoffMesh: workers * (workers - 1) SPSC rings
   placement     one seqlock slot: the supervisor's peer -> worker table (shm/placement.py)
+  spread        the spread ledger (shm/spread.py): per peer slot, the owner's spread base
+                and each worker's published counter block (each cell one writer)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from shardwg.shm.peerslot import PEER_RECORD_SIZE
 from shardwg.shm.placement import table_size
 from shardwg.shm.region import HEADER_SIZE
 from shardwg.shm.seqlock import SeqlockSlot, slot_stride
+from shardwg.shm.spread import SpreadArea
+from shardwg.shm.spread import area_size as spread_area_size
 
 LAYOUT_MAGIC = b"SWLAYOUT"
 LAYOUT_VERSION = 3  # 2: no secrets in the named region; 3: GlobalState.peer_slots
@@ -137,6 +141,7 @@ class Layout:
     peer_stride: int = field(init=False)
     handoff_offset: int = field(init=False)
     placement_offset: int = field(init=False)
+    spread_offset: int = field(init=False)
     total_size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,7 +165,9 @@ class Layout:
         mesh = HandoffMesh.size(self.workers, self.ring_slots, self.ring_slot_size)
         put(self, "placement_offset", _align(self.handoff_offset + mesh))
         placement = slot_stride(table_size(self.peer_capacity), 64)
-        put(self, "total_size", _align(self.placement_offset + placement))
+        put(self, "spread_offset", _align(self.placement_offset + placement))
+        spread = spread_area_size(self.peer_capacity, self.workers)
+        put(self, "total_size", _align(self.spread_offset + spread))
 
     @classmethod
     def sized(
@@ -253,6 +260,12 @@ class Layout:
             raise IndexError(f"worker {worker} outside 0..{self.workers - 1}")
         stride = slot_stride(ENDPOINT_LIST_SIZE, 64)
         return SeqlockSlot(buf, self.endpoints_offset + worker * stride, ENDPOINT_LIST_SIZE)
+
+    def spread_area(self, buf: Any) -> SpreadArea:
+        """The spread ledger (shm/spread.py): counter blocks of peers spread over workers."""
+        size = spread_area_size(self.peer_capacity, self.workers)
+        view = memoryview(buf)[self.spread_offset : self.spread_offset + size]
+        return SpreadArea(view, self.peer_capacity, self.workers)
 
     def global_slot(self, buf: Any) -> SeqlockSlot:
         return SeqlockSlot(buf, self.global_offset, GLOBAL_SIZE)
