@@ -101,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_hooks=not args.no_hooks,
         set_dns=not args.no_dns,
         placement=args.placement,
+        spread=args.spread,
     )
     try:
         sup.start()
@@ -223,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="load",
         help="which worker owns each peer: balanced by count, then moved by measured load "
         "(load, the default); by count only; or by a hash of the key (hash, as before)",
+    )
+    run.add_argument(
+        "--spread",
+        choices=("off", "auto", "on"),
+        default="off",
+        help="seal a peer's packets on every worker that reads them, not only its owner: "
+        "auto when there are fewer peers than workers, on for all, off (the default while "
+        "the receive side is one worker per peer); never with --placement hash",
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)

@@ -29,7 +29,9 @@ from shardwg.proto import ownership
 from shardwg.proto.constants import REJECT_AFTER_TIME
 from shardwg.proto.device import Device
 from shardwg.proto.peer import Peer
+from shardwg.proto.spread import SpreadBlocks
 from shardwg.shm import counters as C
+from shardwg.shm.follower import SpreadFollower
 from shardwg.shm.handoff import HandoffKind
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer
@@ -70,6 +72,8 @@ class ShardPlacement:
         self.view: dict[bytes, int] = {}  # the table's owner of each peer as last applied
         self.adopted = 0
         self.released = 0
+        self.spread: set[int] = set()  # peer slots the table spreads over every worker
+        self.own_spread: dict[bytes, SpreadBlocks] = {}  # spread peers we own
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> bool:
@@ -88,6 +92,7 @@ class ShardPlacement:
             return False
         self.generation = t.generation
         self.table = t.owners
+        self.spread = t.spread
         return True
 
     def owner_of(self, key: bytes) -> int:
@@ -134,7 +139,43 @@ class ShardPlacement:
                 self.device.remove_peer(key)
                 continue
             self.view[key] = self.owner_of(key)
+        self._apply_spread()
         self._count()
+
+    def _apply_spread(self) -> None:
+        """Give each spread peer a follower (not ours) or counter blocks (ours); take them
+        away from peers no longer spread. Each session stays spread once begun (its
+        counters then come from blocks only), so nothing is reused when spreading stops."""
+        dev = self.device
+        workers = self.layout.workers
+        area = self.layout.spread_area(self.buf) if self.spread else None
+        for key in self.specs:
+            index = self.publisher.slot_of.get(key)
+            on = area is not None and index in self.spread
+            remote = dev.remote.get(key)
+            if remote is not None:
+                if not on:
+                    remote.follower = None
+                elif remote.follower is None and area is not None and index is not None:
+                    slot = self.layout.peer_slot(self.buf, index)
+                    remote.follower = SpreadFollower(
+                        slot, self.publisher.secrets, index, key, area.peer(index), self.me,
+                        workers,
+                    )
+            if key in dev.peers and on and area is not None and index is not None:
+                if key not in self.own_spread:
+                    self.own_spread[key] = SpreadBlocks(self.me, workers, area.peer(index))
+            else:
+                self.own_spread.pop(key, None)
+
+    def spread_sessions(self) -> None:
+        """Owner, every tick: spread each spread peer's current session once it is published
+        (its base fences off the sequential counters used before)."""
+        for key, blocks in self.own_spread.items():
+            peer = self.device.peers.get(key)
+            kp = peer.current if peer is not None else None
+            if kp is not None and kp.blocks is None and kp.on_reserve is not None:
+                blocks.begin(kp)
 
     def forget(self, key: bytes) -> None:
         """The peer was removed from the configuration."""
@@ -247,6 +288,8 @@ class ShardPlacement:
         self.reconcile(now, wall, [key])
 
     def on_tick(self, now: float, wall: float) -> None:
+        if self.own_spread:
+            self.spread_sessions()
         if self.refresh():
             self.reconcile(now, wall)
         elif self.incoming:

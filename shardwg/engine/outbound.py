@@ -34,6 +34,7 @@ from shardwg.proto.keypair import Keypair, reserve_send
 from shardwg.proto.ownership import RemotePeer
 from shardwg.proto.peer import Peer
 from shardwg.shm import counters as C
+from shardwg.shm.follower import SpreadFollower
 from shardwg.shm.handoff import HandoffKind
 
 log = logging.getLogger("shardwg.engine.worker")
@@ -123,7 +124,9 @@ class OutboundPath:
                 if peer is None:
                     v[_NO_ROUTE] += j - i
                 elif type(peer) is RemotePeer:
-                    self._hand_over_reads(peer.owner, bufs, ips, hdr, i, j)
+                    fol = peer.follower
+                    if fol is None or not self._seal_followed(fol, bufs, hdr, i, j, now):
+                        self._hand_over_reads(peer.owner, bufs, ips, hdr, i, j)
                 else:
                     assert isinstance(peer, Peer)
                     self._seal_for(peer, bufs, hdr, i, j, now, wall)
@@ -152,6 +155,8 @@ class OutboundPath:
         sealer = kp.sealer
         if sealer is None:  # once per session, at its first send
             sealer = kp.sealer = self._make_sealer(kp.send_key)
+        if kp.blocks is not None:
+            kp.blocks.keep_up(kp)  # spread: the owner keeps up with the others' counters too
         sent = self._seal_runs(kp, sealer, sock, ep, bufs, hdr, i, j)
         if sent:
             peer.sent_data(now, sent)
@@ -159,6 +164,24 @@ class OutboundPath:
             now - kp.created >= REKEY_AFTER_TIME or kp.send_counter >= REKEY_AFTER_MESSAGES
         ):
             peer.keep_key_fresh_sending(kp, now, wall)
+
+    def _seal_followed(self, fol: SpreadFollower, bufs: list[memoryview], hdr: int, i: int,
+                       j: int, now: float) -> bool:  # fmt: skip
+        """A spread peer's reads i..j-1 sealed here under our own counter blocks (the owner
+        runs its handshakes and timers); False: hand them to the owner (nothing to follow)."""
+        kp = fol.session()
+        ep = fol.endpoint
+        if kp is None or ep is None or now - kp.created >= REJECT_AFTER_TIME:
+            return False
+        sock = self.udp6 if len(ep) == 4 else self.udp4
+        if sock is None:
+            self.v[_SEND_ERROR] += j - i
+            return True
+        sealer = kp.sealer
+        if sealer is None:  # once per followed session
+            sealer = kp.sealer = self._make_sealer(kp.send_key)
+        self._seal_runs(kp, sealer, sock, ep, bufs, hdr, i, j)
+        return True
 
     def _seal_runs(self, kp: Keypair, sealer: Any, sock: socket.socket, ep: Any,
                    bufs: list[memoryview], hdr: int, pos: int, end: int) -> int:  # fmt: skip

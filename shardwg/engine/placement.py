@@ -137,3 +137,16 @@ class LoadBalancer:
 
     def reset(self) -> None:
         self.streak = [0] * self.workers
+
+
+def spread_peers(
+    mode: Mode, keys: list[bytes], workers: int, policy: str, overrides: dict[bytes, bool]
+) -> set[bytes]:
+    """The peers every worker seals for (issue 12 item 2), by `policy`:
+    "off" none; "on" all; "auto" all when there are fewer peers than workers (the workers
+    left idle by one-owner placement carry them). A per-peer override wins over "auto"
+    and "on"; hash placement (`--placement hash`, today's behaviour) never spreads."""
+    if mode == Mode.HASH or workers < 2 or policy == "off":
+        return set()
+    default = policy == "on" or (policy == "auto" and len(keys) < workers)
+    return {k for k in keys if overrides.get(k, default)}

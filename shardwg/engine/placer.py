@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from shardwg.engine.placement import LoadBalancer, Move, initial, place_new, rebalance
+from shardwg.engine.placement import (
+    LoadBalancer,
+    Move,
+    initial,
+    place_new,
+    rebalance,
+    spread_peers,
+)
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.placement import (
@@ -68,6 +75,8 @@ class Placer:
         self._history: list[tuple[float, dict[bytes, int]]] = []
         self._next_sample = 0.0
         self.rates: dict[bytes, float] = {}
+        self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_peers)
+        self.spread_overrides: dict[bytes, bool] = {}  # per-peer setting, wins over the policy
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
@@ -79,6 +88,9 @@ class Placer:
         t.owners = [-1] * (max(self.slot_of.values(), default=-1) + 1)
         for key, slot in self.slot_of.items():
             t.owners[slot] = self.owners.get(key, -1)
+        spread = spread_peers(self.mode, list(self.slot_of), self.workers, self.spread_policy,
+                              self.spread_overrides)  # fmt: skip
+        t.spread = {self.slot_of[k] for k in spread}
         encode_table(t, self._scratch)
         size = table_size(len(t.owners))
         self.layout.placement_slot(self.buf).write(memoryview(self._scratch)[:size])

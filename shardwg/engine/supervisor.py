@@ -115,6 +115,7 @@ class Supervisor:
     set_dns: bool = True  # DNS = through resolvconf (False: --no-dns)
     hooks: Hooks | None = None
     placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
+    spread: str = "off"  # --spread: off, auto or on (engine/placement.spread_peers)
     placer: Placer | None = None
     _stop: bool = False
     _wake_r: int = -1
@@ -177,6 +178,7 @@ class Supervisor:
         self.secrets = SecretArea(capacity)  # before the first fork: every worker inherits it
         self.live.memory = SharedMemory(self.layout, self.region, self.secrets)
         self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
+        self.placer.spread_policy = self.spread
         self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
         self.live.placer = self.placer
         try:

@@ -8,6 +8,7 @@ keys, and computable by any tool that knows the key and the worker count.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 
 def owner_of(public_key: bytes, workers: int) -> int:
@@ -20,11 +21,14 @@ def owner_of(public_key: bytes, workers: int) -> int:
 class RemotePeer:
     """A peer owned by another worker: in our routing table only to hand its packets over."""
 
-    __slots__ = ("public_key", "owner")
+    __slots__ = ("public_key", "owner", "follower")
 
     def __init__(self, public_key: bytes, owner: int) -> None:
         self.public_key = public_key
         self.owner = owner
+        # A spread peer (shm/follower.py): we seal its packets ourselves while `follower`
+        # has a session; None: hand them all to the owner.
+        self.follower: Any = None
 
     def __repr__(self) -> str:
         return f"RemotePeer({self.public_key[:4].hex()}…, owner={self.owner})"

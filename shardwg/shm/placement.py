@@ -13,7 +13,8 @@ one consistent placement. Entries are indexed by peer slot (shm/peerslot.py):
       count moves), f32 latency (seconds to the new owner's adoption, -1 while in flight),
       u16 from, u16 to, u8 reason, 3 pad, public key[32]  (56 bytes)
   ... one u32 per peer slot: 0 = not placed, else bits 0-15 owner + 1, bits 16-23 how
-      (1 = owned by one worker; values above are reserved, e.g. "spread" over several).
+      (1 = owned by one worker; 2 = spread: the owner runs handshakes and timers, every
+      worker seals the peer's packets under its own counter blocks, proto/spread.py).
 The owner field in a peer's own record (peerslot) names the worker that writes that
 record; during a move the two differ until the new owner adopts the slot.
 """
@@ -29,7 +30,8 @@ _HEAD = struct.Struct("<4sIIIQII")
 _MOVE = struct.Struct("<dffHHB3x32s")
 HISTORY = 8
 _ENTRIES_AT = _HEAD.size + HISTORY * _MOVE.size
-HOW_OWNED = 1  # an entry's "how": one worker owns the peer (others reserved, e.g. spread)
+HOW_OWNED = 1  # an entry's "how": one worker owns the peer
+HOW_SPREAD = 2  # the owner owns it, and every worker seals its packets (proto/spread.py)
 
 
 class Mode(IntEnum):
@@ -66,6 +68,7 @@ class PlacementTable:
     generation: int = 0
     moves_total: int = 0
     history: list[MoveRecord] = field(default_factory=list)
+    spread: set[int] = field(default_factory=set)  # peer slots whose packets every worker seals
 
 
 def encode_table(t: PlacementTable, out: bytearray | memoryview) -> None:
@@ -90,7 +93,8 @@ def encode_table(t: PlacementTable, out: bytearray | memoryview) -> None:
     for i, owner in enumerate(t.owners):
         if not -1 <= owner < 0xFFFF:
             raise ValueError(f"owner {owner} out of range")
-        words[i] = 0 if owner < 0 else (HOW_OWNED << 16) | (owner + 1)
+        how = HOW_SPREAD if i in t.spread else HOW_OWNED
+        words[i] = 0 if owner < 0 else (how << 16) | (owner + 1)
     words.release()
 
 
@@ -110,9 +114,14 @@ def decode_table(data: bytes | bytearray | memoryview) -> PlacementTable | None:
         )
         history.append(MoveRecord(key, src, dst, Reason(reason), wall, ratio, latency))
     owners = []
-    for (word,) in struct.iter_unpack("<I", bytes(data[_ENTRIES_AT : _ENTRIES_AT + 4 * n])):
+    spread = set()
+    for i, (word,) in enumerate(
+        struct.iter_unpack("<I", bytes(data[_ENTRIES_AT : _ENTRIES_AT + 4 * n]))
+    ):
         owners.append((word & 0xFFFF) - 1 if word else -1)
-    return PlacementTable(Mode(mode), owners, gen, total, history)
+        if word and (word >> 16) & 0xFF == HOW_SPREAD:
+            spread.add(i)
+    return PlacementTable(Mode(mode), owners, gen, total, history, spread)
 
 
 def entry_owner(data: bytes | bytearray | memoryview, index: int) -> int:

@@ -99,6 +99,8 @@ class SessionPublisher:
         """The send limit to publish for `kp`: a first publication reserves a first block."""
         if kp is None:
             return 0
+        if kp.blocks is not None:  # spread: its limit is the block its ledger entry holds
+            return kp.send_reserved
         if kp.on_reserve is None:
             return kp.send_counter + keypair.RESERVATION_BLOCK
         return kp.send_reserved
