@@ -332,3 +332,64 @@ def test_a_non_owner_seals_with_the_owners_session_from_shared_memory() -> None:
         if round_ == 1:
             fol = follower()  # the follower's worker crashed and was replaced
     assert {receiver_worker(c, 2) for c in seen} == {0, 1}
+
+
+def test_the_table_spreads_a_peer_and_every_worker_seals_for_it() -> None:
+    """--spread on: the supervisor's table marks the peer, the owner spreads its session on
+    its tick, the others get followers; a move keeps every counter unique; spread off again
+    hands the packets back to the owner while the session stays on blocks."""
+    from tests.placement_world import GW_ADDR, World, ip_packet
+
+    from shardwg.engine.placement import Move
+    from shardwg.shm.placement import Reason, decode_table
+
+    world = World(workers=3)
+    world.placer.spread_policy = "on"
+    world.placer.flush()
+    assert decode_table(world.layout.placement_slot(world.buf).read()).spread == {0}
+    world.settle()
+    world.handshake()
+    world.settle()
+    out = memoryview(bytearray(2048))
+    seen: set[tuple[bytes, int]] = set()
+
+    def send_from(w: int) -> bool:
+        dev = world.w[w].device
+        if w == world.owner():
+            peer = dev.peers[world.remote_key]
+            kp = peer.current
+        else:
+            fol = dev.remote[world.remote_key].follower
+            kp = fol.session() if fol is not None else None
+        if kp is None:
+            return False
+        pkt = ip_packet("10.0.0.1", "10.9.0.2", b"spread!!")
+        n = seal_into(kp, memoryview(pkt), len(pkt) - 16, 1420, out)
+        assert n > 0
+        key = (kp.send_key, _COUNTER.unpack_from(out, 8)[0])
+        assert key not in seen, "counter reused"
+        seen.add(key)
+        got = world.remote.receive_transport(out, n, GW_ADDR, memoryview(bytearray(2048)),
+                                             world.now, world.wall)  # fmt: skip
+        assert got > 0
+        return True
+
+    for w in range(3):
+        assert send_from(w)  # every worker seals, the owner too
+    for i in range(3000):
+        assert send_from(i % 3)
+    others = [w for w in range(3) if w != world.owner()]
+    world.placer.move(Move(world.remote_key, world.owner(), others[0]), Reason.LOAD)
+    world.settle()
+    for i in range(3000):
+        send_from(i % 3)
+    workers_seen = {receiver_worker(c, 3) for _k, c in seen}
+    assert workers_seen == {0, 1, 2}
+    world.placer.spread_policy = "off"
+    world.placer.flush()
+    world.settle()
+    owner = world.owner()
+    assert all(world.w[w].device.remote[world.remote_key].follower is None
+               for w in range(3) if w != owner)  # fmt: skip
+    for _ in range(100):
+        assert send_from(owner)
