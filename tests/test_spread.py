@@ -338,10 +338,9 @@ def test_the_table_spreads_a_peer_and_every_worker_seals_for_it() -> None:
     """--spread on: the supervisor's table marks the peer, the owner spreads its session on
     its tick, the others get followers; a move keeps every counter unique; spread off again
     hands the packets back to the owner while the session stays on blocks."""
-    from tests.placement_world import GW_ADDR, World, ip_packet
-
     from shardwg.engine.placement import Move
     from shardwg.shm.placement import Reason, decode_table
+    from tests.placement_world import GW_ADDR, World, ip_packet
 
     world = World(workers=3)
     world.placer.spread_policy = "on"
