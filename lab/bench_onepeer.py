@@ -1,0 +1,127 @@
+"""One peer over several workers (issue 12): throughput, retransmits and each worker's share.
+
+A pair of namespaces on a veth: end A is shardwg (1 or 2 workers, `--spread off|on`), end B is
+wireguard-go or shardwg with the same worker count and spread setting. iperf3 TCP with 1 or 4
+streams, each direction (B -> A: A receives; A -> B: A sends). For each run: Gbit/s, TCP
+retransmits (iperf3 -J), and A's per-worker UDP datagram counts over the run from
+`shardwg show --json` (the share each worker carried in each direction).
+
+    python -m lab.bench_onepeer [--seconds 5] [--reps 3] [--peer wggo|shardwg] [--out F]
+
+Configurations alternate inside each repetition; the report gives medians over reps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any
+
+from lab.bench_measure import IperfJob
+from lab.bench_pairs import TUNNEL, UNDERLAY, WG_PORT, TunnelEnd
+from lab.gateway_proc import ShardwgGateway
+from lab.harness import Harness
+from lab.keys import keypair
+from lab.netns import unique_ifname, veth_link
+from lab.ping import ping_rtts
+
+IPERF_PORT = 5211
+CONFIGS = [(1, "off"), (2, "off"), (2, "on")]  # (workers, spread) of the shardwg end(s)
+
+
+def worker_counts(gw: ShardwgGateway) -> list[tuple[int, int]]:
+    """(rx_packets, tx_packets) per worker of `gw`, now."""
+    res = gw.ns.run([sys.executable, "-m", "shardwg", "show", gw.ifname, "--json",
+                     "--interval", "0"], check=False, timeout=20)  # fmt: skip
+    doc = json.loads(res.stdout)
+    doc = doc[0] if isinstance(doc, list) else doc
+    return [(w["rx_packets"], w["tx_packets"]) for w in doc["worker_stats"]]
+
+
+class OnePeer:
+    """End A: shardwg; end B: `peer_kind` (wggo or shardwg); one peer each."""
+
+    def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str) -> None:
+        self.a_ns, self.b_ns = h(2, "op")
+        veth_link(self.a_ns, self.b_ns, [f"{UNDERLAY[0]}/24"], [f"{UNDERLAY[1]}/24"])
+        (pa, ka), (pb, kb) = keypair(), keypair()
+        extra = ["--placement", "count", "--spread", spread]
+
+        def peer(i: int, pub: str) -> dict[str, Any]:
+            return {"public_key": pub, "allowed_ips": [f"{TUNNEL[1 - i]}/32"],
+                    "endpoint": f"{UNDERLAY[1 - i]}:{WG_PORT}"}  # fmt: skip
+
+        self.gw = h.gateway(self.a_ns, unique_ifname("opa"), pa, WG_PORT, [peer(0, kb)],
+                            [f"{TUNNEL[0]}/24"], workers=workers, extra_args=extra)  # fmt: skip
+        if peer_kind == "wggo":
+            wg = h.wireguard_go(self.b_ns, unique_ifname("opb"), pb, WG_PORT, [peer(1, ka)],
+                                [f"{TUNNEL[1]}/24"], log_level="error")  # fmt: skip
+            assert wg.proc is not None
+            self.b_end = TunnelEnd("wggo", self.b_ns, wg.proc.pid)
+        else:
+            gb = h.gateway(self.b_ns, unique_ifname("opb"), pb, WG_PORT, [peer(1, ka)],
+                           [f"{TUNNEL[1]}/24"], workers=workers, extra_args=extra)  # fmt: skip
+            self.b_end = TunnelEnd("shardwg", self.b_ns, gb.proc.pid)
+        if not ping_rtts(self.b_ns, TUNNEL[0], count=1, timeout=30):
+            raise RuntimeError("no reply through the tunnel")
+
+    def tcp(self, streams: int, seconds: float, a_sends: bool) -> dict[str, Any]:
+        server, client, addr = (self.b_ns, self.a_ns, TUNNEL[1]) if a_sends else (
+            self.a_ns, self.b_ns, TUNNEL[0])  # fmt: skip
+        before = worker_counts(self.gw)
+        run = IperfJob(server, client, addr, IPERF_PORT, seconds, streams).run()
+        after = worker_counts(self.gw)
+        col = 1 if a_sends else 0  # A's tx datagrams when it sends, rx when it receives
+        per = [b[col] - a[col] for a, b in zip(before, after, strict=True)]
+        total = max(sum(per), 1)
+        return {"gbit_s": run.gbit_s, "retransmits": run.retransmits,
+                "shares": [round(p / total, 3) for p in per]}  # fmt: skip
+
+
+def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int]) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    for _rep in range(reps):
+        for workers, spread in CONFIGS:
+            with Harness() as h:
+                op = OnePeer(h, peer_kind, workers, spread)
+                for streams in streams_list:
+                    for a_sends in (True, False):
+                        key = (f"{workers}w spread={spread} {streams}s "
+                               f"{'A->B' if a_sends else 'B->A'}")  # fmt: skip
+                        res = op.tcp(streams, seconds, a_sends)
+                        results.setdefault(key, []).append(res)
+                        print(key, res, flush=True)
+    summary = {}
+    for key, runs in results.items():
+        summary[key] = {
+            "gbit_s": statistics.median(r["gbit_s"] for r in runs),
+            "retransmits": statistics.median(r["retransmits"] for r in runs),
+            "shares": runs[len(runs) // 2]["shares"],
+            "runs": runs,
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--peer", choices=("wggo", "shardwg"), default="wggo")
+    p.add_argument("--streams", default="1,4")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    summary = run(a.seconds, a.reps, a.peer, [int(s) for s in a.streams.split(",")])
+    text = json.dumps(summary, indent=1)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    for key, s in summary.items():
+        print(f"{key:32s} {s['gbit_s']:.3f} Gbit/s  retrans {s['retransmits']:.0f}  "
+              f"shares {s['shares']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
