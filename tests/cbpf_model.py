@@ -17,11 +17,16 @@ from shardwg.io.cbpf import (
     BPF_JGE,
     BPF_JGT,
     BPF_JMP,
+    BPF_JSET,
     BPF_LD,
     BPF_LEN,
+    BPF_LSH,
     BPF_MEM,
     BPF_MISC,
+    BPF_MOD,
+    BPF_OR,
     BPF_RET,
+    BPF_RSH,
     BPF_ST,
     BPF_SUB,
     BPF_TAX,
@@ -74,8 +79,20 @@ def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> 
         elif cls == BPF_ST:
             mem[k] = a
         elif cls == BPF_ALU:
-            assert code == BPF_ALU | BPF_SUB, hex(code)
-            a = (a - k) & 0xFFFFFFFF
+            op, operand = code & 0xF0, x if code & BPF_X else k
+            if op == BPF_SUB:
+                a = (a - operand) & 0xFFFFFFFF
+            elif op == BPF_OR:
+                a = a | operand
+            elif op == BPF_LSH:
+                a = (a << operand) & 0xFFFFFFFF
+            elif op == BPF_RSH:
+                a = a >> operand
+            elif op == BPF_MOD:
+                assert operand, "mod by zero"
+                a = a % operand
+            else:
+                raise AssertionError(f"alu {code:#x} not modelled")
         elif cls == BPF_MISC:
             assert code == BPF_MISC | BPF_TAX, hex(code)
             x = a
@@ -85,8 +102,9 @@ def run(prog: list[Insn], net: bytes, transport: bytes, random_u32: int = 0) -> 
                 pc += k
             else:
                 operand = x if code & BPF_X else k
-                assert op in (BPF_JEQ, BPF_JGE, BPF_JGT), hex(code)
-                taken = {BPF_JEQ: a == operand, BPF_JGE: a >= operand, BPF_JGT: a > operand}[op]
+                assert op in (BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JSET), hex(code)
+                taken = {BPF_JEQ: a == operand, BPF_JGE: a >= operand, BPF_JGT: a > operand,
+                         BPF_JSET: bool(a & operand)}[op]  # fmt: skip
                 pc += jt if taken else jf
         elif cls == BPF_RET:
             return a if code & 0x18 == BPF_A else k

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from shardwg.io import steering as st
-from shardwg.proto.index import make_index
+from shardwg.proto.index import SPREAD_INDEX_BIT, make_index
+from shardwg.proto.spread import receiver_worker
 
 N = 4
 
@@ -182,3 +183,66 @@ def test_program_matches_its_contract(payload: bytes, workers: int, head: int) -
         if offset is not None and payload[offset] < workers:
             want = payload[offset]
     assert _run(workers, payload) == want
+
+
+# ---------------------------------------------------------------- spread peers
+
+
+def spread_transport(worker: int, counter: int, flagged: bool = True) -> bytes:
+    index = make_index(worker, 0xABCDEF) & ~SPREAD_INDEX_BIT
+    index |= SPREAD_INDEX_BIT if flagged else 0
+    return b"\x04\0\0\0" + index.to_bytes(4, "little") + counter.to_bytes(8, "little") + bytes(16)
+
+
+def _run_spread(workers: int, payload: bytes) -> int:
+    try:
+        return cbpf_model.run(st.program(workers, spread=True), b"", payload)
+    except cbpf_model.Aborted:
+        return 0
+
+
+@given(payload=st_.binary(max_size=96), workers=st_.integers(1, 256), head=st_.integers(0, 6))
+@settings(max_examples=400, deadline=None)
+def test_spread_program_matches_its_contract(payload: bytes, workers: int, head: int) -> None:
+    """Spread-flagged transport goes by counter block; everything else as `program`."""
+    if head and len(payload) >= 4:
+        payload = bytes([head, 0, 0, 0]) + payload[4:]
+    want = _run(workers, payload)
+    if len(payload) >= 32 and payload[:4] == b"\x04\0\0\0" and payload[5] & 1:
+        counter = int.from_bytes(payload[8:16], "little")
+        want = (((counter >> 8) & 0xFFFFFFFF) >> 2) % workers
+    assert _run_spread(workers, payload) == want
+
+
+@given(counter=st_.integers(0, (1 << 34) - 1), workers=st_.integers(1, 256),
+       owner=st_.integers(0, 255))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_spread_program_agrees_with_the_sender_blocks(counter: int, workers: int,
+                                                      owner: int) -> None:  # fmt: skip
+    assert _run_spread(workers, spread_transport(owner, counter)) == receiver_worker(
+        counter, workers
+    )
+    unflagged = _run_spread(workers, spread_transport(owner, counter, flagged=False))
+    assert unflagged == (owner if owner < workers else st.FALLBACK)
+
+
+def test_kernel_steers_spread_transport_by_counter() -> None:
+    """The kernel runs the spread program as the model does (ALU, JSET, MOD included)."""
+    socks: list[socket.socket] = []
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", socks[0].getsockname()[1] if len(socks) > 1 else 0))
+        st.attach(socks[1], 3, spread=True)
+        dst = ("127.0.0.1", socks[0].getsockname()[1])
+        for counter in (0, 1023, 1024, 2048, 5 * 1024 + 7, (1 << 33) + 3 * 1024, 77777):
+            want = receiver_worker(counter, 3)
+            assert _where(socks, dst, spread_transport(0, counter), tx) == want, counter
+        assert _where(socks, dst, spread_transport(2, 4096, flagged=False), tx) == 2
+    finally:
+        tx.close()
+        for s in socks:
+            s.close()

@@ -26,6 +26,15 @@ The program:
   of piling it onto one, and the check keeps the program correct even if the
   group holds extra sockets.
 
+Spread peers (proto/spread.py, `program(workers, spread=True)`): a transport message
+whose receiver index has bit 8 set (SPREAD_INDEX_BIT, the low bit of payload byte 5) is a
+spread peer's, and goes to worker (counter >> 10) mod N, the counter's bits 10..33 read
+from payload bytes 9..12 (little-endian): the block of SPREAD_BLOCK = 1024 counters it
+belongs to, modulo N, as proto.spread.receiver_worker says for counters below 2^34 (a
+session never gets near; beyond, the choice is still a function of the datagram, so one
+counter always reaches one worker). With spread on, the workers allocate every index
+with that bit set exactly for spread peers (proto/index.py).
+
 Slots move when a socket closes: the kernel moves the last socket of the array
 into the closed one's slot (observed in tests/test_steering.py: with sockets
 0..3, closing #1 sends id 1 to old #3, and id 3, now >= num_socks, to the hash).
@@ -38,21 +47,31 @@ be connect()ed: the hash fallback skips connected members.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from shardwg.io import cbpf
 from shardwg.io.cbpf import (
     BPF_A,
     BPF_ABS,
+    BPF_ALU,
     BPF_B,
     BPF_JA,
     BPF_JEQ,
     BPF_JGE,
     BPF_JMP,
+    BPF_JSET,
     BPF_K,
     BPF_LD,
     BPF_LEN,
+    BPF_LSH,
+    BPF_MISC,
+    BPF_MOD,
+    BPF_OR,
     BPF_RET,
+    BPF_RSH,
+    BPF_TAX,
     BPF_W,
+    BPF_X,
     Insn,
 )
 from shardwg.proto.constants import (
@@ -61,7 +80,8 @@ from shardwg.proto.constants import (
     TRANSPORT_OFFSET_RECEIVER,
     MessageType,
 )
-from shardwg.proto.index import MAX_WORKERS
+from shardwg.proto.index import MAX_WORKERS, SPREAD_INDEX_BIT
+from shardwg.proto.spread import SPREAD_SHIFT
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
@@ -73,10 +93,12 @@ def _header_word(t: MessageType) -> int:
     return int(t) << 24
 
 
-def program(workers: int) -> list[Insn]:
+def program(workers: int, spread: bool = False) -> list[Insn]:
     """The instructions as (code, jt, jf, k); jumps are relative to the next instruction."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+    if spread:
+        return _spread_program(workers)
     fb, off4, off8, check = 11, 6, 8, 9  # instruction numbers of the labels
     insns = [
         (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # 0: A = payload length
@@ -95,14 +117,77 @@ def program(workers: int) -> list[Insn]:
     return insns
 
 
-def build_program(workers: int) -> bytes:
+def _assemble(lines: list[tuple[Any, ...]]) -> list[Insn]:
+    """Resolve labels: each line is ("label", name) or (code, jt, jf, k) where jt, jf
+    (conditional jumps) or k (BPF_JA) may be a label name."""
+    at: dict[str, int] = {}
+    n = 0
+    for line in lines:
+        if line[0] == "label":
+            at[line[1]] = n
+        else:
+            n += 1
+    out: list[Insn] = []
+    for line in lines:
+        if line[0] == "label":
+            continue
+        code, jt, jf, k = line
+        here = len(out) + 1
+        if code == BPF_JMP | BPF_JA and isinstance(k, str):
+            k = at[k] - here
+        jt = at[jt] - here if isinstance(jt, str) else jt
+        jf = at[jf] - here if isinstance(jf, str) else jf
+        out.append((code, jt, jf, k))
+    return out
+
+
+def _spread_program(workers: int) -> list[Insn]:
+    """`program` plus the spread branch for transport messages (module docstring)."""
+    ld_b = BPF_LD | BPF_B | BPF_ABS
+    counter_bytes: list[tuple[Any, ...]] = [(ld_b, 0, 0, 12)]  # A = counter byte 4
+    for byte in (11, 10, 9):  # A = (counter >> 8) mod 2^32, one byte at a time
+        counter_bytes += [
+            (BPF_ALU | BPF_LSH | BPF_K, 0, 0, 8),
+            (BPF_MISC | BPF_TAX, 0, 0, 0),
+            (ld_b, 0, 0, byte),
+            (BPF_ALU | BPF_OR | BPF_X, 0, 0, 0),
+        ]
+    return _assemble([
+        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # A = payload length
+        (BPF_JMP | BPF_JGE | BPF_K, 0, "fb", TRANSPORT_MIN_SIZE),
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),  # A = type || reserved
+        (BPF_JMP | BPF_JEQ | BPF_K, "transport", 0, _header_word(MessageType.TRANSPORT)),
+        (BPF_JMP | BPF_JEQ | BPF_K, "off4", 0, _header_word(MessageType.COOKIE_REPLY)),
+        (BPF_JMP | BPF_JEQ | BPF_K, "off8", "fb", _header_word(MessageType.RESPONSE)),
+        ("label", "transport"),
+        (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER + 1),  # A = index bits 8..15
+        (BPF_JMP | BPF_JSET | BPF_K, "spread", 0, SPREAD_INDEX_BIT >> 8),
+        ("label", "off4"),
+        (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER),
+        (BPF_JMP | BPF_JA, 0, 0, "check"),
+        ("label", "off8"),
+        (ld_b, 0, 0, RESPONSE_OFFSET_RECEIVER),
+        ("label", "check"),
+        (BPF_JMP | BPF_JGE | BPF_K, "fb", 0, workers),
+        (BPF_RET | BPF_A, 0, 0, 0),  # socket #worker id
+        ("label", "fb"),
+        (BPF_RET | BPF_K, 0, 0, FALLBACK),
+        ("label", "spread"),
+        *counter_bytes,
+        (BPF_ALU | BPF_RSH | BPF_K, 0, 0, SPREAD_SHIFT - 8),
+        (BPF_ALU | BPF_MOD | BPF_K, 0, 0, workers),
+        (BPF_RET | BPF_A, 0, 0, 0),
+    ])
+
+
+def build_program(workers: int, spread: bool = False) -> bytes:
     """The packed `struct sock_filter` array for a group of `workers` sockets."""
-    return cbpf.pack(program(workers))
+    return cbpf.pack(program(workers, spread))
 
 
-def attach(sock: socket.socket, workers: int) -> None:
+def attach(sock: socket.socket, workers: int, spread: bool = False) -> None:
     """Attach the steering program to the reuseport group `sock` (bound, SO_REUSEPORT) is in."""
-    cbpf.attach(sock, SO_ATTACH_REUSEPORT_CBPF, program(workers))
+    cbpf.attach(sock, SO_ATTACH_REUSEPORT_CBPF, program(workers, spread))
 
 
 def detach(sock: socket.socket) -> None:

@@ -16,6 +16,8 @@ Random24 = Callable[[], int]
 WORKER_BITS = 8
 MAX_WORKERS = 1 << WORKER_BITS
 WORKER_MASK = MAX_WORKERS - 1
+SPREAD_INDEX_BIT = 1 << WORKER_BITS  # with spread steering on: set exactly on spread peers'
+# indices, whose transport messages the reuseport program steers by counter (io/steering.py)
 
 
 def make_index(worker_id: int, random24: int) -> int:

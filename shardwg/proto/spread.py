@@ -29,7 +29,9 @@ from typing import Protocol
 from shardwg.proto.constants import REPLAY_WINDOW
 from shardwg.proto.keypair import NO_RESERVATION, Keypair
 
-SPREAD_BLOCK = 1024  # counters per block: one ledger store per block, and the steering grain
+SPREAD_SHIFT = 10
+SPREAD_BLOCK = 1 << SPREAD_SHIFT  # counters per block: one ledger store each, and the
+# steering grain (io/steering.py reads counter >> SPREAD_SHIFT)
 JUMP_AT = REPLAY_WINDOW // 2  # a worker this far behind the front jumps; half the window is
 # the slack for the others' sends between two checks (one check per batch, see keep_up)
 
