@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -28,6 +29,7 @@ from shardwg.proto.spread import (
     block_start,
     receiver_worker,
 )
+from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.shm.spread import SpreadArea, area_size
 
 _PLAIN = bytearray(64 + 32)
@@ -392,3 +394,63 @@ def test_the_table_spreads_a_peer_and_every_worker_seals_for_it() -> None:
                for w in range(3) if w != owner)  # fmt: skip
     for _ in range(100):
         assert send_from(owner)
+
+
+def _spread_world(workers: int) -> Any:
+    from tests.placement_world import World
+
+    world = World(workers=workers)
+    for w in world.w:
+        w.device.table.allocator.steer_spread = True
+    world.placer.spread_policy = "on"
+    world.placer.flush()
+    world.settle()
+    world.handshake()
+    world.settle()
+    return world
+
+
+def _steer(world: Any, data: bytes) -> int:
+    import cbpf_model
+
+    from shardwg.io import steering
+
+    got = cbpf_model.run(steering.program(world.workers, spread=True), b"", data)
+    return data[4] if got == steering.FALLBACK else got
+
+
+def test_receive_spread_over_workers_each_with_its_own_window() -> None:
+    """A spread peer's datagrams, steered by counter as the kernel program does, are opened
+    by every worker (its own replay window, its floor in the ledger); a replay of any of
+    them, also after the receiving worker crashed, is refused."""
+    world = _spread_world(3)
+    peer = world.w[world.owner()].device.peers[world.remote_key]
+    assert peer.current.local_index & SPREAD_INDEX_BIT
+    got_by = [0, 0, 0]
+    sent: list[bytes] = []
+    for _ in range(5000):  # the remote (a plain WireGuard) counts sequentially
+        data = _remote_datagram(world)
+        w = _steer(world, data)
+        assert world.w[w].receive(data) > 0, w
+        got_by[w] += 1
+        sent.append(data)
+    assert min(got_by) > 1000, got_by
+    world.crash((world.owner() + 1) % 3)  # a non-owner dies; its replacement boots from shm
+    world.settle()
+    for data in sent[-3000:]:
+        assert world.w[_steer(world, data)].receive(data) <= 0
+    for _ in range(3000):
+        data = _remote_datagram(world)
+        assert world.w[_steer(world, data)].receive(data) > 0
+
+
+def _remote_datagram(world: Any) -> bytes:
+    from tests.placement_world import ip_packet
+
+    world.seq += 1
+    pkt = ip_packet("10.9.0.2", "10.0.0.1", world.seq.to_bytes(8, "little"))
+    out = memoryview(bytearray(2048))
+    n = world.remote.send_packet(world.rpeer, memoryview(pkt), len(pkt) - 16, out,
+                                 world.now, world.wall)  # fmt: skip
+    assert n > 0
+    return bytes(out[:n])

@@ -158,15 +158,44 @@ class ShardPlacement:
                     remote.follower = None
                 elif remote.follower is None and area is not None and index is not None:
                     slot = self.layout.peer_slot(self.buf, index)
-                    remote.follower = SpreadFollower(
+                    fol = SpreadFollower(
                         slot, self.publisher.secrets, index, key, area.peer(index), self.me,
                         workers,
                     )
+                    fol.peer = remote
+                    fol.on_change = self._followed_changed
+                    remote.follower = fol
+                    fol.refresh()
             if key in dev.peers and on and area is not None and index is not None:
+                dev.peers[key].spread = True  # its next sessions' indices say so
                 if key not in self.own_spread:
                     self.own_spread[key] = SpreadBlocks(self.me, workers, area.peer(index))
             else:
+                if key in dev.peers:
+                    dev.peers[key].spread = False
                 self.own_spread.pop(key, None)
+        # Only the sessions of peers we follow now are opened here.
+        dev.followed = {}
+        live = False
+        for r in dev.remote.values():
+            if r.follower is not None:
+                live = True
+                if r.follower.kp is not None:
+                    dev.followed[r.follower.kp.local_index] = r.follower.kp
+        dev.refresh_followed = self._refresh_followed if live else None
+
+    def _followed_changed(self, old: Any, new: Any) -> None:
+        dev = self.device
+        if old is not None:
+            dev.followed.pop(old.local_index, None)
+        if new is not None:
+            dev.followed[new.local_index] = new
+
+    def _refresh_followed(self) -> None:
+        """An unknown spread index arrived: a followed peer may have a new session."""
+        for remote in self.device.remote.values():
+            if remote.follower is not None:
+                remote.follower.refresh()
 
     def spread_sessions(self) -> None:
         """Owner, every tick: spread each spread peer's current session once it is published

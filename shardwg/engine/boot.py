@@ -96,6 +96,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
         device = Device(
             cfg.interface.private_key, os.urandom, worker_id=index, mtu=cfg.interface.mtu
         )
+        device.table.allocator.steer_spread = ctx.spread
         specs = {p.public_key: boot_spec(p, index) for p in cfg.peers}
         placement = ShardPlacement(
             device, publisher, layout, buf, index, specs, ring_pusher(mesh, index, n), counters.v

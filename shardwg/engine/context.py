@@ -37,6 +37,7 @@ class BootContext:
     tun_fd: int  # this worker's TUN queue (speaks virtio_net_hdr frames)
     udp4: socket.socket | None  # this worker's member of the reuseport group, per family
     udp6: socket.socket | None
+    spread: bool = False  # spread steering on (shardwg run --spread auto|on): see proto/index
 
 
 @dataclass(frozen=True)

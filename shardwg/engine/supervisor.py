@@ -197,7 +197,7 @@ class Supervisor:
             self.gateway.open()
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
-                    steering.attach(group[0], n)
+                    steering.attach(group[0], n, spread=self.spread != "off")
             self.hooks.set_dns()
         except HookError as exc:
             self._teardown()
@@ -316,6 +316,7 @@ class Supervisor:
             tun_fd=gw.tun.fds[index],
             udp4=gw.udp4[index] if gw.udp4 else None,
             udp6=gw.udp6[index] if gw.udp6 else None,
+            spread=self.spread != "off",
         )
 
     # ------------------------------------------------------------------ loop
@@ -583,7 +584,7 @@ class Supervisor:
             self.gateway.rebind_udp(port)
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
-                    steering.attach(group[0], self.workers)
+                    steering.attach(group[0], self.workers, spread=self.spread != "off")
             if self._global is not None:
                 self._global.listen_port = self.gateway.port
                 self._write_global()

@@ -28,7 +28,7 @@ from shardwg.proto.constants import (
     DropReason,
     MessageType,
 )
-from shardwg.proto.index import IndexAllocator
+from shardwg.proto.index import SPREAD_INDEX_BIT, IndexAllocator
 from shardwg.proto.indextable import IndexTable
 from shardwg.proto.intake import HandshakeIntake
 from shardwg.proto.keypair import Keypair, open_into, seal_into
@@ -37,6 +37,7 @@ from shardwg.proto.peer import INF, Peer, PeerEvent
 
 RandomBytes = Callable[[int], bytes]
 _U32 = struct.Struct("<I")
+_SPREAD_BYTE_BIT = SPREAD_INDEX_BIT >> 8  # the spread bit in the index's second byte
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 _V6ADDR = struct.Struct(">QQ")
@@ -92,6 +93,11 @@ class Device:
         # peer (its `owner` follows later moves). Datagrams still carrying such an index are
         # steered here until the next handshake; `forward(owner, msg, n, src)` passes them on.
         self.moved: dict[int, RemotePeer] = {}
+        # Spread peers we do not own (shm/follower.py): their current sessions by local
+        # index, each with this worker's own replay window over the counters steered here;
+        # `refresh_followed` re-reads the owners' slots when an unknown spread index arrives.
+        self.followed: dict[int, Keypair] = {}
+        self.refresh_followed: Callable[[], None] | None = None
         self.forward: Callable[[int, memoryview, int, Any], None] | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -208,6 +214,8 @@ class Device:
         write to the TUN, 0 for a keepalive, or `-1 - DropReason`."""
         kp = self.sessions.get(_U32.unpack_from(msg, 4)[0])
         if kp is None:
+            if msg[5] & _SPREAD_BYTE_BIT and self.refresh_followed is not None:
+                return self._receive_followed(msg, n, out, now)
             moved = self.moved.get(_U32.unpack_from(msg, 4)[0]) if self.moved else None
             if moved is None or self.forward is None:
                 return _UNKNOWN_INDEX
@@ -249,6 +257,44 @@ class Device:
         peer.received(now, n, True)
         if kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
             peer.keep_key_fresh_receiving(kp, now, wall)
+        return total
+
+    def _receive_followed(self, msg: memoryview, n: int, out: memoryview, now: float) -> int:
+        """A spread peer's datagram steered here by its counter (we do not own the peer):
+        open it with the followed session and our own window, check the inner source. No
+        timers or endpoint updates: the owner runs those."""
+        index = _U32.unpack_from(msg, 4)[0]
+        kp = self.followed.get(index)
+        if kp is None and self.refresh_followed is not None:
+            self.refresh_followed()  # a new session of a followed peer: reload its slot
+            kp = self.followed.get(index)
+        if kp is None:
+            return _UNKNOWN_INDEX
+        if now - kp.created >= REJECT_AFTER_TIME:
+            return _KEY_EXPIRED
+        plen = open_into(kp, msg, n, out)
+        if plen <= 0:
+            return plen
+        version = out[0] >> 4
+        if version == 4:
+            if plen < 20:
+                return _BAD_INNER
+            total = _BE16.unpack_from(out, 2)[0]
+            if total < 20 or total > plen:
+                return _BAD_INNER
+            owner = self.allowed.lookup_v4(_BE32.unpack_from(out, 12)[0])
+        elif version == 6:
+            if plen < 40:
+                return _BAD_INNER
+            total = 40 + _BE16.unpack_from(out, 4)[0]
+            if total > plen:
+                return _BAD_INNER
+            hi, lo = _V6ADDR.unpack_from(out, 8)
+            owner = self.allowed.lookup_v6((hi << 64) | lo)
+        else:
+            return _BAD_INNER
+        if owner is not kp.peer:
+            return _NOT_ALLOWED
         return total
 
     def route(self, pkt: memoryview, n: int) -> Peer | RemotePeer | None:

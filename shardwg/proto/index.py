@@ -42,10 +42,13 @@ class IndexAllocator:
         self.worker_id = worker_id
         self._random24 = random24
         self._used: set[int] = set()
+        self.steer_spread = False  # spread steering on: SPREAD_INDEX_BIT set iff spread
 
-    def allocate(self) -> int:
+    def allocate(self, spread: bool = False) -> int:
         for _ in range(1 << 16):
             idx = make_index(self.worker_id, self._random24())
+            if self.steer_spread:
+                idx = (idx & ~SPREAD_INDEX_BIT) | (SPREAD_INDEX_BIT if spread else 0)
             if idx not in self._used:
                 self._used.add(idx)
                 return idx

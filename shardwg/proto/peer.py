@@ -113,6 +113,9 @@ class Peer:
         self.keepalive_deadline = INF
         self.new_handshake_deadline = INF
         self.zero_deadline = INF
+        # Spread over every worker (proto/spread.py): with spread steering on, its sessions'
+        # indices carry SPREAD_INDEX_BIT so their datagrams are steered by counter.
+        self.spread = False
         self.persistent_deadline = INF
         self.need_another_keepalive = False
         self.sent_last_minute_handshake = False

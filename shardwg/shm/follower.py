@@ -14,7 +14,7 @@ from typing import Any
 
 from shardwg.proto.keypair import Keypair
 from shardwg.proto.spread import SpreadBlocks
-from shardwg.shm.peerslot import decode_peer
+from shardwg.shm.peerslot import decode_peer, floor_window
 from shardwg.shm.secrets import SecretArea, decode_keys
 from shardwg.shm.seqlock import SeqlockSlot
 from shardwg.shm.spread import PeerLedger
@@ -23,7 +23,8 @@ from shardwg.shm.spread import PeerLedger
 class SpreadFollower:
     """Worker `worker`'s copy of one spread peer's current session and endpoint."""
 
-    __slots__ = ("slot", "keys", "blocks", "public_key", "seen", "kp", "endpoint")
+    __slots__ = ("slot", "keys", "blocks", "ledger", "worker", "public_key", "seen", "kp",
+                 "endpoint", "peer", "on_change")
 
     def __init__(
         self,
@@ -38,18 +39,33 @@ class SpreadFollower:
         self.slot = slot
         self.keys = secrets.key_slot(slot_index)
         self.blocks = SpreadBlocks(worker, workers, ledger)
+        self.ledger = ledger
+        self.worker = worker
         self.public_key = public_key
+        self.peer: Any = None  # the RemotePeer the inner source must route to
+        # Called with (old, new) sessions when the followed one changes (Device.followed).
+        self.on_change: Any = None
         self.seen = -1  # the slot sequence last read
         self.kp: Keypair | None = None
         self.endpoint: tuple[Any, ...] | None = None
 
+    def refresh(self) -> Keypair | None:
+        """Re-read the slot if its sequence moved; the followed session (or None)."""
+        seq = self.slot.sequence()
+        if seq != self.seen and not seq & 1:
+            old = self.kp
+            self._reload(seq)
+            if self.kp is not old:
+                if old is not None:
+                    old.recv_floor = None  # its cell now holds the new session's floor
+                if self.on_change is not None:
+                    self.on_change(old, self.kp)
+        return self.kp
+
     def session(self) -> Keypair | None:
         """Once per batch: the session to seal with, or None (hand the packet to the owner:
         no session yet, not spread yet, or the slot unreadable right now)."""
-        seq = self.slot.sequence()
-        if seq != self.seen and not seq & 1:
-            self._reload(seq)
-        kp = self.kp
+        kp = self.refresh()
         if kp is not None:
             self.blocks.keep_up(kp)
         return kp
@@ -78,6 +94,12 @@ class SpreadFollower:
             return
         kp = Keypair(pair[0], pair[1], cur.local_index, cur.remote_index, cur.is_initiator,
                      cur.created)  # fmt: skip
-        self.kp = kp if self.blocks.follow(kp) else None
-        if self.kp is None:
+        if not self.blocks.follow(kp):
+            self.kp = None
             self.seen = -1  # the owner has not spread this session yet
+            return
+        # Receive: a replacement of ours rejects what we accepted (floor in our cell).
+        kp.replay = floor_window(self.ledger.recv_floor(self.worker, cur.local_index))
+        kp.recv_floor = self.ledger.claim(self.worker, cur.local_index)
+        kp.peer = self.peer
+        self.kp = kp

@@ -5,9 +5,11 @@ counter under the same key (proto/spread.py draws them in blocks), and the other
 read everyone's progress to stay inside the receiver's replay window. One writer per cell,
 no lock: the owner writes a peer's base cell, worker w only its own cell.
 
-Layout, per peer slot (indexed like shm/peerslot.py), `1 + workers` cells of 16 bytes:
-  cell 0 (owner): u64 tag, u64 base    -- session `tag - 1` is spread from counter `base`
-  cell 1 + w:     u64 tag, u64 end     -- worker w may have used its blocks below `end`
+Layout, per peer slot (indexed like shm/peerslot.py), `1 + workers` cells of 24 bytes:
+  cell 0 (owner): u64 tag, u64 base, u64 0 -- session `tag - 1` is spread from `base` on
+  cell 1 + w:     u64 tag, u64 end, u64 floor -- worker w may have used its blocks below
+                  `end`, and may have accepted every counter below `floor` it received
+                  (spread steering: the datagrams of its block class)
 A tag is local index + 1 (0: empty). Each word is one aligned 8-byte store (atomic on
 x86-64, as shm/peerslot.py's counter words). A new session's tag is cleared, its value
 stored, then its tag: a reader that sees the new tag sees its value; a writer that dies
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import struct
 
-CELL = 16
+CELL = 24
 _WORD = struct.Struct("<Q")
 
 
@@ -79,6 +81,7 @@ class PeerLedger:
             return
         _WORD.pack_into(self.buf, at, 0)  # a reader never pairs the old tag with the new value
         _WORD.pack_into(self.buf, at + 8, value)
+        _WORD.pack_into(self.buf, at + 16, 0)
         _WORD.pack_into(self.buf, at, tag)
 
     def base(self, index: int) -> int:
@@ -92,6 +95,22 @@ class PeerLedger:
 
     def publish(self, worker: int, index: int, end: int) -> None:
         self._write(1 + worker, index, end)
+
+    def claim(self, worker: int, index: int) -> memoryview:
+        """Worker `worker` follows session `index` from now on: its cell holds that session
+        (kept if it already does: a replacement continues), and the returned one-word view
+        is its receive floor (Keypair.recv_floor: raised before each accept)."""
+        if self._read(1 + worker, index) < 0:
+            self._write(1 + worker, index, 0)
+        at = self.at + (1 + worker) * CELL + 16
+        return memoryview(self.buf)[at : at + 8].cast("Q")
+
+    def recv_floor(self, worker: int, index: int) -> int:
+        """Every counter below this may have been accepted by `worker` under `index`."""
+        if self._read(1 + worker, index) < 0:
+            return 0
+        floor: int = _WORD.unpack_from(self.buf, self.at + (1 + worker) * CELL + 16)[0]
+        return floor
 
     def front(self, index: int) -> int:
         best = self._read(0, index)
