@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from shardwg.proto.constants import REPLAY_WINDOW
+from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.proto.keypair import RESERVATION_BLOCK, Keypair, open_into, seal_into
 from shardwg.proto.spread import (
     SPREAD_BLOCK,
@@ -29,7 +30,6 @@ from shardwg.proto.spread import (
     block_start,
     receiver_worker,
 )
-from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.shm.spread import SpreadArea, area_size
 
 _PLAIN = bytearray(64 + 32)
