@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from lab.bench_measure import IperfJob
@@ -102,6 +103,36 @@ def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int]) -> d
             "runs": runs,
         }
     return summary
+
+
+def run_all(
+    reps: int,
+    seconds: float,
+    log: Callable[[str], None],
+    attempt: Callable[[str, Callable[[], Any]], Any],
+    add: Callable[[str, str, float, str], None],
+) -> None:
+    """`scripts/bench --only onepeer`: both peers, 1 and 4 streams, alternating configs; each
+    figure goes to add(config, metric, value, unit) (the bench takes medians over reps)."""
+    for rep in range(reps):
+        for peer_kind in ("shardwg", "wggo"):
+            for workers, spread in CONFIGS:
+                label = f"shardwg-{peer_kind} {workers}w spread {spread}"
+                log(f"rep {rep + 1}/{reps} onepeer {label}")
+
+                def one(peer_kind: str = peer_kind, workers: int = workers,
+                        spread: str = spread, label: str = label) -> None:  # fmt: skip
+                    with Harness() as h:
+                        op = OnePeer(h, peer_kind, workers, spread)
+                        for streams in (1, 4):
+                            for a_sends in (True, False):
+                                res = op.tcp(streams, seconds, a_sends)
+                                cfg = f"{label} {streams}s {'A->B' if a_sends else 'B->A'}"
+                                add(cfg, "gbit_s", res["gbit_s"], "Gbit/s")
+                                add(cfg, "retransmits", float(res["retransmits"]), "segments")
+                                add(cfg, "min_worker_share", min(res["shares"]), "fraction")
+
+                attempt(label, one)
 
 
 def main(argv: list[str] | None = None) -> int:
