@@ -32,8 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lab import bench_micro, bench_peers, bench_report
-from lab.bench_args import NETNS_SECTIONS, SECTIONS, SUFFIX, parse_args
+from lab import bench_micro, bench_onepeer, bench_peers, bench_report
+from lab.bench_args import EXTRA_SECTIONS, NETNS_SECTIONS, SECTIONS, SUFFIX, parse_args
 from lab.bench_env import BinaryError, machine_facts, use_wireguard_go
 from lab.bench_measure import series
 from lab.bench_pairs import (
@@ -140,19 +140,21 @@ class Bench:
         if self.wants("tcp1", "udp"):
             total += s + 8 * (a.udp_seconds + 1)
         total += a.reps * 4 if self.wants("micro") else 0
+        total += a.reps * 6 * (8 * (s + 2) + 20) if self.wants("onepeer") else 0
         return total + (240 if self.wants("peers") else 0)
 
     def run(self) -> None:
         a = self.args
         self.meta["loadavg_start"] = os.getloadavg()
-        if self.wants(*NETNS_SECTIONS):
+        if self.wants(*NETNS_SECTIONS, *EXTRA_SECTIONS):
             wg = self.meta["wireguard_go"]
             self.log(f"racing wireguard-go {wg['version']} ({wg['path']})")
         if self.meta["loadavg_start"][0] > 0.5:
             self.log(f"WARNING: load average {self.meta['loadavg_start'][0]:.2f} before the "
                      "start: other work shares these CPUs, numbers will be lower and "
                      "noisier")  # fmt: skip
-        self.log(f"sections {','.join(s for s in SECTIONS if s in self.only)}; {a.reps} "
+        self.log(f"sections {','.join(s for s in SECTIONS + EXTRA_SECTIONS if s in self.only)}; "
+                 f"{a.reps} "
                  f"repetition(s), {a.seconds:g} s per iperf3 run, {a.udp_seconds:g} s per UDP "
                  f"step, {a.hs_seconds:g} s per handshake run; about "
                  f"{self.estimate() / 60:.0f} min")  # fmt: skip
@@ -176,6 +178,14 @@ class Bench:
                 for w in rotate(list(SCALING_WORKERS), rep):
                     self.scaling(tag, w)
         self.current = ""
+        if self.wants("onepeer"):  # lab/bench_onepeer.py: one peer over 1 and 2 workers
+            self.current = "onepeer "
+            bench_onepeer.run_all(a.reps, a.seconds, self.log, self.attempt,
+                                  lambda c, m, v, u: self.results.add("onepeer", c, m, v, u))
+            self.current = ""
+            for cfg, ms in self.results.sections().get("onepeer", {}).items():
+                self.log(f"onepeer {cfg}: " + ", ".join(
+                    f"{m} {s['median']:.3f}" for m, s in ms.items() if m != "detail"))  # fmt: skip
         if self.wants("peers"):  # once: lab/bench_peers.py (its own table, its own targets)
             self.current = "peers "
             bench_peers.run_all(
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             print(n, file=sys.stderr)
         return 0
     bench = Bench(args)
-    if bench.wants(*NETNS_SECTIONS):
+    if bench.wants(*NETNS_SECTIONS, *EXTRA_SECTIONS):
         try:
             bench.meta["wireguard_go"] = use_wireguard_go(args.wireguard_go)
         except BinaryError as e:

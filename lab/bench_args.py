@@ -11,6 +11,7 @@ from lab.bench_pairs import DIRECTIONS
 SECTIONS = ("tcp1", "tcp4", "udp", "rtt", "cpu", "rss", "handshakes", "scaling", "peers",
             "micro")  # fmt: skip
 NETNS_SECTIONS = SECTIONS[:-1]  # all but the in-process microbenchmark
+EXTRA_SECTIONS = ("onepeer",)  # in namespaces, only when named in --only (lab/bench_onepeer.py)
 SUFFIX = {"recv": "", "send": "_send"}  # section name per direction: tcp1, tcp1_send, ...
 
 
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
     p.add_argument("--ping-count", type=int, default=20, help="idle pings per pair (20)")
     p.add_argument("--out", default="bench-out", help="directory for bench.json/.md/.png")
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections of {','.join(SECTIONS)} (all)")  # fmt: skip
+                   help=f"comma-separated sections of {','.join(SECTIONS)} (all), or "
+                        f"{','.join(EXTRA_SECTIONS)}")  # fmt: skip
     p.add_argument("--wireguard-go", metavar="PATH",
                    help="the wireguard-go binary to race (default: the one on PATH); its "
                         "version goes into the report")  # fmt: skip
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
     args = p.parse_args(argv)
     args.argv = ["python", "-m", "lab.bench", *(sys.argv[1:] if argv is None else argv)]
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SECTIONS]
+    bad = [s for s in only if s not in SECTIONS + EXTRA_SECTIONS]
     if bad or not only:
         p.error(f"--only: unknown section(s) {','.join(bad)}; choose from {','.join(SECTIONS)}")
     args.only = only
