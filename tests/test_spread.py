@@ -454,3 +454,18 @@ def _remote_datagram(world: Any) -> bytes:
                                  world.now, world.wall)  # fmt: skip
     assert n > 0
     return bytes(out[:n])
+
+
+def test_when_to_spread() -> None:
+    from shardwg.engine.placement import spread_peers
+    from shardwg.shm.placement import Mode
+
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    assert spread_peers(Mode.LOAD, [a], 2, "auto", {}) == {a}  # fewer peers than workers
+    assert spread_peers(Mode.COUNT, [a, b], 2, "auto", {}) == set()
+    assert spread_peers(Mode.COUNT, [a, b], 4, "auto", {b: False}) == {a}  # a per-peer override
+    assert spread_peers(Mode.COUNT, [a, b, c], 2, "auto", {c: True}) == {c}
+    assert spread_peers(Mode.COUNT, [a, b, c], 2, "on", {c: False}) == {a, b}
+    assert spread_peers(Mode.LOAD, [a], 2, "off", {a: True}) == set()
+    assert spread_peers(Mode.HASH, [a], 2, "on", {a: True}) == set()  # --placement hash
+    assert spread_peers(Mode.LOAD, [a], 1, "on", {}) == set()  # one worker: nothing to spread
