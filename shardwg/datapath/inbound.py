@@ -62,9 +62,16 @@ class Opener:
         result: tuple[int, int, int] = self.impl.open_batch(
             st.keys, st.sessions, st.index, st.allowed, data, stride, lengths, segs, count,
             self.dec, self.out, self.spans, self.touched, self.handshakes, self.counters,
-            now, self.udp, bool(self.device.moved) and self.device.forward is not None,
+            now, self.udp, self._unknown_to_python(),
         )  # fmt: skip
         return result
+
+    def _unknown_to_python(self) -> bool:
+        """Unknown-index transport comes back to the worker when it may be ours after all:
+        a peer that moved away (forwarded), or a spread peer's session we follow (opened
+        in Python, engine/inbound.py)."""
+        dev = self.device
+        return (bool(dev.moved) and dev.forward is not None) or dev.refresh_followed is not None
 
     def settle(self, ntouched: int, addrs: list[Any], now: float, wall: float) -> None:
         """Tell each touched session's peer what its packets did (before the TUN writes)."""

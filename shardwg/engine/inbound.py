@@ -18,14 +18,17 @@ from shardwg.datapath.inbound import Opener
 from shardwg.engine.budgets import BATCH, MAX_RECVS, RECV_SLOTS
 from shardwg.io import mmsg, udpgso
 from shardwg.io import tun as tun_io
-from shardwg.proto.constants import DropReason, MessageType
+from shardwg.io.vnet import VNET_HDR_LEN
+from shardwg.proto.constants import MAX_DATAGRAM, DropReason, MessageType
 from shardwg.proto.device import Device
+from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.shm import counters as C
 
 log = logging.getLogger("shardwg.engine.worker")
 
 _DROP_BASE = C.DROP_BASE
 _U32 = struct.Struct("<I")
+_SPREAD_BYTE_BIT = SPREAD_INDEX_BIT >> 8  # the spread bit in a receiver index's second byte
 
 
 class _OneReceive:
@@ -65,6 +68,9 @@ class InboundPath:
         # recvmmsg where libc has it: one system call for up to RECV_SLOTS receives
         self._batch_rx = mmsg.BatchReceiver(RECV_SLOTS) if mmsg.available() else None
         self._one = _OneReceive(self._gro_view)  # the batch of one without recvmmsg
+        # A followed spread session's datagram (not in the kernel's state), opened in Python
+        # into this, behind a zero virtio_net_hdr for the TUN.
+        self._followed_out = memoryview(bytearray(VNET_HDR_LEN + MAX_DATAGRAM))
         self.datapath = datapath or datapath_select.current()
         rx = self._batch_rx
         self.opener = Opener(
@@ -102,6 +108,21 @@ class InboundPath:
                     break
         return total
 
+    def _open_followed(self, msg: memoryview, size: int, addr: Any, now: float,
+                       wall: float) -> None:  # fmt: skip
+        """A spread peer's datagram steered here by its counter, under a session we follow
+        (proto/device.py `_receive_followed`: our own replay window), to our TUN queue."""
+        out = self._followed_out
+        v = self.v
+        res = self.device.receive_transport(msg, size, addr, out[VNET_HDR_LEN:], now, wall)
+        if res < 0:
+            v[_DROP_BASE - 1 - res] += 1
+            return
+        v[C.RX_PACKETS] += 1
+        v[C.RX_BYTES] += size
+        if res and not tun_io.write_packet(self.tun_fd, out[: VNET_HDR_LEN + res]):
+            v[_DROP_BASE + DropReason.TUN_WRITE_ERROR] += 1
+
     def _open(
         self, data: Any, stride: int, lengths: list[int], segs: list[int], count: int,
         views: list[memoryview], addrs: list[Any], now: float, wall: float,
@@ -126,6 +147,9 @@ class InboundPath:
             msg = views[m][off : off + size]
             if msg[0] != MessageType.TRANSPORT:
                 self._queue_handshake(msg, addrs[m], False, now)
+                continue
+            if msg[5] & _SPREAD_BYTE_BIT and dev.refresh_followed is not None:
+                self._open_followed(msg, size, addrs[m], now, wall)
                 continue
             # an index we gave away with its peer (placement move): pass it to the new owner
             moved = dev.moved.get(_U32.unpack_from(msg, 4)[0])
