@@ -70,8 +70,6 @@ class ShardPlacement:
         self.releases: list[tuple[int, bytes]] = []  # RELEASE pushes that found a full ring
         self.moved_until: dict[int, float] = {}
         self.view: dict[bytes, int] = {}  # the table's owner of each peer as last applied
-        self.adopted = 0
-        self.released = 0
         self.spread: set[int] = set()  # peer slots the table spreads over every worker
         self.own_spread: dict[bytes, SpreadBlocks] = {}  # spread peers we own
 
@@ -266,7 +264,6 @@ class ShardPlacement:
         for kp in (peer.current, peer.previous, peer.next):
             if kp is not None:
                 dev.moved.pop(kp.local_index, None)
-        self.adopted += 1
 
     def _release(self, peer: Peer, to: int, now: float) -> None:
         """Give `peer` to worker `to`: last publication, then routed there."""
@@ -282,7 +279,6 @@ class ShardPlacement:
         self._send_release(to, key)
         for pkt in staged:
             self.push(to, pkt, HandoffKind.TUN_PACKET)
-        self.released += 1
         log.info("worker %d: peer %s… handed to worker %d", self.me, key[:4].hex(), to)
 
     def _forward_old(self, key: bytes, rec: Any, now: float) -> None:

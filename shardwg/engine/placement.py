@@ -135,9 +135,6 @@ class LoadBalancer:
         self.streak = [0] * n  # the next move needs a fresh run of hot samples
         return Move(best[1], src, dst, round(load[src] / mean, 3))
 
-    def reset(self) -> None:
-        self.streak = [0] * self.workers
-
 
 def spread_peers(
     mode: Mode, keys: list[bytes], workers: int, policy: str, overrides: dict[bytes, bool]

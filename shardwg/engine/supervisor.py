@@ -57,7 +57,7 @@ from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
-from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout, decode_global, encode_global
+from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout, encode_global
 from shardwg.shm.placement import Mode
 from shardwg.shm.region import RegionError, SharedRegion, region_name
 from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
@@ -88,7 +88,6 @@ class WorkerSlot:
     started: float = 0.0
     quick_deaths: int = 0
     restarts: int = 0
-    planned: bool = False  # stopped on purpose (reconfiguration): not a crash
     control: ControlLink | None = None  # the control stream's queue (never blocks)
 
 
@@ -423,9 +422,6 @@ class Supervisor:
                 return
             lived = now - slot.started
             slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH else 0
-            if slot.planned:
-                slot.planned = False
-                slot.quick_deaths = 0
             if slot.quick_deaths >= STORM_LIMIT:
                 log.error(
                     "worker %d died %d times within %.0f s of starting; stopping the gateway",
@@ -666,10 +662,6 @@ class Supervisor:
         if bad:
             return False, f"worker(s) {', '.join(map(str, bad))} not beating"
         return True, f"ok: {self.ifname} up, {len(st.worker_stats)} worker(s) beating"
-
-    def read_global(self) -> GlobalState | None:
-        assert self.layout is not None and self.region is not None
-        return decode_global(self.layout.global_slot(self.region.buf).read())
 
     def owner(self, public_key: bytes) -> int:
         """The worker the placement table gives the peer (-1: not placed)."""

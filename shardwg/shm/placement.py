@@ -123,13 +123,3 @@ def decode_table(data: bytes | bytearray | memoryview) -> PlacementTable | None:
             spread.add(i)
     return PlacementTable(Mode(mode), owners, gen, total, history, spread)
 
-
-def entry_owner(data: bytes | bytearray | memoryview, index: int) -> int:
-    """One slot's owner straight from a payload copy (-1: not placed or out of range)."""
-    if len(data) < _ENTRIES_AT:
-        return -1
-    n = _HEAD.unpack_from(data, 0)[3]
-    if not 0 <= index < n:
-        return -1
-    word = struct.unpack_from("<I", data, _ENTRIES_AT + 4 * index)[0]
-    return (word & 0xFFFF) - 1 if word else -1
