@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardwg.config.endpoints import EndpointError, resolve
+from shardwg.config.model import PeerConfig
 from shardwg.engine import control
 from shardwg.engine.adoption import ShardPlacement
 from shardwg.engine.context import BootContext
@@ -143,7 +144,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
     return Shard(worker, owned, now, wall)
 
 
-def boot_spec(p: Any, index: int) -> control.PeerSpec:
+def boot_spec(p: PeerConfig, index: int) -> control.PeerSpec:
     """A configured peer as a worker keeps it (every worker keeps every peer: any may
     adopt any after a placement move)."""
     try:
@@ -151,13 +152,7 @@ def boot_spec(p: Any, index: int) -> control.PeerSpec:
     except EndpointError as exc:
         log.warning("worker %d: %s; waiting for the peer to contact us", index, exc)
         endpoint = None
-    return control.PeerSpec(
-        public_key=p.public_key,
-        preshared_key=p.preshared_key,
-        allowed_ips=list(p.allowed_ips),
-        endpoint=list(endpoint) if endpoint is not None else None,
-        persistent_keepalive=p.persistent_keepalive,
-    )
+    return control.peer_spec(p, endpoint)
 
 
 def ring_pusher(mesh: Any, index: int, workers: int) -> Any:

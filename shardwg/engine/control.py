@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from shardwg.config.model import PeerConfig
+
 
 class PeerSpec(msgspec.Struct, frozen=True):
     """A peer as the supervisor hands it to workers (endpoint already resolved)."""
@@ -28,6 +30,18 @@ class PeerSpec(msgspec.Struct, frozen=True):
 
     def endpoint_tuple(self) -> tuple[Any, ...] | None:
         return tuple(self.endpoint) if self.endpoint is not None else None
+
+
+def peer_spec(p: PeerConfig, endpoint: tuple[Any, ...] | None) -> PeerSpec:
+    """A configured peer as workers get it; `endpoint` is its address as the caller resolved
+    it (live configuration refuses a change that does not resolve, a booting worker waits)."""
+    return PeerSpec(
+        public_key=p.public_key,
+        preshared_key=p.preshared_key,
+        allowed_ips=list(p.allowed_ips),
+        endpoint=list(endpoint) if endpoint is not None else None,
+        persistent_keepalive=p.persistent_keepalive,
+    )
 
 
 class AddPeer(msgspec.Struct, tag="add"):

@@ -145,7 +145,8 @@ class LiveConfig:
         specs: dict[bytes, control.PeerSpec] = {}
         try:
             for p in d.added + [n for _o, n in d.updated]:
-                specs[p.public_key] = peer_spec(p)
+                endpoint = resolve(p.endpoint) if p.endpoint is not None else None
+                specs[p.public_key] = control.peer_spec(p, endpoint)
                 if p.endpoint is not None and specs[p.public_key].endpoint is not None:
                     self._resolved[p.endpoint] = specs[p.public_key].endpoint_tuple()
         except EndpointError as exc:
@@ -356,14 +357,3 @@ def literal_endpoint(endpoint: Endpoint) -> Any:
     except ValueError:
         return None
     return resolve(endpoint)
-
-
-def peer_spec(p: PeerConfig) -> control.PeerSpec:
-    endpoint = resolve(p.endpoint) if p.endpoint is not None else None
-    return control.PeerSpec(
-        public_key=p.public_key,
-        preshared_key=p.preshared_key,
-        allowed_ips=list(p.allowed_ips),
-        endpoint=list(endpoint) if endpoint is not None else None,
-        persistent_keepalive=p.persistent_keepalive,
-    )
