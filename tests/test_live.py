@@ -22,9 +22,11 @@ from lab.tuntest import ipv4_udp
 from shardwg.config.model import Config, format_config, load_config
 from shardwg.engine.live import SLOT_REUSE_DELAY, LiveConfig
 from shardwg.engine.supervisor import Supervisor
+from shardwg.shm.secrets import decode_keys, encode_keys
 from shardwg.uapi import PeerChange, SetRequest
 
 GW_IP, P_IP, Q_IP, Q_NET_HOST = "10.7.0.1", "10.7.0.2", "10.7.0.3", "10.7.9.5"
+STALE_INDEX = 0x123400  # a session index a slot's previous peer (or key) may have left behind
 
 
 @pytest.fixture
@@ -143,6 +145,8 @@ def test_new_private_key_restarts_workers_without_sessions(
     assert exchange(g, p, P_IP, queue=0)
     g.session(p_pub)
     pids = list(g.pids)
+    stale = g.layout.spread_area(g.region.buf).peer(g.slot_of[p_pub])
+    stale.publish_base(STALE_INDEX, 4096)  # as if the old key's session had been spread
 
     new_priv, _ = new_key()
     assert g.live.uapi_set(SetRequest(private_key=new_priv)) == 0
@@ -151,6 +155,26 @@ def test_new_private_key_restarts_workers_without_sessions(
     assert [s.restarts for s in g.stats()] == [1, 1]
     rec = g.record(p_pub)
     assert rec is not None and rec.current is None, "a session of the old key survived"
+    assert stale.base(STALE_INDEX) == -1, "the old key's spread ledger survived"
+
+
+def test_a_freed_slot_is_wiped_whole(gateways: list[MemoryGateway]) -> None:
+    """Record, keys and spread ledger cells: the next peer given the slot finds nothing of
+    its predecessor's (a stale ledger tag equal to a new session's index would hand that
+    session the old counter base)."""
+    g_priv, _ = new_key()
+    _, p_pub = new_key()
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
+    gateways.append(g)
+    slot = g.slot_of[p_pub]
+    ledger = g.layout.spread_area(g.region.buf).peer(slot)
+    ledger.publish_base(STALE_INDEX, 4096)
+    ledger.publish(1, STALE_INDEX, 8192)
+    g.secrets.key_slot(slot).write(encode_keys([(STALE_INDEX, bytes(32), bytes([1]) * 32)]))
+    assert g.live.apply(config(g_priv, []), "test") == 0
+    g.live.tick(time.monotonic() + SLOT_REUSE_DELAY + 1)
+    assert decode_keys(g.secrets.key_slot(slot).read()) == {}
+    assert ledger.base(STALE_INDEX) == -1 and ledger.front(STALE_INDEX) == 0
 
 
 def test_sighup_reload_and_save_config(gateways: list[MemoryGateway], tmp_path: Path) -> None:
