@@ -263,11 +263,8 @@ class MemoryGateway:
     def restart_workers(self, keep_sessions: bool) -> None:
         self.stop()
         if not keep_sessions:
-            self.region.zero(
-                self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
-            )
-            for i in range(self.layout.peer_capacity):
-                self.secrets.zero_keys(i)
+            assert self.live.memory is not None
+            self.live.memory.wipe_sessions()  # as the supervisor's
         for i in range(self.workers):
             self.restarts[i] += 1
         self.start()

@@ -21,6 +21,7 @@ from shardwg.config.model import Config
 from shardwg.shm.layout import Layout
 from shardwg.shm.region import SharedRegion
 from shardwg.shm.secrets import SecretArea
+from shardwg.shm.spread import area_size as spread_area_size
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,25 @@ class SharedMemory:
     layout: Layout
     region: SharedRegion
     secrets: SecretArea  # a removed peer's keys are wiped with its slot
+
+    def wipe_slot(self, index: int) -> None:
+        """Forget what a freed peer slot held before another peer gets it: its record, its
+        keys and its spread ledger cells (a stale ledger tag equal to a later session's
+        index would hand that session its predecessor's counter base)."""
+        layout = self.layout
+        self.region.zero(layout.peers_offset + index * layout.peer_stride, layout.peer_stride)
+        self.secrets.zero_keys(index)
+        layout.spread_area(self.region.buf).clear(index)
+
+    def wipe_sessions(self) -> None:
+        """Every peer's sessions, with the workers stopped (a new private key): records, the
+        keys of the slots in use (the rest were never written), the spread ledger."""
+        layout = self.layout
+        self.region.zero(layout.peers_offset, layout.peer_capacity * layout.peer_stride)
+        for i in range(layout.peer_slots_used(self.region.buf)):
+            self.secrets.zero_keys(i)
+        self.region.zero(layout.spread_offset, spread_area_size(layout.peer_capacity,
+                                                                layout.workers))  # fmt: skip
 
 
 class EngineControl(Protocol):

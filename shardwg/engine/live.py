@@ -234,9 +234,7 @@ class LiveConfig:
         in_use = set(self.slot_of.values())
         for index in due:
             if index not in in_use:
-                off = mem.layout.peers_offset + index * mem.layout.peer_stride
-                mem.region.zero(off, mem.layout.peer_stride)
-                mem.secrets.zero_keys(index)
+                mem.wipe_slot(index)
         self._publish_high_water()
 
     def _broadcast(self, msg: control.Control) -> None:

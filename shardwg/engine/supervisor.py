@@ -561,13 +561,8 @@ class Supervisor:
     def restart_workers(self, keep_sessions: bool) -> None:
         """Replace every worker (new key or port); sessions resume if `keep_sessions`."""
         self._stop_workers()
-        if not keep_sessions and self.layout is not None and self.region is not None:
-            self.region.zero(
-                self.layout.peers_offset, self.layout.peer_capacity * self.layout.peer_stride
-            )
-            if self.secrets is not None:  # only the slots in use: the rest were never written
-                for i in range(self.layout.peer_slots_used(self.region.buf)):
-                    self.secrets.zero_keys(i)
+        if not keep_sessions and self.live is not None and self.live.memory is not None:
+            self.live.memory.wipe_sessions()
         for s in self.slots:
             s.restarts += 1
             self.spawn(s)
