@@ -128,7 +128,7 @@ class MemoryGateway:
         )
 
     def start(self, index: int | None = None) -> None:
-        """Fork worker `index` (every worker if None), as Supervisor.spawn does."""
+        """Fork worker `index` (every worker if None), as WorkerPool.spawn does."""
         for i in range(self.workers) if index is None else [index]:
             ctx = self.boot_context(i)
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

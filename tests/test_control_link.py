@@ -75,23 +75,22 @@ def test_the_watchdog_replaces_a_worker_that_beats_but_takes_no_control_message(
 ) -> None:
     """A worker that still beats but has read nothing for STALL_LIMIT is killed (and then
     replaced by the reaper); one that reads slowly is left alone."""
-    from shardwg.engine import supervisor as S
+    from shardwg.engine import workers as W
     from shardwg.engine.control_link import STALL_LIMIT
 
     killed: list[int] = []
-    monkeypatch.setattr(S, "_kill", killed.append)
-    sup = S.Supervisor(None, "swgtest0", 2)  # type: ignore[arg-type]
+    monkeypatch.setattr(W, "_kill", killed.append)
     now = time.monotonic()
-    sup.heartbeat = lambda worker: now  # type: ignore[method-assign]
+    pool = W.WorkerPool(2, main=lambda slot, sock: 0, heartbeat=lambda worker: now)
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
-    sup.slots = [S.WorkerSlot(i, pid=1000 + i, started=now - 60) for i in range(2)]
-    for slot, (ours, _theirs) in zip(sup.slots, pairs, strict=True):
+    pool.slots = [W.WorkerSlot(i, pid=1000 + i, started=now - 60) for i in range(2)]
+    for slot, (ours, _theirs) in zip(pool.slots, pairs, strict=True):
         slot.control = ControlLink(ours)
         slot.control.send(control.encode(big_batch(5000)), now - STALL_LIMIT - 1)
     pairs[1][1].setblocking(False)
     pairs[1][1].recv(1 << 16)  # worker 1 took something just now: progress
-    sup.slots[1].control.flush(now)  # type: ignore[union-attr]
-    sup._check_heartbeats(now)
+    pool.slots[1].control.flush(now)  # type: ignore[union-attr]
+    pool.check_heartbeats(now)
     assert killed == [1000]
     for ours, theirs in pairs:
         ours.close()

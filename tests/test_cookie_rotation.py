@@ -4,20 +4,19 @@ The supervisor publishes the secret in the global block and every worker's
 GlobalSync copies it into its CookieChecker. A cookie one worker gives out must be
 honoured by every other worker at every instant, rotations included: the kernel
 hashes an initiator's retry to any worker. Driven in memory with the real
-supervisor rule (`Supervisor._maintain_global`) and the real worker side
+supervisor rule (`GlobalBlock.maintain`) and the real worker side
 (`GlobalSync.on_tick`) over a bytearray region, on a simulated clock.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 from types import SimpleNamespace
 from typing import Any
 
-from shardwg.config.model import parse_config
 from shardwg.engine.boot import GLOBAL_SYNC_INTERVAL, GlobalSync
-from shardwg.engine.supervisor import LOOP_INTERVAL, Supervisor
+from shardwg.engine.global_block import GlobalBlock
+from shardwg.engine.supervisor import LOOP_INTERVAL
 from shardwg.proto import crypto
 from shardwg.proto.constants import COOKIE_REFRESH_TIME
 from shardwg.proto.cookie import ROTATE_INTERVAL, CookieChecker, CookieGenerator
@@ -42,16 +41,12 @@ def _worker(checker: CookieChecker) -> Any:
     )
 
 
-def _supervisor(layout: Layout, buf: bytearray, secrets: SecretArea, now: float) -> Supervisor:
-    key = base64.b64encode(bytes(range(1, 33))).decode()
-    sup = Supervisor(parse_config(f"[Interface]\nPrivateKey = {key}\n"), "swgtest", 2)
-    sup.layout = layout
-    sup.region = SimpleNamespace(buf=buf)  # type: ignore[assignment]
-    sup.secrets = secrets
-    sup._global = GlobalState(workers=2, peer_capacity=0)
-    sup._write_global()
-    sup._publish_cookie(CookieSecrets(bytes([7]) * 32, now, bytes([8]) * 32, now + ROTATE_INTERVAL))
-    return sup
+def _global_block(layout: Layout, buf: bytearray, secrets: SecretArea, now: float) -> GlobalBlock:
+    block = GlobalBlock(layout, buf, secrets, GlobalState(workers=2, peer_capacity=0))
+    block.write()
+    first = CookieSecrets(bytes([7]) * 32, now, bytes([8]) * 32, now + ROTATE_INTERVAL)
+    block.publish_cookie(first)
+    return block
 
 
 def test_cookie_from_one_worker_is_honoured_by_the_other_through_rotations() -> None:
@@ -63,7 +58,7 @@ def test_cookie_from_one_worker_is_honoured_by_the_other_through_rotations() -> 
     buf = bytearray(layout.total_size)
     start = 1000.0
     secrets = SecretArea(0, bytearray(SecretArea.size_for(0)))
-    sup = _supervisor(layout, buf, secrets, start)
+    block = _global_block(layout, buf, secrets, start)
     checkers = [CookieChecker(responder, os.urandom) for _ in range(2)]
     workers = [_worker(c) for c in checkers]
     syncs = [GlobalSync(layout, buf, secrets) for _ in range(2)]
@@ -78,7 +73,7 @@ def test_cookie_from_one_worker_is_honoured_by_the_other_through_rotations() -> 
     for k in range(steps):
         now = start + k * STEP
         if now >= next_turn:  # the supervisor loop turns every LOOP_INTERVAL
-            sup._maintain_global(now)
+            block.maintain(now)
             next_turn = now + LOOP_INTERVAL
         for w, sync in zip(workers, syncs, strict=True):
             sync.on_tick(w, now, now)

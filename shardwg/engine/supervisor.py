@@ -7,21 +7,18 @@ replacement worker inherits exactly the socket and queue its predecessor had,
 and datagrams that arrive meanwhile wait in that socket's buffer.
 
 Signal handlers only set flags and poke a wake-up pipe; the loop does the work
-(`_handle_signals`). Every turn it reaps dead workers (replaced at once),
-kills stuck ones (heartbeat older than STUCK_AFTER), rotates the shared cookie
-secret (each successor published ROTATE_INTERVAL ahead of its switch, so all
-workers switch at one instant), publishes the shared under-load flag, and checks
-that no foreign process has attached a queue to our TUN.
+(`_handle_signal`). Every turn it reaps dead workers (replaced at once) and kills
+stuck ones (engine/workers.py), rotates the shared cookie secret and publishes the
+shared under-load flag (engine/global_block.py), drives placement (engine/placer.py)
+and live configuration (engine/live.py), and checks that no foreign process has
+attached a queue to our TUN.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -37,40 +34,29 @@ from shardwg.datapath import select as datapath_select
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
 from shardwg.engine.context import BootContext, SharedMemory
-from shardwg.engine.control_link import STALL_LIMIT, ControlLink
-from shardwg.engine.exits import EXIT_BOOT_FAILURE, EXIT_CRASH, EXIT_FOREIGN_QUEUE
+from shardwg.engine.exits import EXIT_FOREIGN_QUEUE
+from shardwg.engine.global_block import GlobalBlock
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig, warn_low_order
 from shardwg.engine.placer import Placer
+from shardwg.engine.workers import WorkerPool, WorkerSlot, no_core_dumps
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.io.interface import Gateway, GatewayError
 from shardwg.observe.metrics import MetricsServer
 from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus, read_status, with_config
-from shardwg.proto.admission import UNDER_LOAD_OFFERED_RATE
-from shardwg.proto.constants import (
-    UNDER_LOAD_AFTER_TIME,
-)
-from shardwg.proto.cookie import ROTATE_INTERVAL
-from shardwg.proto.intake import UNDER_LOAD_BACKLOG
 from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
 from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
-from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout, encode_global
+from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout
 from shardwg.shm.placement import Mode
 from shardwg.shm.region import RegionError, SharedRegion, region_name
-from shardwg.shm.secrets import CookieSecrets, SecretArea, encode_cookie
+from shardwg.shm.secrets import SecretArea
 from shardwg.uapi.server import UapiServer
 
 log = logging.getLogger("shardwg.engine.supervisor")
 
-STUCK_AFTER = 3.0  # seconds without a heartbeat before a worker is killed and replaced
-# (a dead worker is replaced at once through SIGCHLD; this only catches a hung one, and a
-# saturated 2-core box was seen to starve a healthy worker for 2 s under a flood)
-BOOT_GRACE = 5.0  # a new worker has this long to send its first heartbeat
-QUICK_DEATH = 2.0  # a worker dying sooner than this after start counts towards a storm
-STORM_LIMIT = 5  # consecutive quick deaths of one worker slot that stop the gateway
 FOREIGN_CHECK_INTERVAL = 1.0  # attached queues counted in sysfs: one directory listing
 FOREIGN_SCAN_INTERVAL = 30.0  # every process's fds read from /proc even when the count is ours
 LOOP_INTERVAL = 0.1
@@ -79,16 +65,6 @@ _HEARTBEAT = struct.Struct("@d")
 
 class SupervisorError(Exception):
     pass
-
-
-@dataclass
-class WorkerSlot:
-    index: int
-    pid: int = 0
-    started: float = 0.0
-    quick_deaths: int = 0
-    restarts: int = 0
-    control: ControlLink | None = None  # the control stream's queue (never blocks)
 
 
 @dataclass
@@ -101,7 +77,7 @@ class Supervisor:
     secrets: SecretArea | None = None  # session keys and cookie secrets: never in `region`
     layout: Layout | None = None
     slot_of: dict[bytes, int] = field(default_factory=dict)
-    slots: list[WorkerSlot] = field(default_factory=list)
+    pool: WorkerPool = field(init=False)  # the worker processes (engine/workers.py)
     eventfds: list[int] = field(default_factory=list)
     config_path: str | None = None
     exit_code: int = 0
@@ -116,12 +92,14 @@ class Supervisor:
     placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
     spread: str = "off"  # --spread: off, auto or on (engine/placement.spread_peers)
     placer: Placer | None = None
+    shared: GlobalBlock | None = None  # GlobalState and the cookie secret (the workers')
     _stop: bool = False
     _wake_r: int = -1
     _wake_w: int = -1
-    _global: GlobalState | None = None
-    _cookie: CookieSecrets | None = None
     _next_scan: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.pool = WorkerPool(self.workers, self._worker_main, self.heartbeat)
 
     @property
     def config(self) -> Config:
@@ -150,7 +128,7 @@ class Supervisor:
             raise SupervisorError(
                 f"{len(self.config.peers)} peers configured; a gateway holds at most {MAX_PEERS}"
             )
-        _no_core_dumps()
+        no_core_dumps()
         for p in self.start_config.peers:
             warn_low_order(p, "config")
         self.slot_of = {p.public_key: i for i, p in enumerate(self.start_config.peers)}
@@ -206,11 +184,7 @@ class Supervisor:
             raise
         if self.config.interface.table == "off":
             log.info("Table = off: no routes added")
-        now = time.monotonic()
-        self._publish_cookie(
-            CookieSecrets(os.urandom(32), now, os.urandom(32), now + ROTATE_INTERVAL)
-        )
-        self._global = GlobalState(
+        state = GlobalState(
             workers=n,
             peer_capacity=capacity,
             supervisor_pid=os.getpid(),
@@ -220,9 +194,9 @@ class Supervisor:
             peer_slots=max(1, len(self.slot_of)),
             datapath=datapath_select.describe(impl),
         )
-        self._write_global()
+        self.shared = GlobalBlock(self.layout, buf, self.secrets, state)
+        self.shared.start(time.monotonic())
         self.eventfds = HandoffMesh.make_eventfds(n)
-        self.slots = [WorkerSlot(i) for i in range(n)]
         if self.metrics_addr is not None:
             try:
                 self.metrics = MetricsServer(self.metrics_addr, self._status, self._ready)
@@ -259,43 +233,17 @@ class Supervisor:
     def set_peer_slots(self, high_water: int) -> None:
         """Publish how many slots from 0 readers must scan (live changes move it); at
         least 1, as 0 means "not published" (readers then scan the whole table)."""
-        high_water = max(1, high_water)
-        if self._global is not None and self._global.peer_slots != high_water:
-            self._global.peer_slots = high_water
-            self._write_global()
-
-    def _write_global(self) -> None:
-        assert self.layout is not None and self.region is not None and self._global is not None
-        self.layout.global_slot(self.region.buf).write(encode_global(self._global))
+        if self.shared is not None:
+            self.shared.set_peer_slots(high_water)
 
     # ------------------------------------------------------------------ workers
-    def spawn(self, slot: WorkerSlot) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = EXIT_CRASH
-            try:
-                parent_end.close()
-                code = self._worker_main(slot, child_end)
-            except BaseException:
-                log.exception("worker %d crashed", slot.index)
-            finally:
-                os._exit(code)
-        child_end.close()
-        if slot.control is not None:
-            slot.control.close()  # what it still queued is in the configuration the child has
-        slot.control = ControlLink(parent_end)
-        slot.pid = pid
-        slot.started = time.monotonic()
-        log.info("worker %d started (pid %d)", slot.index, pid)
-
     def _worker_main(self, slot: WorkerSlot, control: socket.socket) -> int:
+        """A forked worker's life (the pool's `main`)."""
         ctx = self.boot_context(slot.index)
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
-        _set_parent_death_signal()
         return boot_worker(ctx, slot.index, slot.restarts, control)
 
     def boot_context(self, index: int) -> BootContext:
@@ -330,8 +278,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, on_signal)
         try:
-            for s in self.slots:
-                self.spawn(s)
+            self.pool.spawn_all()
             try:
                 assert self.hooks is not None
                 self.hooks.run("PostUp", self._pump_signals(pending))
@@ -351,7 +298,7 @@ class Supervisor:
             watch: list[Any] = [self._wake_r] + ([self.uapi.fileno()] if self.uapi else [])
             while not self._stop:
                 fds = watch + (self.metrics.fds() if self.metrics else [])
-                out = [s.control for s in self.slots if s.control is not None and s.control.queue]
+                out = self.pool.backlogged()
                 with contextlib.suppress(InterruptedError):
                     select.select(fds, out, [], LOOP_INTERVAL)
                 now = time.monotonic()
@@ -371,9 +318,12 @@ class Supervisor:
                 now = time.monotonic()
                 if self.live is not None:
                     self.live.tick(now)
-                self._reap(now)
-                self._check_heartbeats(now)
-                self._maintain_global(now)
+                code = self.pool.reap(now, replace=not self._stop)
+                if code:
+                    self._fail(code)
+                self.pool.check_heartbeats(now)
+                if self.shared is not None:
+                    self.shared.maintain(now)
                 if self.placer is not None:
                     self.placer.tick(now)
                 if now >= next_foreign:
@@ -401,39 +351,6 @@ class Supervisor:
             log.info("SIGHUP: reloading %s", self.config_path)
             self.live.reload()
 
-    def _reap(self, now: float) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            slot = next((s for s in self.slots if s.pid == pid), None)
-            if slot is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            slot.pid = 0
-            if self._stop:
-                continue
-            if code == EXIT_BOOT_FAILURE:
-                log.error("worker %d cannot start (configuration); stopping", slot.index)
-                self._fail(EXIT_BOOT_FAILURE)
-                return
-            lived = now - slot.started
-            slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH else 0
-            if slot.quick_deaths >= STORM_LIMIT:
-                log.error(
-                    "worker %d died %d times within %.0f s of starting; stopping the gateway",
-                    slot.index, slot.quick_deaths, QUICK_DEATH,
-                )  # fmt: skip
-                self._fail(1)
-                return
-            log.warning("worker %d (pid %d) exited with %s after %.1f s; replacing it",
-                        slot.index, pid, code, lived)  # fmt: skip
-            slot.restarts += 1
-            self.spawn(slot)
-
     def _fail(self, code: int) -> None:
         self.exit_code = code
         self._stop = True
@@ -442,51 +359,6 @@ class Supervisor:
         assert self.layout is not None and self.region is not None
         off = self.layout.counters_offset + worker * C.BLOCK_SIZE
         return float(_HEARTBEAT.unpack_from(self.region.buf, off)[0])
-
-    def _check_heartbeats(self, now: float) -> None:
-        for slot in self.slots:
-            if slot.pid == 0:
-                continue
-            beat = self.heartbeat(slot.index)
-            if beat < slot.started:  # not beating yet since this start
-                if now - slot.started > BOOT_GRACE:
-                    log.warning("worker %d never sent a heartbeat; killing it", slot.index)
-                    _kill(slot.pid)
-            elif now - beat > STUCK_AFTER:
-                log.warning("worker %d stuck (no heartbeat for %.1f s); killing it",
-                            slot.index, now - beat)  # fmt: skip
-                _kill(slot.pid)
-            elif slot.control is not None and slot.control.stalled_for(now) > STALL_LIMIT:
-                log.warning("worker %d took no control message for %.1f s (%d bytes queued); "
-                            "replacing it", slot.index, slot.control.stalled_for(now),
-                            len(slot.control.queue))  # fmt: skip
-                _kill(slot.pid)
-
-    def _maintain_global(self, now: float) -> None:
-        g = self._global
-        assert g is not None and self.layout is not None and self.region is not None
-        changed = False
-        c = self._cookie
-        if c is not None and self.secrets is not None and now >= c.next_born:
-            # Workers switched to `next` at next_born by themselves; publish its successor.
-            switch = max(c.next_born, now) + ROTATE_INTERVAL
-            self._publish_cookie(CookieSecrets(c.next, c.next_born, os.urandom(32), switch))
-        stats = C.read_all(self.region.buf, self.layout.counters_offset, self.workers)
-        if any(
-            s.handshake_backlog >= UNDER_LOAD_BACKLOG
-            or (s.initiation_shift > 0 and s.initiations_offered >= UNDER_LOAD_OFFERED_RATE)
-            for s in stats
-        ):
-            if g.under_load_until < now + UNDER_LOAD_AFTER_TIME / 2:
-                g.under_load_until = now + UNDER_LOAD_AFTER_TIME
-                changed = True
-        if changed:
-            self._write_global()
-
-    def _publish_cookie(self, cookie: CookieSecrets) -> None:
-        assert self.secrets is not None
-        self._cookie = cookie
-        self.secrets.cookie_slot().write(encode_cookie(cookie))
 
     def _check_foreign_queues(self, now: float) -> None:
         """A foreign process attaching a queue to our TUN raises the kernel's count of attached
@@ -504,7 +376,7 @@ class Supervisor:
         ):
             return
         self._next_scan = now + FOREIGN_SCAN_INTERVAL
-        ours = {os.getpid()} | {s.pid for s in self.slots if s.pid}
+        ours = {os.getpid()} | self.pool.pids()
         if self.live is not None and self.live.route_pid:
             ours.add(self.live.route_pid)  # our route helper inherited the queues
         if self.metrics is not None:  # children rendering /metrics hold our fds until they exit
@@ -527,65 +399,36 @@ class Supervisor:
         return self.gateway.port if self.gateway is not None else 0
 
     def broadcast(self, data: bytes) -> None:
-        """Queue one encoded message for every worker; never blocks (a worker that does not
-        take it is replaced by the watchdog and boots from the configuration holding it)."""
-        now = time.monotonic()
-        for slot in self.slots:
-            if slot.control is None or not slot.pid:
-                continue  # a worker being replaced boots from the new configuration
-            slot.control.send(data, now)
+        self.pool.broadcast(data)
 
     def set_fwmark(self, mark: int) -> None:
         if self.gateway is not None:
             for s in self.gateway.udp4 + self.gateway.udp6:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
-    def _stop_workers(self) -> None:
-        """Stop every worker and wait (at most 3 s, then SIGKILL); slots stay assigned."""
-        live = [s for s in self.slots if s.pid]
-        for s in live:
-            _signal(s.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3.0
-        while any(s.pid for s in live) and time.monotonic() < deadline:
-            for s in live:
-                if s.pid and _reaped(s.pid):
-                    s.pid = 0
-            time.sleep(0.02)
-        for s in live:
-            if s.pid:
-                _kill(s.pid)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(s.pid, 0)
-                s.pid = 0
-
     def restart_workers(self, keep_sessions: bool) -> None:
         """Replace every worker (new key or port); sessions resume if `keep_sessions`."""
-        self._stop_workers()
+        self.pool.stop()
         if not keep_sessions and self.live is not None and self.live.memory is not None:
             self.live.memory.wipe_sessions()
-        for s in self.slots:
-            s.restarts += 1
-            self.spawn(s)
+        self.pool.spawn_all(restart=True)
 
     def rebind(self, port: int) -> None:
         """Move the UDP group to a new port: sockets are recreated in join order."""
         assert self.gateway is not None
-        self._stop_workers()
+        self.pool.stop()
         try:
             self.gateway.rebind_udp(port)
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
                     steering.attach(group[0], self.workers, spread=self.spread != "off")
-            if self._global is not None:
-                self._global.listen_port = self.gateway.port
-                self._write_global()
+            if self.shared is not None:
+                self.shared.set_listen_port(self.gateway.port)
         except OSError as exc:
             log.error("cannot rebind to port %d: %s; stopping", port, exc)
             self._fail(1)
             return
-        for s in self.slots:
-            s.restarts += 1
-            self.spawn(s)
+        self.pool.spawn_all(restart=True)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -596,7 +439,7 @@ class Supervisor:
             self._down_hook(hooks, "PreDown")
         if self.live is not None:
             self.live.save()
-        self._stop_workers()
+        self.pool.stop()
         self._teardown()
         if hooks is not None and up:
             self._down_hook(hooks, "PostDown")
@@ -617,10 +460,7 @@ class Supervisor:
         if self.uapi is not None:
             self.uapi.close()
             self.uapi = None
-        for s in self.slots:
-            if s.control is not None:
-                s.control.close()
-                s.control = None
+        self.pool.close_links()
         if self.gateway is not None:
             self.gateway.close()
             self.gateway = None
@@ -665,49 +505,6 @@ class Supervisor:
     def _nudge(self) -> None:
         """The placement table changed: every running worker re-reads it."""
         self.broadcast(control.encode(control.Placement()))  # a worker being replaced reads it
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _kill(pid: int) -> None:
-    _signal(pid, signal.SIGKILL)
-
-
-def _reaped(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == pid
-
-
-def _no_core_dumps() -> None:
-    """Keys live on the Python heap too: no core dumps, and no ptrace by other users
-    (RLIMIT_CORE=0 and PR_SET_DUMPABLE=0, inherited by every worker)."""
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (OSError, ValueError) as exc:
-        log.debug("RLIMIT_CORE not set: %s", exc)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
-    except (OSError, AttributeError) as exc:
-        log.debug("PR_SET_DUMPABLE not cleared: %s", exc)
-
-
-def _set_parent_death_signal() -> None:
-    """PR_SET_PDEATHSIG: a worker gets SIGTERM if the supervisor dies (kill -9 included)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError) as exc:
-        if getattr(exc, "errno", None) != errno.ENOSYS:
-            log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
 
 
 __all__ = ["GatewayError", "Supervisor", "SupervisorError"]
