@@ -139,7 +139,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
             w.replay_held(now, wall)
 
     worker.on_tick = on_tick
-    worker.on_control = ShardControl(worker, publisher, n, index).handle
+    worker.on_control = ShardControl(worker, publisher, index).handle
     sync.on_tick(worker, now, wall)
     return Shard(worker, owned, now, wall)
 
@@ -172,11 +172,10 @@ def ring_pusher(mesh: Any, index: int, workers: int) -> Any:
 class ShardControl:
     """Applies the supervisor's live configuration changes to this worker's shard."""
 
-    def __init__(self, worker: Worker, publisher: SessionPublisher, workers: int, index: int):
+    def __init__(self, worker: Worker, publisher: SessionPublisher, index: int):
         self.worker = worker
         self.device = worker.device
         self.publisher = publisher
-        self.workers = workers
         self.index = index
 
     def handle(self, data: bytes, now: float, wall: float) -> bool:
