@@ -305,6 +305,13 @@ class MemoryGateway:
         self.close()
 
 
+def start_all(*gateways: MemoryGateway) -> None:
+    """Fork every worker of each gateway, in order, and wait until each one beats."""
+    for gw in gateways:
+        gw.start()
+        gw.wait_ready()
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0,
              pump: Callable[[], object] | None = None) -> bool:  # fmt: skip
     """Poll `cond` (running `pump` between polls) until true or `timeout` seconds pass."""

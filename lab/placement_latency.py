@@ -14,7 +14,7 @@ import statistics
 import time
 
 from lab.bindtest import Wire
-from lab.enginetest import MemoryGateway, config, new_key, peer
+from lab.enginetest import MemoryGateway, config, new_key, peer, start_all
 from lab.tuntest import ipv4_udp
 from shardwg.engine import control
 from shardwg.engine.placement import Move
@@ -33,9 +33,7 @@ def measure(moves: int) -> list[float]:
         placer = Placer(Mode.COUNT, 2, g.layout, g.region.buf,
                         lambda: g.broadcast(control.encode(control.Placement())))  # fmt: skip
         placer.start([p_pub], g.slot_of)
-        for gw in (g, p):
-            gw.start()
-            gw.wait_ready()
+        start_all(g, p)
         p.tun[0].write(ipv4_udp("10.7.0.2", "10.7.0.1", 5000, 4000, b"hello"))
         if g.read_tun(5, wire.pump) is None:
             raise RuntimeError("no session")

@@ -1,5 +1,5 @@
-"""Shared fixtures: the namespace harness, and what happens on machines that cannot run
-network tests.
+"""Shared fixtures: the namespace harness, in-memory gateways, and what happens on machines
+that cannot run network tests.
 
 Markers: `netns` / `requires_root_netns` need root with /dev/net/tun and a working `ip netns
 add`; `interop` / `requires_wireguard_go` additionally need wireguard-go and wg. Without them
@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -25,6 +25,9 @@ if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) would no
 from lab.harness import Harness  # noqa: E402 - needs the path above
 from lab.netns import root_netns_problem  # noqa: E402
 from lab.wggo import wireguard_go_problem  # noqa: E402
+
+if TYPE_CHECKING:
+    from lab.enginetest import MemoryGateway
 
 NETNS_MARKERS = ("netns", "requires_root_netns")
 WG_MARKERS = ("interop", "requires_wireguard_go")
@@ -84,3 +87,13 @@ def netns_factory() -> Iterator[Harness]:
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[MemoryGateway]]:
+    """A list for the in-memory gateways (lab/enginetest) a test makes; each is closed at
+    teardown, whatever the test did."""
+    made: list[MemoryGateway] = []
+    yield made
+    for gw in made:
+        gw.close()

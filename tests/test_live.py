@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from msgspec.structs import replace
 
-from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
+from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, start_all, wait_for
 from lab.tuntest import ipv4_udp
 from shardwg.config.model import Config, format_config, load_config
 from shardwg.engine.live import SLOT_REUSE_DELAY, LiveConfig
@@ -29,12 +27,18 @@ GW_IP, P_IP, Q_IP, Q_NET_HOST = "10.7.0.1", "10.7.0.2", "10.7.0.3", "10.7.9.5"
 STALE_INDEX = 0x123400  # a session index a slot's previous peer (or key) may have left behind
 
 
-@pytest.fixture
-def gateways() -> Iterator[list[MemoryGateway]]:
-    made: list[MemoryGateway] = []
-    yield made
-    for gw in made:
-        gw.close()
+def gateway_and_peer(
+    gateways: list[MemoryGateway], g_key: tuple[bytes, bytes], p_key: tuple[bytes, bytes]
+) -> tuple[MemoryGateway, MemoryGateway]:
+    """Gateway G (2 workers) with peer P at P_IP, and P (1 worker) with G at G's address, both
+    running; no packet has crossed yet."""
+    (g_priv, g_pub), (p_priv, p_pub) = g_key, p_key
+    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
+    gateways.append(g)
+    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
+    gateways.append(p)
+    start_all(g, p)
+    return g, p
 
 
 def exchange(g: MemoryGateway, peer_gw: MemoryGateway, peer_ip: str, queue: int,
@@ -60,13 +64,7 @@ def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
     g_priv, g_pub = new_key()
     p_priv, p_pub = key_owned_by(0, 2)
     q_priv, q_pub = key_owned_by(1, 2)  # each worker owns one peer: every change crosses both
-    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
-    gateways.append(g)
-    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
-    gateways.append(p)
-    for gw in (g, p):
-        gw.start()
-        gw.wait_ready()
+    g, p = gateway_and_peer(gateways, (g_priv, g_pub), (p_priv, p_pub))
     assert exchange(g, p, P_IP, queue=0)
 
     # add Q (SIGHUP / syncconf path: a whole new Config)
@@ -133,15 +131,8 @@ def test_live_peer_add_update_remove(gateways: list[MemoryGateway]) -> None:
 def test_new_private_key_restarts_workers_without_sessions(
     gateways: list[MemoryGateway],
 ) -> None:
-    g_priv, g_pub = new_key()
     p_priv, p_pub = new_key()
-    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
-    gateways.append(g)
-    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
-    gateways.append(p)
-    for gw in (g, p):
-        gw.start()
-        gw.wait_ready()
+    g, p = gateway_and_peer(gateways, new_key(), (p_priv, p_pub))
     assert exchange(g, p, P_IP, queue=0)
     g.session(p_pub)
     pids = list(g.pids)
@@ -181,15 +172,8 @@ def test_sighup_reload_and_save_config(gateways: list[MemoryGateway], tmp_path: 
     """The file paths of live configuration: a reload applies the file's difference to the
     running workers (P gains a prefix, its session stays); SaveConfig writes the running
     configuration back, owner-only."""
-    g_priv, g_pub = new_key()
     p_priv, p_pub = new_key()
-    g = MemoryGateway(config(g_priv, [peer(p_pub, [f"{P_IP}/32"])]), workers=2)
-    gateways.append(g)
-    p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], g.addr)]))
-    gateways.append(p)
-    for gw in (g, p):
-        gw.start()
-        gw.wait_ready()
+    g, p = gateway_and_peer(gateways, new_key(), (p_priv, p_pub))
     assert exchange(g, p, P_IP, queue=0)
     session = current_index(g, p_pub)
 

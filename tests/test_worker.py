@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
-
-import pytest
 
 from lab.bindtest import LoopbackGroup, Wire
-from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, wait_for
+from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, start_all, wait_for
 from lab.tuntest import TunQueue, ipv4_udp
 from shardwg.io import tun as tun_io
 from shardwg.io.vnet import VNET_HDR_LEN, ZERO_HDR
@@ -64,14 +61,6 @@ def test_a_chosen_sender_keeps_hashing_to_its_member() -> None:
         group.close()
 
 
-@pytest.fixture
-def gateways() -> Iterator[list[MemoryGateway]]:
-    made: list[MemoryGateway] = []
-    yield made
-    for gw in made:
-        gw.close()
-
-
 def test_handshake_and_transport_both_ways(gateways: list[MemoryGateway]) -> None:
     a_priv, a_pub = new_key()
     b_priv, b_pub = new_key()
@@ -79,9 +68,7 @@ def test_handshake_and_transport_both_ways(gateways: list[MemoryGateway]) -> Non
     gateways.append(b)
     a = MemoryGateway(config(a_priv, [peer(b_pub, [f"{PEER_IP}/32"], b.addr)]))
     gateways.append(a)
-    for gw in (a, b):
-        gw.start()
-        gw.wait_ready()
+    start_all(a, b)
 
     out = ipv4_udp(GW_IP, PEER_IP, 4000, 5000, os.urandom(300))
     a.tun[0].write(out)  # no session yet: A stages it and initiates
@@ -116,9 +103,7 @@ def test_handoff_between_two_workers(gateways: list[MemoryGateway]) -> None:
     p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)]))
     gateways.append(p)
     try:
-        for gw in (g, p):
-            gw.start()
-            gw.wait_ready()
+        start_all(g, p)
 
         first = ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"from the peer")
         p.tun[0].write(first)
@@ -163,9 +148,7 @@ def test_killed_worker_resumes_from_its_slot_without_handshake(
     p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)]))
     gateways.append(p)
     try:
-        for gw in (g, p):
-            gw.start()
-            gw.wait_ready()
+        start_all(g, p)
         up = [ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"up %d" % i) for i in range(3)]
         for pkt in up:
             p.tun[0].write(pkt)

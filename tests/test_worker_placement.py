@@ -11,12 +11,9 @@ datagram accepted before the move is refused after it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-
-import pytest
 
 from lab.bindtest import Wire
-from lab.enginetest import MemoryGateway, config, new_key, peer, wait_for
+from lab.enginetest import MemoryGateway, config, new_key, peer, start_all, wait_for
 from lab.tuntest import ipv4_udp
 from shardwg.engine import control
 from shardwg.engine.placement import Move
@@ -26,14 +23,6 @@ from shardwg.shm.placement import Mode, Reason
 from tests.test_worker import counter_of
 
 GW_IP, PEER_IP = "10.7.0.1", "10.7.0.2"
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[MemoryGateway]]:
-    made: list[MemoryGateway] = []
-    yield made
-    for gw in made:
-        gw.close()
 
 
 def test_move_between_real_workers(gateways: list[MemoryGateway]) -> None:
@@ -48,9 +37,7 @@ def test_move_between_real_workers(gateways: list[MemoryGateway]) -> None:
     p = MemoryGateway(config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)]))
     gateways.append(p)
     try:
-        for gw in (g, p):
-            gw.start()
-            gw.wait_ready()
+        start_all(g, p)
         assert placer.owner(p_pub) == 0
         up = [ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"up %d" % i) for i in range(3)]
         for pkt in up:
