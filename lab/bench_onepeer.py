@@ -34,11 +34,7 @@ CONFIGS = [(1, "off"), (2, "off"), (2, "on")]  # (workers, spread) of the shardw
 
 def worker_counts(gw: ShardwgGateway) -> list[tuple[int, int]]:
     """(rx_packets, tx_packets) per worker of `gw`, now."""
-    res = gw.ns.run([sys.executable, "-m", "shardwg", "show", gw.ifname, "--json",
-                     "--interval", "0"], check=False, timeout=20)  # fmt: skip
-    doc = json.loads(res.stdout)
-    doc = doc[0] if isinstance(doc, list) else doc
-    return [(w["rx_packets"], w["tx_packets"]) for w in doc["worker_stats"]]
+    return [(w["rx_packets"], w["tx_packets"]) for w in gw.show_json(timeout=20)["worker_stats"]]
 
 
 class OnePeer:

@@ -3,6 +3,7 @@ shardwg being tested, not whatever `shardwg` is on PATH."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -87,6 +88,14 @@ class ShardwgGateway:
         """`shardwg show <ifname>` in the namespace, unchecked: it may not exist in this build."""
         cmd = [sys.executable, "-m", "shardwg", "show", self.ifname]
         return self.ns.run(cmd, check=False, timeout=timeout)
+
+    def show_json(self, interval: float = 0, timeout: float = 30) -> dict[str, Any]:
+        """`shardwg show <ifname> --json` in the namespace, parsed; interval 0 reads the
+        counters as they are (no rate sample)."""
+        cmd = [sys.executable, "-m", "shardwg", "show", self.ifname, "--json",
+               "--interval", str(interval)]  # fmt: skip
+        doc: dict[str, Any] = json.loads(self.ns.run(cmd, timeout=timeout).stdout)
+        return doc
 
     def stop(self, timeout: float = 10) -> int:
         """SIGTERM and wait for a graceful exit; SIGKILL the process group (its workers) if it

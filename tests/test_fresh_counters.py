@@ -10,11 +10,9 @@ way round.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
+from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
 from lab.keys import keypair
 from lab.netns import unique_ifname, veth_link
@@ -24,19 +22,17 @@ pytestmark = [pytest.mark.interop, pytest.mark.netns]
 METRICS = "127.0.0.1:9586"
 
 
-def _gateway_views(gw_ns, ifname: str, peer_pub: str) -> dict[str, tuple[int, int]]:  # type: ignore[no-untyped-def]
+def _gateway_views(gw: ShardwgGateway, peer_pub: str) -> dict[str, tuple[int, int]]:
     """(rx, tx) of the peer as `wg show dump` (UAPI), `shardwg show --json` and /metrics say."""
     views: dict[str, tuple[int, int]] = {}
-    for line in gw_ns.run(["wg", "show", ifname, "dump"]).stdout.splitlines()[1:]:
+    for line in gw.ns.run(["wg", "show", gw.ifname, "dump"]).stdout.splitlines()[1:]:
         f = line.split("\t")
         if f[0] == peer_pub:
             views["uapi"] = (int(f[5]), int(f[6]))
-    show = gw_ns.run([sys.executable, "-m", "shardwg", "show", ifname, "--json",
-                      "--interval", "0"]).stdout  # fmt: skip
-    for p in json.loads(show)["peers"]:
+    for p in gw.show_json()["peers"]:
         if p["public_key"] == peer_pub:
             views["show"] = (p["rx_bytes"], p["tx_bytes"])
-    text = gw_ns.python(
+    text = gw.ns.python(
         "import urllib.request\n"
         f"print(urllib.request.urlopen('http://{METRICS}/metrics', timeout=5).read().decode())"
     )
@@ -66,10 +62,10 @@ def test_counters_exact_after_1_10_and_1000_packets(netns_factory: Harness) -> N
     assert len(ping_rtts(p_ns, "10.0.0.1", 1, 10)) == 1, gw.log_text()  # handshake
     seen = []
     for n in (1, 10, 1000):
-        before = _gateway_views(gw_ns, gw.ifname, p_keys[1])
+        before = _gateway_views(gw, p_keys[1])
         peer_rx0, peer_tx0 = wg.transfer(gw_keys[1])
         replies = len(ping_rtts(p_ns, "10.0.0.1", n, 30, interval=0.002))
-        after = _gateway_views(gw_ns, gw.ifname, p_keys[1])
+        after = _gateway_views(gw, p_keys[1])
         peer_rx, peer_tx = wg.transfer(gw_keys[1])
         want = (peer_tx - peer_tx0, peer_rx - peer_rx0)  # the gateway's (rx, tx) deltas
         got = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}

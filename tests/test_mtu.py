@@ -9,7 +9,6 @@ flows onto both queues and the worker that does not own the peer must hand every
 
 from __future__ import annotations
 
-import json
 import select
 import socket
 import subprocess
@@ -105,8 +104,7 @@ def test_jumbo_one_way_udp_from_many_ports_is_all_delivered(netns_factory: Harne
     sent = gw_ns.call(_send, PER_PORT, SIZE, PORTS, timeout=60)
     out, err = rx.communicate(timeout=60)
     got, bad = (int(x) for x in out.split())
-    shown = gw_ns.run([sys.executable, "-m", "shardwg", "show", "--json", gw.ifname])
-    status = json.loads(shown.stdout)
+    status = gw.show_json(interval=0.5)
     drops = status["drops_total"]
     # Packets read on the non-owner's queue: handed over, or dropped trying.
     handed = sum(w["handoffs_out"] for w in status["worker_stats"]) + drops.get("handoff_full", 0)

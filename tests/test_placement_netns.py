@@ -6,7 +6,6 @@ Owners are read the way a user reads them, from `shardwg show --json`.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -22,14 +21,6 @@ pytestmark = [pytest.mark.interop, pytest.mark.netns]
 MiB = 1024 * 1024
 
 
-def show_json(ifname: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "shardwg", "show", ifname, "--json", "--interval", "0"],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
 @pytest.mark.parametrize("peers,trials", [(2, 4), (4, 2)])
 def test_n_peers_on_n_workers_one_each_every_time(
     netns_factory: Harness, peers: int, trials: int
@@ -41,7 +32,7 @@ def test_n_peers_on_n_workers_one_each_every_time(
             for i, (ns, _wg, _kp) in enumerate(site.peers):
                 assert ping(ns, "10.0.0.1", count=1, timeout=10), site.gw.log_text()
                 assert ping(site.gw_ns, site.tunnel_ip(i), count=1, timeout=10)
-            st = show_json(site.gw.ifname)
+            st = site.gw.show_json()
             owners = sorted(p["owner"] for p in st["peers"])
             assert owners == list(range(peers)), (trial, st["peers"])
             assert [w["peers_owned"] for w in st["worker_stats"]] == [1] * peers
@@ -59,7 +50,7 @@ def test_hot_peer_moves_without_a_handshake(netns_factory: Harness) -> None:
     try:
         for ns, _wg, _kp in site.peers:
             assert ping(ns, "10.0.0.1", count=2, timeout=10), site.gw.log_text()
-        st = show_json(site.gw.ifname)
+        st = site.gw.show_json()
         owner = {p["public_key"]: p["owner"] for p in st["peers"]}
         pair = [i for i, (_ns, _wg, kp) in enumerate(site.peers) if owner[kp[1]] == 0]
         assert len(pair) == 2 and st["placement"]["moves"] == 0, st["peers"]
@@ -74,7 +65,7 @@ def test_hot_peer_moves_without_a_handshake(netns_factory: Harness) -> None:
         last_rx = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and moved_at is None:
-            st = show_json(site.gw.ifname)
+            st = site.gw.show_json()
             now = time.monotonic()
             rx = st["worker_stats"][0]["rx_bytes"]
             if imbalance is None and last_rx is not None and rx - last_rx > 2 * MiB:
@@ -94,7 +85,7 @@ def test_hot_peer_moves_without_a_handshake(netns_factory: Harness) -> None:
         took = moved_at - imbalance
         after = [wg.latest_handshake(site.gw_keys[1]) for _ns, wg, _kp in site.peers]
         assert after == handshakes, "a move needed a handshake"
-        st = show_json(site.gw.ifname)
+        st = site.gw.show_json()
         owners = {p["public_key"]: p["owner"] for p in st["peers"]}
         assert owners[move["public_key"]] == 1
         assert st["placement"]["moves"] == 1, st["placement"]  # no flapping back

@@ -9,7 +9,6 @@ real POSIX region and read its bytes back from /dev/shm.
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import subprocess
@@ -180,8 +179,7 @@ def test_gateway_keys_are_in_the_workers_mapping_not_the_named_region(
     with open(f"/dev/shm/shardwg-{gw.ifname}", "rb") as f:
         named = f.read()
     layout = Layout.read_from(bytearray(named))
-    status = json.loads(gw_ns.run([sys.executable, "-m", "shardwg", "show", "--json",
-                                   gw.ifname]).stdout)  # fmt: skip
+    status = gw.show_json(interval=0.5)
     owner = status["peers"][0]["owner"]
     pid = status["worker_stats"][owner]["pid"]
     area = SecretArea(layout.peer_capacity, bytearray(SecretArea.size_for(layout.peer_capacity)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -25,27 +24,19 @@ for i in range(int(sys.argv[2])):
 """
 
 
-def show_json(ifname: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "shardwg", "show", ifname, "--json", "--interval", "0"],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
 def test_show_counts_packets_per_worker(netns_factory: Harness) -> None:
     site = build_site(netns_factory, 2, 2)
     try:
         for ns, _wg, _kp in site.peers:
             assert ping(ns, "10.0.0.1", count=2, timeout=10)
         time.sleep(0.3)
-        before = show_json(site.gw.ifname)
+        before = site.gw.show_json()
         ns, _wg, kp = site.peers[0]
         owner = {p["public_key"]: p["owner"] for p in before["peers"]}[kp[1]]
         assert sorted(p["owner"] for p in before["peers"]) == [0, 1]  # one peer per worker
         ns.run([sys.executable, "-c", SEND_UDP, "10.0.0.1", "300"], timeout=30)
         time.sleep(0.3)  # counters flush every 5 ms; peer records every second
-        after = show_json(site.gw.ifname)
+        after = site.gw.show_json()
         delta = [
             a["rx_packets"] - b["rx_packets"]
             for a, b in zip(after["worker_stats"], before["worker_stats"], strict=True)
