@@ -29,15 +29,12 @@ from test_segment import (
     udp_super,
 )
 
-from shardwg.datapath import seal_ref
+from shardwg.datapath import seal_ref, select
 from shardwg.io import vnet
 from shardwg.proto.constants import DropReason
 from shardwg.proto.crypto import AEAD
 
-try:
-    from shardwg.datapath import _native  # type: ignore[attr-defined]
-except ImportError:  # the differential half needs the extension; the rest still runs
-    _native = None
+_native = select.native_module()  # the differential half needs it; the rest still runs
 
 KEY = bytes(range(1, 33))
 REMOTE = 0x5EA1ED01

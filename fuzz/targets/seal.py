@@ -10,24 +10,17 @@ SHARDWG_NATIVE_SANITIZE=1 to turn memory errors into aborts), identical results 
 after every call, no counter at or past the limit, and counters that never repeat.
 
 Without the extension the target still holds the reference to the last two properties.
-Under the sanitizers (a build elsewhere, so the in-tree one stays as it is):
-
-    SHARDWG_NATIVE_SANITIZE=1 python setup.py build_ext -b /tmp/asan -t /tmp/asan-t --force
-    SHARDWG_FUZZ_NATIVE=$(ls /tmp/asan/shardwg/datapath/_native*.so) \\
-    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \\
-    ASAN_OPTIONS=detect_leaks=0 python fuzz/run.py --target seal --seconds 60
+Under the sanitizers (a build in a scratch copy of the tree): `scripts/native_sanitize`,
+with FUZZ_SECONDS=60 for a timed campaign.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import os
 import struct
 from typing import Any
 
 from fuzz.targets.world import FuzzFailure
-from shardwg.datapath import seal_ref
+from shardwg.datapath import seal_ref, select
 
 KEY = bytes(range(7, 39))
 MTUS = (0, 1, 576, 1280, 1420, 1500, 9000, 65535)
@@ -36,27 +29,7 @@ BYTES = (0, 60, 1500, 20000, 65535 - 48)
 OUTS = (0, 64, 2000, 1 << 17)
 COUNTERS = (0, 1, (1 << 64) - (1 << 13) - 70, (1 << 63))
 MAX_CALLS = 20_000  # >= 2 per segment: one LIMIT and one seal at worst
-
-
-_loaded: list[Any] = []
-
-
-def load_native(path: str | None = None) -> Any:
-    """The extension at `path` or $SHARDWG_FUZZ_NATIVE (e.g. a sanitizer build elsewhere),
-    else the built one; None when there is none."""
-    path = path or os.environ.get("SHARDWG_FUZZ_NATIVE")
-    if path is None:
-        try:
-            from shardwg.datapath import _native  # type: ignore[attr-defined]
-        except ImportError:
-            return None
-        return _native
-    loader = importlib.machinery.ExtensionFileLoader("shardwg.datapath._native", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
+NATIVE = select.native_module()  # None: not built
 
 
 def decode(data: bytes) -> tuple[list[bytes], dict[str, Any]]:
@@ -115,9 +88,7 @@ def _drive(mod: Any, raws: list[bytes], k: dict[str, Any]) -> list[tuple[Any, by
 def seal(data: bytes, native: Any = None) -> None:
     """The target: never crash, agree with the reference, never touch a counter twice."""
     if native is None:
-        if not _loaded:
-            _loaded.append(load_native())
-        native = _loaded[0]
+        native = NATIVE
     raws, knobs = decode(data)
     try:
         ref = _drive(seal_ref, raws, knobs)
