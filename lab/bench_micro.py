@@ -11,10 +11,11 @@ through the data path in batches of 64:
 Paths: "python" is the per-packet pure-Python path the workers ran before the batch kernel
 (Device.send_packet and Device.receive_transport; one call per packet, so a "batch" is a loop of
 64 calls); "native" and "python-batch" are shardwg.datapath's batch kernel (C) and its
-pure-Python reference, timed by the kernel's own microbenchmark (shardwg.datapath.microbench)
-where this tree has it. "aead" is the floor under any per-packet Python path: the bare
-`cryptography` encrypt_into of the same packet, no protocol work. Time is the thread's CPU
-time (one core, not disturbed by other work sharing the machine): packets / CPU seconds.
+pure-Python reference, timed by the kernels' own microbenchmarks (seal:
+shardwg.datapath.microbench, open: lab.microbench_open). "aead" is the floor under any
+per-packet Python path: the bare `cryptography` encrypt_into of the same packet, no protocol
+work. Time is the thread's CPU time (one core, not disturbed by other work sharing the
+machine): packets / CPU seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lab import microbench_open
+from shardwg.datapath import microbench, select
 from shardwg.proto import crypto
 from shardwg.proto.constants import MAX_DATAGRAM
 from shardwg.proto.device import Device
@@ -141,46 +144,33 @@ def aead_seal(batches: int, size: int = PACKET) -> float:
 # - seal: shardwg.datapath.microbench.bench_seal(native, super_packet, seconds) -> packets per
 #   CPU-second of the process; "seal" is 64 single packets per batch, "seal_tso" two
 #   32-segment TSO super-packets per batch (what a TUN with TSO hands the worker);
-# - open: lab.microbench_open.Bench(impl, batches).run_once(): 64 datagrams per batch
-#   carrying 1420-byte TCP segments of one flow, opened and coalesced; timed here by the
-#   thread's CPU time around the call, since its own figure is per wall second.
+# - open: lab.microbench_open.Bench(impl, batches).run_once() -> packets per CPU-second of
+#   the thread; 64 datagrams per batch carrying 1420-byte TCP segments of one flow, opened
+#   and coalesced.
 SEAL_OPS = {"seal": False, "seal_tso": True}
 
 
 def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str, Kernel]:
-    """op -> f(native) -> packets per CPU-second, for the batch kernels' microbenchmarks."""
-    from lab import microbench_open
-    from shardwg.datapath import microbench, select
-
+    """op -> f(native) -> packets per CPU-second, for the batch kernels' microbenchmarks
+    (f(True) needs the extension: native_built())."""
     found: dict[str, Kernel] = {}
     for op, tso in SEAL_OPS.items():
 
         def seal_rate(native: bool, tso: bool = tso) -> float:
-            if native and select.native_module() is None:
-                return 0.0
             return float(microbench.bench_seal(native, tso, seconds))
 
         found[op] = seal_rate
 
     def open_rate(native: bool) -> float:
-        if native and select.native_module() is None:
-            return 0.0
         impl = select.choose("1") if native else select.python_impl()
-        bench = microbench_open.Bench(impl, open_batches)
-        c0 = time.thread_time()
-        bench.run_once()  # raises if any packet was dropped
-        return open_batches * BATCH / max(time.thread_time() - c0, 1e-9)
+        return microbench_open.Bench(impl, open_batches).run_once()  # raises on any drop
 
     found["open"] = open_rate
     return found
 
 
 def native_built() -> bool:
-    try:
-        from shardwg.datapath import _native  # type: ignore[attr-defined,unused-ignore]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return select.native_module() is not None
 
 
 def run_once(batches: int) -> dict[str, dict[str, float]]:
@@ -188,7 +178,7 @@ def run_once(batches: int) -> dict[str, dict[str, float]]:
     alternating within it; a fresh session each time (counters start at zero).
 
     Paths: "native" and "python-batch" (the batch kernel and its pure-Python reference, through
-    shardwg.datapath.microbench where it exists), "python" (the per-packet Device path the
+    kernel_functions), "python" (the per-packet Device path the
     workers run without the kernel), "aead" (the bare AEAD call)."""
     n = batches * BATCH
     out: dict[str, dict[str, float]] = {}
@@ -198,9 +188,7 @@ def run_once(batches: int) -> dict[str, dict[str, float]]:
     out["python"] = {"seal_pps": n / max(python_seal(python, batches), 1e-9)}
     for op, fn in kernel.items():
         if native:
-            pps = fn(True)
-            if pps > 0:
-                out.setdefault("native", {})[f"{op}_pps"] = pps
+            out.setdefault("native", {})[f"{op}_pps"] = fn(True)
         out.setdefault("python-batch", {})[f"{op}_pps"] = fn(False)
     out["python"]["open_pps"] = n / max(python_open(python, batches), 1e-9)
     out["aead"] = {"seal_pps": n / max(aead_seal(batches), 1e-9)}

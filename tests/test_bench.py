@@ -129,7 +129,7 @@ def test_microbenchmark_pushes_real_packets_both_ways() -> None:
     res = bench_micro.run_once(2)
     assert res["python"]["open_pps"] > 0 and res["python"]["seal_pps"] > 0, res
     assert res["aead"]["seal_pps"] > 0, res
-    for op in bench_micro.kernel_functions():  # the batch kernels, once this tree has them
+    for op in bench_micro.kernel_functions():  # the batch kernels
         assert res["python-batch"][f"{op}_pps"] > 0, res
         if bench_micro.native_built():
             assert res["native"][f"{op}_pps"] > 0, res
