@@ -171,21 +171,12 @@ def handshake_fixture(kind: int, load: bool) -> HandshakeFixture:
     """
     w = World(seed=11 + kind + 3 * load)
     if kind == _COOKIE:
-        set_load(w.b, True)
-        w.peer_b.send_initiation(w.now, w.wall)
-        reply = w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A)
-        check(isinstance(reply, bytes), "fixture: no cookie reply")
-        assert isinstance(reply, bytes)
+        reply = _cookie_reply(w)
         w.minted.append(reply)
         return HandshakeFixture(w, w.a, ADDR_B, reply)
     if kind == _INIT:
         if load:
-            set_load(w.b, True)
-            w.peer_b.send_initiation(w.now, w.wall)
-            reply = w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A)
-            check(isinstance(reply, bytes), "fixture: no cookie reply")
-            assert isinstance(reply, bytes)
-            check(w.deliver(w.a, reply, ADDR_B) is None, "fixture: cookie not taken")
+            check(w.deliver(w.a, _cookie_reply(w), ADDR_B) is None, "fixture: cookie not taken")
             w.advance(REKEY_TIMEOUT + 0.5)
         w.peer_b.send_initiation(w.now, w.wall)
         return HandshakeFixture(w, w.b, ADDR_A, w.take_outbox(w.a)[0])
@@ -202,6 +193,16 @@ def handshake_fixture(kind: int, load: bool) -> HandshakeFixture:
     check(w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A) is None, "fixture: init")
     w.b.events.clear()
     return HandshakeFixture(w, w.a, ADDR_B, w.take_outbox(w.b)[0])
+
+
+def _cookie_reply(w: World) -> bytes:
+    """B, under load, answers A's initiation with a cookie reply (not yet delivered)."""
+    set_load(w.b, True)
+    w.peer_b.send_initiation(w.now, w.wall)
+    reply = w.deliver(w.b, w.take_outbox(w.a)[0], ADDR_A)
+    check(isinstance(reply, bytes), "fixture: no cookie reply")
+    assert isinstance(reply, bytes)
+    return reply
 
 
 def should_accept(fx: HandshakeFixture, kind: int, load: bool, msg: bytes) -> bool:
