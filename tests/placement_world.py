@@ -183,15 +183,19 @@ class World:
         self.handshakes += 1
         assert self.remote_send() > 0
 
-    def remote_send(self) -> int:
-        """The remote seals a fresh packet; the network steers it by index; the result."""
+    def remote_datagram(self) -> bytes:
+        """The remote seals a fresh packet (a plain WireGuard: counters in order)."""
         self.seq += 1
         pkt = ip_packet("10.9.0.2", "10.0.0.1", self.seq.to_bytes(8, "little"))
         out = memoryview(bytearray(2048))
         n = self.remote.send_packet(self.rpeer, memoryview(pkt), len(pkt) - 16, out,
                                     self.now, self.wall)  # fmt: skip
         assert n > 0
-        data = bytes(out[:n])
+        return bytes(out[:n])
+
+    def remote_send(self) -> int:
+        """The remote seals a fresh packet; the network steers it by index; the result."""
+        data = self.remote_datagram()
         self.old.append(data)
         return self.deliver(data)
 

@@ -429,7 +429,7 @@ def test_receive_spread_over_workers_each_with_its_own_window() -> None:
     got_by = [0, 0, 0]
     sent: list[bytes] = []
     for _ in range(5000):  # the remote (a plain WireGuard) counts sequentially
-        data = _remote_datagram(world)
+        data = world.remote_datagram()
         w = _steer(world, data)
         assert world.w[w].receive(data) > 0, w
         got_by[w] += 1
@@ -440,20 +440,8 @@ def test_receive_spread_over_workers_each_with_its_own_window() -> None:
     for data in sent[-3000:]:
         assert world.w[_steer(world, data)].receive(data) <= 0
     for _ in range(3000):
-        data = _remote_datagram(world)
+        data = world.remote_datagram()
         assert world.w[_steer(world, data)].receive(data) > 0
-
-
-def _remote_datagram(world: Any) -> bytes:
-    from tests.placement_world import ip_packet
-
-    world.seq += 1
-    pkt = ip_packet("10.9.0.2", "10.0.0.1", world.seq.to_bytes(8, "little"))
-    out = memoryview(bytearray(2048))
-    n = world.remote.send_packet(world.rpeer, memoryview(pkt), len(pkt) - 16, out,
-                                 world.now, world.wall)  # fmt: skip
-    assert n > 0
-    return bytes(out[:n])
 
 
 def test_when_to_spread() -> None:
