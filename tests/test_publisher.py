@@ -53,18 +53,17 @@ class Published:
 
     def a_to_b(self, n: int) -> list[bytes]:
         """n packets A -> B through the pump; the datagrams as they crossed."""
-        start = len(self.p.wire)
-        for i in range(n):
-            self.p.send(self.p.a, ipv4_packet("10.0.0.1", "10.0.0.2", b"a%d" % i))
-        self.p.pump()
-        return [d for tag, d in self.p.wire[start:] if tag == "a->b"]
+        return self._send(self.p.a, "10.0.0.1", "10.0.0.2", "a->b", n)
 
     def b_to_a(self, n: int) -> list[bytes]:
+        return self._send(self.p.b, "10.0.0.2", "10.0.0.1", "b->a", n)
+
+    def _send(self, frm: Device, src: str, dst: str, tag: str, n: int) -> list[bytes]:
         start = len(self.p.wire)
         for i in range(n):
-            self.p.send(self.p.b, ipv4_packet("10.0.0.2", "10.0.0.1", b"b%d" % i))
+            self.p.send(frm, ipv4_packet(src, dst, b"%s%d" % (tag[:1].encode(), i)))
         self.p.pump()
-        return [d for tag, d in self.p.wire[start:] if tag == "b->a"]
+        return [d for t, d in self.p.wire[start:] if t == tag]
 
 
 def test_track_publishes_a_peer_before_any_session() -> None:
