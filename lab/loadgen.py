@@ -92,6 +92,13 @@ class _Peer:
     next_ok: float = 0.0
     pool: deque[bytearray] = field(default_factory=deque)
 
+    @classmethod
+    def initiating(cls, peer: LoadPeer, responder_public: bytes, sock: int) -> _Peer:
+        """`peer`'s state as an initiator towards the responder's public key."""
+        local = LocalIdentity.from_private(peer.private)
+        pc = PeerCrypto.build(local, responder_public, None)
+        return cls(local, pc, CookieGenerator(pc.mac1_key, pc.cookie_key), sock)
+
     def make(self, wall: float) -> bytearray:
         """A new initiation (sender index 0, macs unset), timestamp newer than the last."""
         ts = tai64n.timestamp(wall)
@@ -160,12 +167,8 @@ def run_loadgen(
         s.setblocking(False)
         socks.append(s)
     try:
-        state = []
-        for i, p in enumerate(peers):
-            local = LocalIdentity.from_private(p.private)
-            pc = PeerCrypto.build(local, responder_public, None)
-            state.append(_Peer(local, pc, CookieGenerator(pc.mac1_key, pc.cookie_key),
-                               i % len(socks)))  # fmt: skip
+        state = [_Peer.initiating(p, responder_public, i % len(socks))
+                 for i, p in enumerate(peers)]  # fmt: skip
         wall = time.time()
         for k in range(pool):
             st = state[k % len(state)]
@@ -282,10 +285,7 @@ def x25519_cost_us(number: int = 2000) -> dict[str, float]:
     and per complete initiation as this generator makes it."""
     priv = crypto.generate_private_key(os.urandom(32))
     pub = crypto.public_key(crypto.generate_private_key(os.urandom(32)))
-    peer = make_peers(1)[0]
-    st = _Peer(LocalIdentity.from_private(peer.private),
-               PeerCrypto.build(LocalIdentity.from_private(peer.private), pub, None),
-               CookieGenerator(b"\0" * 32, b"\0" * 32), 0)  # fmt: skip
+    st = _Peer.initiating(make_peers(1)[0], pub, 0)
 
     def best(fn: Callable[[], object], n: int) -> float:
         return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6

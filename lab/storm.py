@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 from lab.loadgen import LoadPeer, _Peer
 from shardwg.proto.constants import REKEY_TIMEOUT, MessageType
-from shardwg.proto.cookie import CookieGenerator
 from shardwg.proto.messages import U32
-from shardwg.proto.noise import LocalIdentity, PeerCrypto
 
 _T_RESP = int(MessageType.RESPONSE)
 _T_COOKIE = int(MessageType.COOKIE_REPLY)
@@ -60,9 +58,7 @@ def storm(
             s.setblocking(False)
             socks.append(s)
             ep.register(s.fileno(), select.EPOLLIN)
-            local = LocalIdentity.from_private(p.private)
-            pc = PeerCrypto.build(local, responder_public, None)
-            state.append(_Peer(local, pc, CookieGenerator(pc.mac1_key, pc.cookie_key), i))
+            state.append(_Peer.initiating(p, responder_public, i))
         by_fd = {s.fileno(): i for i, s in enumerate(socks)}
         wall = time.time()
         first = [st.make(wall) for st in state]  # made before the clock starts
