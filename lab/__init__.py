@@ -12,7 +12,7 @@ Modules, one concept each:
     transfer      TCP transfers checked with sha256
     iperf         one iperf3 TCP run
     harness       one owner that closes all of the above
-    topology      a gateway and N peers on a bridged underlay
+    topology      a gateway and N peers on a bridged underlay; one peer on a veth
     demo          `python -m lab.demo`
 """
 

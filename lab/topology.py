@@ -1,4 +1,5 @@
-"""A star: one shardwg gateway and N wireguard-go peers on a shared, bridged underlay.
+"""A star: one shardwg gateway and N wireguard-go peers on a shared, bridged underlay; and
+the smallest shape, one wireguard-go peer on a veth, waiting for a gateway the test starts.
 
 The shape the demo, the benchmark and the soak all need. A Linux bridge in its own "underlay"
 namespace plays the switch, so the gateway sees every peer on one interface as it would on a
@@ -9,11 +10,12 @@ initiate; the gateway learns theirs from the handshake, as a road-warrior gatewa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
 from lab.keys import keypair
-from lab.netns import LabError, Namespace, add_bridge, bridge_port, unique_ifname
+from lab.netns import LabError, Namespace, add_bridge, bridge_port, unique_ifname, veth_link
 from lab.wggo import WireguardGo
 
 GW_PORT, PEER_PORT = 51820, 51821
@@ -133,3 +135,28 @@ class Star:
 
     def namespaces(self) -> list[Namespace]:
         return [ns for ns in (self.gw_ns, self.underlay_ns) if ns] + [p.ns for p in self.peers]
+
+
+class PeerSite(NamedTuple):
+    """`gw_ns` (veth0 10.99.0.1) and `p_ns` (10.99.0.2) on one veth; in `p_ns` a wireguard-go
+    peer (tunnel 10.0.0.10/24) that knows the gateway's key and 10.99.0.1:51820. The gateway
+    is the caller's to start in `gw_ns` with `gw_keys[0]`: its peers and options vary."""
+
+    gw_ns: Namespace
+    p_ns: Namespace
+    gw_keys: tuple[str, str]
+    p_keys: tuple[str, str]
+    wg: WireguardGo
+
+
+def wireguard_go_peer_site(h: Harness) -> PeerSite:
+    gw_ns, p_ns = h(1, "gw")[0], h(1, "p")[0]
+    veth_link(gw_ns, p_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], name_a="veth0")
+    gw_keys, p_keys = keypair(), keypair()
+    wg = h.wireguard_go(
+        p_ns, unique_ifname("wgp"), p_keys[0], PEER_PORT,
+        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.0/24"],
+          "endpoint": f"10.99.0.1:{GW_PORT}", "persistent_keepalive": 0}],
+        ["10.0.0.10/24"],
+    )  # fmt: skip
+    return PeerSite(gw_ns, p_ns, gw_keys, p_keys, wg)

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from lab.harness import Harness
-from lab.keys import keypair
-from lab.netns import unique_ifname, veth_link
+from lab.netns import unique_ifname
 from lab.ping import ping_rtts
+from lab.topology import wireguard_go_peer_site
 from shardwg.proto import crypto, noise, tai64n
 from shardwg.proto.constants import IDENTIFIER, DropReason, MessageType
 from shardwg.proto.cookie import CookieGenerator
@@ -93,15 +93,7 @@ def test_forged_initiation_for_a_low_order_peer_is_refused(key: bytes) -> None:
 def test_gateway_with_low_order_peers_from_file_and_wg_set(netns_factory: Harness) -> None:
     """2 workers, low-order peers owned by each in the file; one more added live with an
     endpoint and keepalive; a real wireguard-go peer's pings are all answered throughout."""
-    gw_ns, p_ns = netns_factory(1, "gw")[0], netns_factory(1, "p")[0]
-    veth_link(gw_ns, p_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], name_a="veth0")
-    gw_keys, p_keys = keypair(), keypair()
-    wg = netns_factory.wireguard_go(
-        p_ns, unique_ifname("wgp"), p_keys[0], 51821,
-        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.0/24"],
-          "endpoint": "10.99.0.1:51820", "persistent_keepalive": 0}],
-        ["10.0.0.10/24"],
-    )  # fmt: skip
+    gw_ns, p_ns, gw_keys, p_keys, wg = wireguard_go_peer_site(netns_factory)
     in_file = [k for k in LOW_ORDER if owner_of(k, 2) == 0][:1] + [
         k for k in LOW_ORDER if owner_of(k, 2) == 1
     ][:1]

@@ -14,9 +14,9 @@ import pytest
 
 from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
-from lab.keys import keypair
-from lab.netns import unique_ifname, veth_link
+from lab.netns import unique_ifname
 from lab.ping import ping_rtts
+from lab.topology import wireguard_go_peer_site
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 METRICS = "127.0.0.1:9586"
@@ -45,15 +45,7 @@ def _gateway_views(gw: ShardwgGateway, peer_pub: str) -> dict[str, tuple[int, in
 
 
 def test_counters_exact_after_1_10_and_1000_packets(netns_factory: Harness) -> None:
-    gw_ns, p_ns = netns_factory(1, "gw")[0], netns_factory(1, "p")[0]
-    veth_link(gw_ns, p_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], name_a="veth0")
-    gw_keys, p_keys = keypair(), keypair()
-    wg = netns_factory.wireguard_go(
-        p_ns, unique_ifname("wgp"), p_keys[0], 51821,
-        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.0/24"],
-          "endpoint": "10.99.0.1:51820", "persistent_keepalive": 0}],
-        ["10.0.0.10/24"],
-    )  # fmt: skip
+    gw_ns, p_ns, gw_keys, p_keys, wg = wireguard_go_peer_site(netns_factory)
     gw = netns_factory.gateway(
         gw_ns, unique_ifname("swg"), gw_keys[0], 51820,
         [{"public_key": p_keys[1], "allowed_ips": ["10.0.0.10/32"]}], ["10.0.0.1/24"],

@@ -23,9 +23,9 @@ import pytest
 from test_sharding import ShmView
 
 from lab.harness import Harness
-from lab.keys import keypair
-from lab.netns import unique_ifname, veth_link, wait_for
+from lab.netns import unique_ifname, wait_for
 from lab.ping import ping_rtts
+from lab.topology import wireguard_go_peer_site
 from lab.wgconf import write_secret
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -59,15 +59,7 @@ def wg_file(private: str, peers: list[tuple[str, str]]) -> str:
 
 
 def test_stopped_worker_big_syncconf(netns_factory: Harness, tmp_path: Path) -> None:
-    gw_ns, p_ns = netns_factory(1, "gw")[0], netns_factory(1, "p")[0]
-    veth_link(gw_ns, p_ns, ["10.99.0.1/24"], ["10.99.0.2/24"], name_a="veth0")
-    gw_keys, p_keys = keypair(), keypair()
-    netns_factory.wireguard_go(
-        p_ns, unique_ifname("wgp"), p_keys[0], 51821,
-        [{"public_key": gw_keys[1], "allowed_ips": ["10.0.0.0/24"],
-          "endpoint": "10.99.0.1:51820", "persistent_keepalive": 0}],
-        ["10.0.0.10/24"],
-    )  # fmt: skip
+    gw_ns, p_ns, gw_keys, p_keys, _wg = wireguard_go_peer_site(netns_factory)
     real = (p_keys[1], "10.0.0.10/32")
     base = [real, *fake_peers(BASE, 0)]
     gw = netns_factory.gateway(
