@@ -7,23 +7,20 @@ B's allowed IPs on A cover test_segment's source addresses (10.200.0.1, fd00:200
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
+import struct
+
+from pairs import seeded_random as seeded
 
 from shardwg.proto import crypto
 from shardwg.proto.constants import MAX_DATAGRAM, MessageType
 from shardwg.proto.device import Device
+from shardwg.proto.keypair import seal_into
 from shardwg.proto.peer import Peer
 
 ADDR_A = ("127.0.0.1", 51820)
 ADDR_B = ("127.0.0.1", 40001)
 ALLOWED_B = ["10.200.0.1/32", "fd00:200::1/128", "10.77.0.0/16"]
 ALLOWED_C = ["10.78.0.0/16"]
-
-
-def seeded(seed: int) -> Callable[[int], bytes]:
-    rng = random.Random(seed)
-    return lambda n: rng.randbytes(n)
 
 
 class World:
@@ -72,8 +69,6 @@ class World:
         buf = bytearray(len(packet) + 64)
         buf[: len(packet)] = packet
         out = bytearray(MAX_DATAGRAM)
-        from shardwg.proto.keypair import seal_into
-
         n = seal_into(kp, memoryview(buf), len(packet), 1420, memoryview(out))
         assert n > 0
         return bytes(out[:n])
@@ -93,8 +88,6 @@ class World:
 
 def seal_with(kp: object, counter: int, packet: bytes, pad: int = 16) -> bytes:
     """A transport datagram sealed with an explicit counter (replays, jumps, far behind)."""
-    import struct
-
     padded = packet + bytes(-len(packet) % pad) if packet else b""
     nonce = bytes(4) + counter.to_bytes(8, "little")
     body = crypto.AEAD(kp.send_key).encrypt(nonce, padded, None)  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from shardwg.shm.layout import Layout
 from shardwg.shm.placement import Mode
 from shardwg.shm.publisher import SessionPublisher
 from shardwg.shm.secrets import SecretArea
+from tests.pairs import ipv4_packet
 
 GW_ADDR = ("192.0.2.1", 51820)
 REMOTE_ADDR = ("192.0.2.2", 51820)
@@ -34,10 +35,7 @@ SOURCE = bytes([192, 0, 2, 2]) + struct.pack(">H", 51820)
 
 def ip_packet(src: str, dst: str, payload: bytes) -> bytearray:
     """A minimal IPv4 packet with 16 spare bytes after it for padding."""
-    total = 20 + len(payload)
-    a, b = (bytes(map(int, ip.split("."))) for ip in (src, dst))
-    head = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0, a, b)
-    return bytearray(head + payload + bytes(16))
+    return bytearray(ipv4_packet(src, dst, payload) + bytes(16))
 
 
 class SimWorker:
