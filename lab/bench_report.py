@@ -54,6 +54,11 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _head(cells: list[str]) -> list[str]:
+    """A table's header row and its rule (first column left-aligned, the rest right)."""
+    return [_row(cells), _row(["---"] + ["---:"] * (len(cells) - 1))]
+
+
 
 def _direction_rows() -> list[tuple[str, str, str, int]]:
     """Throughput and each end's CPU per Gbit/s, A receives (section tcp1 ...) and A sends
@@ -95,7 +100,7 @@ MICRO_OPS = (("open", "open"), ("seal", "seal"), ("seal_tso", "seal, TSO super-p
 
 def pair_table(doc: Doc) -> str:
     head = ["", LABELS["veth"], LABELS[WG], LABELS[SW], "vs wg-go", LABELS[SS], "vs wg-go"]
-    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    lines = _head(head)
     for label, section, metric, digits in PAIR_ROWS:
         vals = {c: med(doc, section, c, metric) for c in ("veth", WG, SW, SS)}
         if all(v is None for v in vals.values()):
@@ -115,7 +120,7 @@ def micro_table(doc: Doc) -> str:
            if any(med(doc, "micro", p, f"{op}_pps") is not None for p in sec)]  # fmt: skip
     head = ["path"] + [f"{label} (packets/s)" for _op, label in ops]
     head += [f"{label}: µs per packet" for _op, label in ops]
-    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    lines = _head(head)
     for path, label in MICRO_PATHS.items():
         if path not in sec:
             continue
@@ -132,7 +137,7 @@ def handshake_table(doc: Doc) -> str:
     head = ["responder", "handshakes/s", "vs wireguard-go", "responder cores",
             "handshakes per core-second", "median answer (ms)", "cookie replies",
             "timeouts"]  # fmt: skip
-    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    lines = _head(head)
     wg = med(doc, "handshakes", "wggo", "per_s")
     for cfg in ("wggo", "shardwg-1w", "shardwg-2w"):
         if cfg not in sec:
@@ -154,7 +159,7 @@ def scaling_table(doc: Doc) -> str:
     head = ["shardwg workers", "aggregate Gbit/s (4 peers × 1 TCP stream)", "slowest peer Gbit/s",
             "gateway cores", "wireguard-go peers' cores", "machine busy",
             "vs 1 worker"]  # fmt: skip
-    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    lines = _head(head)
     one = med(doc, "scaling", "shardwg-1w", "gbit_s")
     for cfg, n in (("shardwg-1w", "1"), ("shardwg-2w", "2")):
         if cfg in sec:
