@@ -18,6 +18,7 @@ from typing import Any
 
 from lab.netns import REPO_ROOT
 from lab.wggo import BINARY_ENV
+from shardwg.datapath import select
 
 _VERSION = re.compile(r"wireguard-go v?(\S+)")
 
@@ -67,10 +68,7 @@ def use_wireguard_go(spec: str | None) -> dict[str, str]:
 
 def shardwg_datapath() -> str:
     """Which data path the shardwg ends of this run use: the batch kernel's choice (native, or
-    its pure-Python reference under SHARDWG_NATIVE=0 or without the extension), or the
-    per-packet Python path of a tree that has no batch kernel yet."""
-    from shardwg.datapath import select
-
+    its pure-Python reference under SHARDWG_NATIVE=0 or without the extension)."""
     name = select.current().name
     forced = os.environ.get("SHARDWG_NATIVE")
     return name + (f" (SHARDWG_NATIVE={forced})" if forced is not None else "")

@@ -21,6 +21,7 @@ from shardwg.datapath import select
 from shardwg.datapath.openstate import OpenState, batch_arrays
 from shardwg.proto import crypto
 from shardwg.proto.device import Device
+from shardwg.proto.keypair import Keypair
 
 PACKET = 1420
 BATCH = 64
@@ -55,8 +56,6 @@ class Bench:
         peer_key = crypto.public_key(crypto.generate_private_key(bytes(range(1, 33))))
         self.device = Device(key, lambda n: bytes(n), worker_id=0)
         peer = self.device.add_peer(peer_key, allowed_ips=["10.200.0.0/16"])
-        from shardwg.proto.keypair import Keypair
-
         send_key, recv_key = bytes(range(32)), bytes(range(32, 64))
         kp = Keypair(send_key, recv_key, 0x1234_5600, 0xABCD, False, time.monotonic())
         kp.peer = peer
