@@ -49,7 +49,7 @@ from lab.bench_pairs import TunnelEnd
 from lab.harness import Harness, lab_problems
 from lab.keys import keypair
 from lab.netns import LabError, unique_ifname, veth_link, wait_for
-from lab.ping import _checksum, ping_rtts
+from lab.ping import checksum, ping_rtts
 from shardwg.observe.status import ShmReader, StatusError
 
 SIZES = (100, 1000, 10000)
@@ -178,7 +178,7 @@ def ping_until(addr: str, stop: str, interval: float = 0.1) -> tuple[int, int]:
                 body = struct.pack("!HH", ident, sent) + b"shardwg-peers"
                 hdr = struct.pack("!BBH", 8, 0, 0)
                 with contextlib.suppress(OSError):
-                    s.sendto(struct.pack("!BBH", 8, 0, _checksum(hdr + body)) + body, (addr, 0))
+                    s.sendto(struct.pack("!BBH", 8, 0, checksum(hdr + body)) + body, (addr, 0))
                 next_send = now + interval
             if not select.select([s], [], [], 0.02)[0]:
                 continue

@@ -17,6 +17,7 @@ import struct
 import time
 from typing import Any
 
+from lab.ping import checksum
 from shardwg.datapath import select
 from shardwg.datapath.openstate import OpenState, batch_arrays
 from shardwg.proto import crypto
@@ -33,17 +34,10 @@ def _ipv4_tcp(seq: int, payload: bytes) -> bytes:
     src, dst = bytes([10, 200, 0, 1]), bytes([10, 201, 0, 9])
     th = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 1000, 5 << 4, 0x10, 512, 0, 0)
     total = 20 + len(th) + len(payload)
-
-    def csum(data: bytes) -> int:
-        s = sum(struct.unpack(f"!{len(data) // 2}H", data + b"\0" * (len(data) & 1)))
-        while s >> 16:
-            s = (s & 0xFFFF) + (s >> 16)
-        return ~s & 0xFFFF
-
-    c = csum(src + dst + struct.pack("!BBH", 0, 6, len(th) + len(payload)) + th + payload)
+    c = checksum(src + dst + struct.pack("!BBH", 0, 6, len(th) + len(payload)) + th + payload)
     th = th[:16] + struct.pack("!H", c) + th[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return ip + th + payload
 
 

@@ -14,7 +14,8 @@ import time
 from lab.netns import Namespace, is_v6
 
 
-def _checksum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of data, as it goes into an IP, ICMP, UDP or TCP header."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -45,7 +46,7 @@ def icmp_rtts(addr: str, count: int, timeout: float, interval: float = 0.2) -> l
                 seq += 1
                 body = struct.pack("!HH", ident, seq) + b"shardwg-ping"
                 hdr = struct.pack("!BBH", req_type, 0, 0)
-                csum = 0 if v6 else _checksum(hdr + body)  # the kernel fills ICMPv6's
+                csum = 0 if v6 else checksum(hdr + body)  # the kernel fills ICMPv6's
                 sent_at[seq] = time.monotonic()
                 with contextlib.suppress(OSError):  # unreachable now may work later
                     s.sendto(struct.pack("!BBH", req_type, 0, csum) + body, (addr, 0))

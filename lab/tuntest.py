@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 
+from lab.ping import checksum
 from shardwg.io.vnet import GSO_NONE, VNET, VNET_HDR_LEN, ZERO_HDR
 
 FRAME_BUFFER = 1 << 17  # socket buffers: room for a few 64 KiB coalesced frames
@@ -88,24 +89,15 @@ class TunQueue:
         self.close()
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes, ttl: int = 64) -> bytes:
     """A valid IPv4/UDP packet (both checksums filled in), as a host would send it."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     udp_len = 8 + len(payload)
     pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_UDP, udp_len)
     udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
-    csum = _checksum(pseudo + udp) or 0xFFFF
+    csum = checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0x4000, ttl,
                       socket.IPPROTO_UDP, 0, s, d)  # fmt: skip
-    hdr = hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:]
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
     return hdr + udp
