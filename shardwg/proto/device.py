@@ -157,6 +157,7 @@ class Device:
         """A placement move: `peer` now belongs to worker `owner`. Its sessions leave our
         index table (their indices stay reserved, remembered in `moved`), it becomes a
         remote peer routed to `owner`. The caller published its slot first."""
+        prefixes = _networks(allowed_ips)  # parsed before anything changes
         peer = self.peers.pop(public_key)
         self.allowed.remove_value(peer)
         remote = RemotePeer(public_key, owner)
@@ -172,8 +173,8 @@ class Device:
         self.outbox[:] = [(p, d) for p, d in self.outbox if p is not peer]
         self.events[:] = [(p, e) for p, e in self.events if p is not peer]
         self.remote[public_key] = remote
-        for prefix in allowed_ips:
-            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), remote)
+        for net in prefixes:
+            self.allowed.insert(net, remote)
         return remote
 
     def forget_moved(self, keep: Callable[[int, RemotePeer], bool]) -> None:
