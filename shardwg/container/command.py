@@ -8,14 +8,13 @@ without the WG_* variables, so no key lingers in the gateway's /proc/<pid>/envir
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from shardwg.container.environment import FOREIGN_VARS, EntrypointError, env_value
 from shardwg.container.plan import Plan
-from shardwg.observe.cpus import cgroup_cpu_limit
+from shardwg.observe.cpus import cgroup_cpu_limit, default_workers
 from shardwg.shm import ordering
 
 MAX_WORKERS = 256
@@ -31,11 +30,7 @@ def worker_count(env: Mapping[str, str]) -> int | None:
         limit = cgroup_cpu_limit()
         if limit is None:
             return None
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        return max(1, min(cores, limit, MAX_WORKERS))
+        return min(default_workers(limit=limit), MAX_WORKERS)
     if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
         raise EntrypointError(f"SHARDWG_WORKERS must be auto or 1..{MAX_WORKERS}, not {value!r}")
     return int(value)

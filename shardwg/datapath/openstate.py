@@ -108,7 +108,7 @@ class OpenState:
         self._peer_ids: dict[int, int] = {}  # id(peer) -> peer id
         self._peers: list[Any] = [None]  # peer id -> peer (keeps ids unique while held)
         self._table_gen = -1
-        self._allowed_ver = -1
+        self._allowed_gen = -1
 
     @property
     def capacity(self) -> int:
@@ -119,9 +119,9 @@ class OpenState:
         if table.generation != self._table_gen:
             self._sync_sessions(table.sessions)
             self._table_gen = table.generation
-        if allowed.version != self._allowed_ver:
+        if allowed.generation != self._allowed_gen:
             self._sync_allowed(device)
-            self._allowed_ver = allowed.version
+            self._allowed_gen = allowed.generation
 
     def peer_id(self, peer: Any) -> int:
         pid = self._peer_ids.get(id(peer))

@@ -21,7 +21,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shardwg.io import rtnl
 
 IFA_F_NODAD = 0x02
-RTPROT_KERNEL = 2
 RTPROT_STATIC = 4
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255
@@ -149,10 +148,6 @@ def list_addresses(name: str) -> list[str]:
         idx = _index(ipr, name)
         msgs = ipr.addr("dump", index=idx)
         return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs]
-
-
-def _family(net: Network) -> int:
-    return socket.AF_INET if net.version == 4 else socket.AF_INET6
 
 
 def _routes(ipr: Any, idx: int, table: int) -> list[tuple[Network, int]]:

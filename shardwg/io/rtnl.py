@@ -6,6 +6,17 @@ of 10,000 peers spent ~10 s adding its routes before it could serve, and removin
 routes took ~11 s. Here a route is one ~60-byte message; up to BATCH of them leave in one
 `send` and the kernel's acknowledgements come back in bulk, a few microseconds per route.
 
+pyroute2 0.9's own batching does not do: `nlm_request_batch` sends one buffer but still
+builds and parses every message through its event loop, and reports no per-route errno
+(it raises at the first error, or with noraise drops them all), while add_routes needs
+each route's EEXIST to tell "ours already" from a conflict; `IPBatch` only compiles
+messages, more slowly than sending them. Measured in a throwaway netns, 2,000 /24 routes
+through one link, median of 3 alternating runs: adding them took 0.86 s with one pyroute2
+request per route, 0.49 s with nlm_request_batch, 0.02 s here (IPBatch compiling alone:
+1.0 s); deleting them 1.15 s, 0.68 s and 0.23 s. The link's networks likewise: one
+RTM_GETADDR dump here takes 0.17 ms, netlink.list_addresses 6.3 ms, and add_routes runs
+once per prefix when a batch fails (engine/live.py apply_routes).
+
 Like io/netlink.py, every call opens its own socket, so it acts in the network namespace of
 the calling thread at that moment.
 """

@@ -94,27 +94,54 @@ def _header_word(t: MessageType) -> int:
 
 
 def program(workers: int, spread: bool = False) -> list[Insn]:
-    """The instructions as (code, jt, jf, k); jumps are relative to the next instruction."""
+    """The instructions as (code, jt, jf, k); jumps are relative to the next instruction.
+    With `spread`, a transport message of a spread peer takes the counter branch (module
+    docstring)."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+    ld_b = BPF_LD | BPF_B | BPF_ABS
+    spread_check: list[tuple[Any, ...]] = []
+    spread_branch: list[tuple[Any, ...]] = []
     if spread:
-        return _spread_program(workers)
-    fb, off4, off8, check = 11, 6, 8, 9  # instruction numbers of the labels
-    insns = [
-        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # 0: A = payload length
-        (BPF_JMP | BPF_JGE | BPF_K, 0, fb - 2, TRANSPORT_MIN_SIZE),  # 1
-        (BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),  # 2: A = type || reserved
-        (BPF_JMP | BPF_JEQ | BPF_K, off4 - 4, 0, _header_word(MessageType.TRANSPORT)),  # 3
-        (BPF_JMP | BPF_JEQ | BPF_K, off4 - 5, 0, _header_word(MessageType.COOKIE_REPLY)),  # 4
-        (BPF_JMP | BPF_JEQ | BPF_K, off8 - 6, fb - 6, _header_word(MessageType.RESPONSE)),  # 5
-        (BPF_LD | BPF_B | BPF_ABS, 0, 0, TRANSPORT_OFFSET_RECEIVER),  # 6 (off4)
-        (BPF_JMP | BPF_JA, 0, 0, check - 8),  # 7
-        (BPF_LD | BPF_B | BPF_ABS, 0, 0, RESPONSE_OFFSET_RECEIVER),  # 8 (off8)
-        (BPF_JMP | BPF_JGE | BPF_K, fb - 10, 0, workers),  # 9 (check)
-        (BPF_RET | BPF_A, 0, 0, 0),  # 10: socket #worker id
-        (BPF_RET | BPF_K, 0, 0, FALLBACK),  # 11 (fb)
-    ]
-    return insns
+        spread_check = [
+            ("label", "transport"),
+            (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER + 1),  # A = index bits 8..15
+            (BPF_JMP | BPF_JSET | BPF_K, "spread", 0, SPREAD_INDEX_BIT >> 8),
+        ]
+        spread_branch = [("label", "spread"), (ld_b, 0, 0, 12)]  # A = counter byte 4
+        for byte in (11, 10, 9):  # A = (counter >> 8) mod 2^32, one byte at a time
+            spread_branch += [
+                (BPF_ALU | BPF_LSH | BPF_K, 0, 0, 8),
+                (BPF_MISC | BPF_TAX, 0, 0, 0),
+                (ld_b, 0, 0, byte),
+                (BPF_ALU | BPF_OR | BPF_X, 0, 0, 0),
+            ]
+        spread_branch += [
+            (BPF_ALU | BPF_RSH | BPF_K, 0, 0, SPREAD_SHIFT - 8),
+            (BPF_ALU | BPF_MOD | BPF_K, 0, 0, workers),
+            (BPF_RET | BPF_A, 0, 0, 0),
+        ]
+    transport = "transport" if spread else "off4"
+    return _assemble([
+        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # A = payload length
+        (BPF_JMP | BPF_JGE | BPF_K, 0, "fb", TRANSPORT_MIN_SIZE),
+        (BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),  # A = type || reserved
+        (BPF_JMP | BPF_JEQ | BPF_K, transport, 0, _header_word(MessageType.TRANSPORT)),
+        (BPF_JMP | BPF_JEQ | BPF_K, "off4", 0, _header_word(MessageType.COOKIE_REPLY)),
+        (BPF_JMP | BPF_JEQ | BPF_K, "off8", "fb", _header_word(MessageType.RESPONSE)),
+        *spread_check,
+        ("label", "off4"),
+        (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER),
+        (BPF_JMP | BPF_JA, 0, 0, "check"),
+        ("label", "off8"),
+        (ld_b, 0, 0, RESPONSE_OFFSET_RECEIVER),
+        ("label", "check"),
+        (BPF_JMP | BPF_JGE | BPF_K, "fb", 0, workers),
+        (BPF_RET | BPF_A, 0, 0, 0),  # socket #worker id
+        ("label", "fb"),
+        (BPF_RET | BPF_K, 0, 0, FALLBACK),
+        *spread_branch,
+    ])  # fmt: skip
 
 
 def _assemble(lines: list[tuple[Any, ...]]) -> list[Insn]:
@@ -139,45 +166,6 @@ def _assemble(lines: list[tuple[Any, ...]]) -> list[Insn]:
         jf = at[jf] - here if isinstance(jf, str) else jf
         out.append((code, jt, jf, k))
     return out
-
-
-def _spread_program(workers: int) -> list[Insn]:
-    """`program` plus the spread branch for transport messages (module docstring)."""
-    ld_b = BPF_LD | BPF_B | BPF_ABS
-    counter_bytes: list[tuple[Any, ...]] = [(ld_b, 0, 0, 12)]  # A = counter byte 4
-    for byte in (11, 10, 9):  # A = (counter >> 8) mod 2^32, one byte at a time
-        counter_bytes += [
-            (BPF_ALU | BPF_LSH | BPF_K, 0, 0, 8),
-            (BPF_MISC | BPF_TAX, 0, 0, 0),
-            (ld_b, 0, 0, byte),
-            (BPF_ALU | BPF_OR | BPF_X, 0, 0, 0),
-        ]
-    return _assemble([
-        (BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),  # A = payload length
-        (BPF_JMP | BPF_JGE | BPF_K, 0, "fb", TRANSPORT_MIN_SIZE),
-        (BPF_LD | BPF_W | BPF_ABS, 0, 0, 0),  # A = type || reserved
-        (BPF_JMP | BPF_JEQ | BPF_K, "transport", 0, _header_word(MessageType.TRANSPORT)),
-        (BPF_JMP | BPF_JEQ | BPF_K, "off4", 0, _header_word(MessageType.COOKIE_REPLY)),
-        (BPF_JMP | BPF_JEQ | BPF_K, "off8", "fb", _header_word(MessageType.RESPONSE)),
-        ("label", "transport"),
-        (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER + 1),  # A = index bits 8..15
-        (BPF_JMP | BPF_JSET | BPF_K, "spread", 0, SPREAD_INDEX_BIT >> 8),
-        ("label", "off4"),
-        (ld_b, 0, 0, TRANSPORT_OFFSET_RECEIVER),
-        (BPF_JMP | BPF_JA, 0, 0, "check"),
-        ("label", "off8"),
-        (ld_b, 0, 0, RESPONSE_OFFSET_RECEIVER),
-        ("label", "check"),
-        (BPF_JMP | BPF_JGE | BPF_K, "fb", 0, workers),
-        (BPF_RET | BPF_A, 0, 0, 0),  # socket #worker id
-        ("label", "fb"),
-        (BPF_RET | BPF_K, 0, 0, FALLBACK),
-        ("label", "spread"),
-        *counter_bytes,
-        (BPF_ALU | BPF_RSH | BPF_K, 0, 0, SPREAD_SHIFT - 8),
-        (BPF_ALU | BPF_MOD | BPF_K, 0, 0, workers),
-        (BPF_RET | BPF_A, 0, 0, 0),
-    ])
 
 
 def build_program(workers: int, spread: bool = False) -> bytes:

@@ -52,9 +52,9 @@ class MetricsServer:
     """Non-blocking HTTP/1.0 responder for /metrics and /healthz.
 
     prometheus_client's exposition costs ~45 us per sample (330 ms for 1,000 peers, 3.3 s for
-    10,000, in which time the loop would serve no UAPI request), so with `fork_render` a
-    /metrics request is answered by a forked child: it reads the status, renders and sends,
-    then exits, while the loop goes on. At most MAX_RENDERERS at once (503 beyond), each
+    10,000, in which time the loop would serve no UAPI request), so a /metrics request is
+    answered by a forked child: it reads the status, renders and sends, then exits, while the
+    loop goes on. At most MAX_RENDERERS at once (503 beyond), each
     ended by SIGALRM after RENDER_DEADLINE seconds. The owner must count `renderers` as its
     own processes (they hold inherited descriptors until they exit). /healthz stays in the
     loop: it is cheap."""
@@ -64,7 +64,6 @@ class MetricsServer:
         addr: tuple[str, int],
         status: Callable[[], GatewayStatus],
         ready: Callable[[GatewayStatus], tuple[bool, str]],
-        fork_render: bool = True,
     ) -> None:
         import shardwg.observe.exposition  # noqa: F401 - now, before workers fork, not mid-scrape
 
@@ -76,7 +75,6 @@ class MetricsServer:
         self.sock.setblocking(False)
         self.status = status
         self.ready = ready
-        self.fork_render = fork_render
         self.clients: dict[socket.socket, tuple[float, bytearray]] = {}
         self.renderers: set[int] = set()  # pids of children rendering a /metrics answer
 
@@ -113,7 +111,7 @@ class MetricsServer:
         line = request.split(b"\n", 1)[0].decode("latin-1").split()
         method = line[0] if line else ""
         path = (line[1] if len(line) >= 2 else "").split("?")[0]
-        if method in ("GET", "HEAD") and path == "/metrics" and self.fork_render:
+        if method in ("GET", "HEAD") and path == "/metrics":
             self._render_in_child(conn, method == "HEAD")
             return
         self._send(conn, *self._page(method, path), head_only=method == "HEAD")

@@ -57,7 +57,13 @@ class Probes(msgspec.Struct):
 
 
 def probe() -> Probes:
-    p = Probes(kernel=platform.release(), root=os.geteuid() == 0)
+    """The network probes (in a throwaway namespace when allowed), then the rest on top."""
+    p = _in_throwaway_namespace()
+    if p is None:
+        p = _net_probes()
+        p.where = "the current network namespace (no right to make a new one)"
+    p.kernel = platform.release()
+    p.root = os.geteuid() == 0
     p.cpus_online = os.cpu_count() or 1
     p.affinity = affinity_cores()
     p.cgroup_limit = cgroup_cpu_limit()
@@ -67,21 +73,6 @@ def probe() -> Probes:
     from shardwg.io import mmsg
 
     p.recvmmsg = mmsg.available()
-    net = _in_throwaway_namespace()
-    if net is None:
-        net = _net_probes()
-        net.where = "the current network namespace (no right to make a new one)"
-    for name in (
-        "where",
-        "tun",
-        "multiqueue",
-        "tun_tso",
-        "tun_uso",
-        "udp_gso",
-        "udp_gro",
-        "reuseport_bpf",
-    ):
-        setattr(p, name, getattr(net, name))
     return p
 
 

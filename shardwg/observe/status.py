@@ -120,9 +120,6 @@ class ShmReader:
     def global_state(self) -> Any:
         return decode_global(self.layout.global_slot(self.region.buf).read())
 
-    def peers(self) -> list[Any]:
-        return [rec for _i, rec in self.slots()]
-
     def slots(self) -> list[tuple[int, Any]]:
         """(slot index, record) of every published peer."""
         out = []

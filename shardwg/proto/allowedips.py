@@ -63,7 +63,7 @@ def _network(key: _Key) -> Network:
 class AllowedIPs(Generic[V]):
     """Prefix -> peer table with longest-prefix-match lookups on raw packet addresses."""
 
-    __slots__ = ("_tables", "_v4", "_v6", "_owners", "_cache", "version")
+    __slots__ = ("_tables", "_v4", "_v6", "_owners", "_cache", "generation")
 
     def __init__(self) -> None:
         # (version, plen) -> {masked network int: value}
@@ -75,8 +75,9 @@ class AllowedIPs(Generic[V]):
         self._owners: dict[int, tuple[V, set[_Key]]] = {}
         # Raw address -> value for hits seen since the last change; emptied by every change.
         self._cache: dict[bytes, V] = {}
-        # Bumped by every change: the batch data path rebuilds its flat copy only then.
-        self.version = 0
+        # Bumped by every change (as IndexTable.generation): the batch data path rebuilds its
+        # flat copy only then.
+        self.generation = 0
 
     # -- hot path -----------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class AllowedIPs(Generic[V]):
         key = _key(network)
         version, plen, net = key
         self._cache.clear()
-        self.version += 1
+        self.generation += 1
         table = self._tables.get((version, plen))
         if table is None:
             table = self._tables[(version, plen)] = {}
@@ -171,7 +172,7 @@ class AllowedIPs(Generic[V]):
                 yield _network((version, plen, net)), value
 
     def clear(self) -> None:
-        self.version += 1
+        self.generation += 1
         self._tables.clear()
         self._owners.clear()
         self._cache.clear()
@@ -194,7 +195,7 @@ class AllowedIPs(Generic[V]):
         if table is None or net not in table:
             return
         self._cache.clear()
-        self.version += 1
+        self.generation += 1
         self._disown(table.pop(net), key)
         if not table:
             del self._tables[(version, plen)]

@@ -157,6 +157,7 @@ class Device:
         """A placement move: `peer` now belongs to worker `owner`. Its sessions leave our
         index table (their indices stay reserved, remembered in `moved`), it becomes a
         remote peer routed to `owner`. The caller published its slot first."""
+        prefixes = _networks(allowed_ips)  # parsed before anything changes
         peer = self.peers.pop(public_key)
         self.allowed.remove_value(peer)
         remote = RemotePeer(public_key, owner)
@@ -172,8 +173,8 @@ class Device:
         self.outbox[:] = [(p, d) for p, d in self.outbox if p is not peer]
         self.events[:] = [(p, e) for p, e in self.events if p is not peer]
         self.remote[public_key] = remote
-        for prefix in allowed_ips:
-            self.allowed.insert(ipaddress.ip_network(prefix, strict=False), remote)
+        for net in prefixes:
+            self.allowed.insert(net, remote)
         return remote
 
     def forget_moved(self, keep: Callable[[int, RemotePeer], bool]) -> None:
@@ -212,11 +213,12 @@ class Device:
     ) -> int:
         """Decrypt a transport datagram into `out`; return the inner packet length to
         write to the TUN, 0 for a keepalive, or `-1 - DropReason`."""
-        kp = self.sessions.get(_U32.unpack_from(msg, 4)[0])
+        index = _U32.unpack_from(msg, 4)[0]
+        kp = self.sessions.get(index)
         if kp is None:
             if msg[5] & _SPREAD_BYTE_BIT and self.refresh_followed is not None:
-                return self._receive_followed(msg, n, out, now)
-            moved = self.moved.get(_U32.unpack_from(msg, 4)[0]) if self.moved else None
+                return self._receive_followed(index, msg, n, out, now)
+            moved = self.moved.get(index) if self.moved else None
             if moved is None or self.forward is None:
                 return _UNKNOWN_INDEX
             self.forward(moved.owner, msg, n, src)  # an old index of a peer that moved
@@ -234,6 +236,36 @@ class Device:
         if plen == 0:
             peer.received(now, n, False)
             return 0
+        total = self._inner_length(peer, out, plen)
+        if total < 0:
+            return total
+        peer.received(now, n, True)
+        if kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
+            peer.keep_key_fresh_receiving(kp, now, wall)
+        return total
+
+    def _receive_followed(
+        self, index: int, msg: memoryview, n: int, out: memoryview, now: float
+    ) -> int:
+        """A spread peer's datagram steered here by its counter (we do not own the peer):
+        open it with the followed session and our own window, check the inner source. No
+        timers or endpoint updates: the owner runs those."""
+        kp = self.followed.get(index)
+        if kp is None and self.refresh_followed is not None:
+            self.refresh_followed()  # a new session of a followed peer: reload its slot
+            kp = self.followed.get(index)
+        if kp is None:
+            return _UNKNOWN_INDEX
+        if now - kp.created >= REJECT_AFTER_TIME:
+            return _KEY_EXPIRED
+        plen = open_into(kp, msg, n, out)
+        if plen <= 0:
+            return plen
+        return self._inner_length(kp.peer, out, plen)
+
+    def _inner_length(self, peer: Peer, out: memoryview, plen: int) -> int:
+        """The decrypted packet's IP total length if its source is one of `peer`'s allowed
+        IPs (cryptokey routing, inbound), else `-1 - DropReason`."""
         version = out[0] >> 4
         if version == 4:
             if plen < 20:
@@ -253,47 +285,6 @@ class Device:
         else:
             return _BAD_INNER
         if owner is not peer:
-            return _NOT_ALLOWED
-        peer.received(now, n, True)
-        if kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
-            peer.keep_key_fresh_receiving(kp, now, wall)
-        return total
-
-    def _receive_followed(self, msg: memoryview, n: int, out: memoryview, now: float) -> int:
-        """A spread peer's datagram steered here by its counter (we do not own the peer):
-        open it with the followed session and our own window, check the inner source. No
-        timers or endpoint updates: the owner runs those."""
-        index = _U32.unpack_from(msg, 4)[0]
-        kp = self.followed.get(index)
-        if kp is None and self.refresh_followed is not None:
-            self.refresh_followed()  # a new session of a followed peer: reload its slot
-            kp = self.followed.get(index)
-        if kp is None:
-            return _UNKNOWN_INDEX
-        if now - kp.created >= REJECT_AFTER_TIME:
-            return _KEY_EXPIRED
-        plen = open_into(kp, msg, n, out)
-        if plen <= 0:
-            return plen
-        version = out[0] >> 4
-        if version == 4:
-            if plen < 20:
-                return _BAD_INNER
-            total = _BE16.unpack_from(out, 2)[0]
-            if total < 20 or total > plen:
-                return _BAD_INNER
-            owner = self.allowed.lookup_v4(_BE32.unpack_from(out, 12)[0])
-        elif version == 6:
-            if plen < 40:
-                return _BAD_INNER
-            total = 40 + _BE16.unpack_from(out, 4)[0]
-            if total > plen:
-                return _BAD_INNER
-            hi, lo = _V6ADDR.unpack_from(out, 8)
-            owner = self.allowed.lookup_v6((hi << 64) | lo)
-        else:
-            return _BAD_INNER
-        if owner is not kp.peer:
             return _NOT_ALLOWED
         return total
 

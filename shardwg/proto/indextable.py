@@ -26,7 +26,7 @@ class IndexTable:
 
     def new_pending(self, peer: Any) -> int:
         """Allocate an index for a handshake we are starting or answering."""
-        index = self.allocator.allocate(getattr(peer, "spread", False))
+        index = self.allocator.allocate(peer.spread)
         self.pending[index] = peer
         return index
 
