@@ -29,8 +29,24 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from shardwg.io.segment import GSO_PROTOCOLS, v6_transport
+from shardwg.io.vnet import (
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_CSUM_OFFSET,
+    UDP_CSUM_OFFSET,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VNET,
+    VNET_HDR_LEN,
+    finish,
+    sum16,
+)
 from shardwg.proto.constants import PADDING_MULTIPLE, TAG_LEN, TRANSPORT_HEADER_SIZE, DropReason
 from shardwg.proto.crypto import AEAD
+from shardwg.proto.keypair import padded_length
 
 OK = 0
 LIMIT = 1
@@ -39,42 +55,17 @@ TOO_BIG = -1 - DropReason.BAD_SIZE
 OVERHEAD = TRANSPORT_HEADER_SIZE + TAG_LEN
 MAX_PLAIN = 65535 + PADDING_MULTIPLE  # the largest segment plus padding
 
-# The virtio_net_hdr as the TUN reads it (<linux/virtio_net.h>; io/vnet.py has the same for
-# the io floor: datapath sits beside io, not above it, so it keeps its own copy, as seal.c does).
-VNET_HDR_LEN = 10
-VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 4, 5, 0x80
-
+# The virtio_net_hdr, the GSO types and the checksum arithmetic are io's (vnet.py, segment.py);
+# seal.c keeps its own copies in C.
 _B = VNET_HDR_LEN
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
 _HEADER = struct.Struct("<IIQ")
 _COUNTER = struct.Struct("<Q")
 _TRANSPORT = 4
-_NONE, _TCP, _UDP = 0, 6, 17
-_GSO_TYPES = {
-    GSO_TCPV4: _TCP,
-    GSO_TCPV4 | GSO_ECN: _TCP,
-    GSO_TCPV6: _TCP,
-    GSO_TCPV6 | GSO_ECN: _TCP,
-    GSO_UDP_L4: _UDP,
-}
+_NONE, _TCP, _UDP = 0, IPPROTO_TCP, IPPROTO_UDP
 _FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 _from = int.from_bytes
-
-
-def sum16(data: Any) -> int:
-    """Ones' complement sum of big-endian 16-bit words (odd length: zero-padded), as a residue
-    mod 0xFFFF: the data read as one number is congruent to its word sum (2**16 == 1)."""
-    x = _from(data, "big")
-    return (x << 8 if len(data) & 1 else x) % 0xFFFF
-
-
-def finish(total: int) -> int:
-    """The checksum field for a residue total: never 0 (UDP's "no checksum")."""
-    return 0xFFFF - total % 0xFFFF
-
 
 _PADS = [bytes(k) for k in range(PADDING_MULTIPLE)]  # padding is at most 15 zero bytes
 
@@ -115,19 +106,6 @@ class _Plan:
     flags: int
 
 
-def _v6_transport(pkt: Any, base: int, length: int) -> tuple[int, int]:
-    nh = pkt[base + 6]
-    off = 40
-    for _ in range(8):
-        if nh != 0 and nh != 60:
-            break
-        if off + 2 > length:
-            return -1, -1
-        nh = pkt[base + off]
-        off += (pkt[base + off + 1] + 1) * 8
-    return nh, off
-
-
 def plan(pkt: Any, n: int, vnet: bool) -> _Plan | int:
     """Validate pkt[:n] and say how to cut it; MALFORMED for anything a NIC would refuse."""
     p = _Plan()
@@ -149,7 +127,7 @@ def plan(pkt: Any, n: int, vnet: bool) -> _Plan | int:
                 return MALFORMED
             p.cs, p.at = cs, cs + co
         return p
-    proto = _GSO_TYPES.get(gso_type)
+    proto = GSO_PROTOCOLS.get(gso_type)
     if proto is None:
         return MALFORMED
     tcp = proto == _TCP
@@ -166,7 +144,7 @@ def plan(pkt: Any, n: int, vnet: bool) -> _Plan | int:
             return MALFORMED
         if _H.unpack_from(pkt, _B + 4)[0] != length - 40:
             return MALFORMED
-        if _v6_transport(pkt, _B, length) != (proto, cs):
+        if v6_transport(pkt, length) != (proto, cs):
             return MALFORMED
         addrs = _from(pkt[_B + 8 : _B + 40], "big")
     else:
@@ -177,7 +155,7 @@ def plan(pkt: Any, n: int, vnet: bool) -> _Plan | int:
     hl = cs + thl
     if (tcp and thl < 20) or hl >= length or hdr_len > length:
         return MALFORMED
-    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and co != (16 if tcp else 6):
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and co != (TCP_CSUM_OFFSET if tcp else UDP_CSUM_OFFSET):
         return MALFORMED
     if gso_size == 0:
         return MALFORMED
@@ -251,14 +229,6 @@ def write_segment(p: _Plan, pkt: Any, i: int, out: memoryview) -> int:
         _H.pack_into(out, cs + 4, ulen)
         _H.pack_into(out, cs + 6, finish(p.l4_fixed + 2 * ulen + data))
     return total
-
-
-def padded_length(length: int, mtu: int) -> int:
-    """Length after zero padding to 16 bytes, never beyond the MTU (as proto.keypair)."""
-    padded = (length + PADDING_MULTIPLE - 1) & ~(PADDING_MULTIPLE - 1)
-    if padded > mtu:
-        padded = length if length > mtu else mtu
-    return padded
 
 
 def seal_run(

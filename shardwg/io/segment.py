@@ -45,7 +45,7 @@ _I = struct.Struct("!I")
 _TCP_FIN = 0x01
 _TCP_PSH = 0x08
 _TCP_CWR = 0x80
-_GSO_TYPES = {
+GSO_PROTOCOLS = {  # gso_type -> the transport protocol it segments
     GSO_TCPV4: IPPROTO_TCP,
     GSO_TCPV4 | GSO_ECN: IPPROTO_TCP,
     GSO_TCPV6: IPPROTO_TCP,
@@ -86,7 +86,7 @@ def split(
             _H.pack_into(out, at, finish(sum16(out[cs:length])))
         sizes[first] = length
         return 1
-    proto = _GSO_TYPES.get(gso_type)
+    proto = GSO_PROTOCOLS.get(gso_type)
     if proto is None:
         return MALFORMED
     tcp = proto == IPPROTO_TCP
@@ -103,7 +103,7 @@ def split(
     elif version == 6:
         if gso_type & 0x7F == GSO_TCPV4 or length < 40:
             return MALFORMED
-        if _H.unpack_from(pkt, _B + 4)[0] != length - 40 or _v6_transport(pkt, length) != (
+        if _H.unpack_from(pkt, _B + 4)[0] != length - 40 or v6_transport(pkt, length) != (
             proto,
             cs,
         ):
@@ -128,9 +128,10 @@ def split(
     return split_l4(pkt, length, version, cs, hl, gso_size, count, addrs, outs, sizes, first)
 
 
-def _v6_transport(pkt: memoryview, length: int) -> tuple[int, int]:
-    """(protocol, offset) of the IPv6 transport header past hop-by-hop/destination options;
-    a routing or fragment header ends the walk there (refused: the pseudo-header would differ)."""
+def v6_transport(pkt: memoryview, length: int) -> tuple[int, int]:
+    """(protocol, offset) of the IPv6 transport header of pkt (vnet header + `length` bytes of
+    IPv6 packet) past hop-by-hop/destination options; a routing or fragment header ends the
+    walk there (refused: the pseudo-header would differ)."""
     nh = pkt[_B + 6]
     off = 40
     for _ in range(8):
