@@ -19,19 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from shardwg.datapath import seal_ref
-from shardwg.datapath.seal_ref import GSO_TCPV4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET
+from shardwg.datapath.select import native_module
+from shardwg.io.vnet import GSO_TCPV4, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET
 
 BATCH = 64
 PACKET = 1420  # IP packet (= MTU), so each sealed datagram is 1452 bytes
 MAX_GSO_BYTES = 65535 - 8 - 40
-
-
-def native_module() -> Any | None:
-    try:
-        from shardwg.datapath import _native  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _native
 
 
 def _tcp_ip(payload: int, ident: int = 1) -> bytearray:
