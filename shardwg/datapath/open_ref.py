@@ -40,23 +40,16 @@ from shardwg.datapath.openstate import (
 from shardwg.io.coalesce import Coalescer
 from shardwg.io.vnet import IPPROTO_TCP, IPPROTO_UDP, VNET_HDR_LEN, pseudo_sum, sum16
 from shardwg.proto import replay
-from shardwg.proto.constants import (
-    COOKIE_REPLY_SIZE,
-    INITIATION_SIZE,
-    REJECT_AFTER_TIME,
-    RESPONSE_SIZE,
-    DropReason,
-)
+from shardwg.proto.constants import INITIATION_SIZE, REJECT_AFTER_TIME, DropReason, MessageType
 from shardwg.proto.crypto import AEAD
+from shardwg.proto.messages import TRANSPORT_HEADER, U32, classify
 
-_HEADER = struct.Struct("<IIQ")
-_U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
 _PAIR = struct.Struct("<II")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _V6ADDR = struct.Struct(">QQ")
-_HANDSHAKE_SIZES = {1: INITIATION_SIZE, 2: RESPONSE_SIZE, 3: COOKIE_REPLY_SIZE}
+_TRANSPORT = int(MessageType.TRANSPORT)
 _NONCE_PAD = bytes(4)
 _COALESCERS = {False: Coalescer(udp=False, verify=False), True: Coalescer(udp=True, verify=False)}
 
@@ -207,27 +200,19 @@ def open_batch(
             off += size
             rx_packets += 1
             rx_bytes += size
-            if size < 4:
-                drops[DropReason.TOO_SHORT] += 1
+            mtype = classify(datav[at : at + size])
+            if mtype < 0:
+                drops[-1 - mtype] += 1
                 continue
-            mtype = _U32.unpack_from(data, at)[0]
-            if mtype != 4:
-                want = _HANDSHAKE_SIZES.get(mtype)
-                if want is None:
-                    drops[DropReason.BAD_TYPE] += 1
-                elif size != want:
-                    drops[DropReason.BAD_SIZE] += 1
-                elif (nhs + 1) * 3 > len(hs):
+            if mtype != _TRANSPORT:
+                if (nhs + 1) * 3 > len(hs):
                     drops[DropReason.INTERNAL_ERROR] += 1
                 else:
                     hs[nhs * 3], hs[nhs * 3 + 1], hs[nhs * 3 + 2] = m, at - base, size
                     nhs += 1
                 continue
-            if size < 32:
-                drops[DropReason.BAD_SIZE] += 1
-                continue
             transport += 1
-            _, receiver, counter = _HEADER.unpack_from(data, at)
+            _, receiver, counter = TRANSPORT_HEADER.unpack_from(data, at)
             known = sessions_of.get(receiver)
             if known is None:  # look the session up once per batch
                 slot = _lookup(index, receiver)
@@ -238,7 +223,7 @@ def open_batch(
                     and slot < max_slot
                     and (now - _F64.unpack_from(sessions, so + S_CREATED)[0] < REJECT_AFTER_TIME)
                 )
-                pid = _U32.unpack_from(sessions, so + 4)[0] if 0 <= slot < max_slot else 0
+                pid = U32.unpack_from(sessions, so + 4)[0] if 0 <= slot < max_slot else 0
                 known = sessions_of[receiver] = (slot, aead, pid, fresh)
             slot, aead, pid_own, fresh = known
             if slot < 0:
