@@ -31,11 +31,11 @@ from shardwg.datapath.openstate import (
     C_RX_BYTES,
     C_RX_PACKETS,
     C_TRANSPORT,
-    HASH_MUL,
     S_CREATED,
     S_REPLAY,
     SESSION_SIZE,
     TOUCH_WORDS,
+    index_hash,
 )
 from shardwg.io.coalesce import Coalescer
 from shardwg.io.vnet import IPPROTO_TCP, IPPROTO_UDP, VNET_HDR_LEN, pseudo_sum, sum16
@@ -74,7 +74,7 @@ def _lookup(index: Any, receiver: int) -> int:
     """Slot of a receiver index in the probe table, or -1."""
     size = len(index) // 8
     bits = size.bit_length() - 1
-    h = ((receiver * HASH_MUL) & 0xFFFFFFFF) >> (32 - bits)
+    h = index_hash(receiver, bits)
     for _ in range(size):
         idx, slot1 = _PAIR.unpack_from(index, h * 8)
         if not slot1:
