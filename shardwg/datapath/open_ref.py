@@ -42,7 +42,7 @@ from shardwg.io.vnet import IPPROTO_TCP, IPPROTO_UDP, VNET_HDR_LEN, pseudo_sum, 
 from shardwg.proto import replay
 from shardwg.proto.constants import INITIATION_SIZE, REJECT_AFTER_TIME, DropReason, MessageType
 from shardwg.proto.crypto import AEAD
-from shardwg.proto.messages import TRANSPORT_HEADER, U32, classify
+from shardwg.proto.messages import TRANSPORT_HEADER, U32, U64, classify
 
 _F64 = struct.Struct("<d")
 _PAIR = struct.Struct("<II")
@@ -50,7 +50,6 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _V6ADDR = struct.Struct(">QQ")
 _TRANSPORT = int(MessageType.TRANSPORT)
-_NONCE_PAD = bytes(4)
 _COALESCERS = {False: Coalescer(udp=False, verify=False), True: Coalescer(udp=True, verify=False)}
 
 
@@ -158,6 +157,7 @@ def open_batch(
     hs = memoryview(handshakes).cast("I")
     datav = memoryview(data)
     decv = memoryview(dec)
+    nonce = bytearray(12)  # 4 zero bytes, then the counter (as keypair.open_into)
     ranges = _Allowed(allowed)
     aeads = keys.aeads
     max_slot = len(sessions) // SESSION_SIZE
@@ -248,7 +248,7 @@ def open_batch(
             if start + plen > len(dec):
                 drops[DropReason.INTERNAL_ERROR] += 1
                 continue
-            nonce = _NONCE_PAD + datav[at + 8 : at + 16].tobytes()
+            U64.pack_into(nonce, 4, counter)
             try:
                 aead.decrypt_into(
                     nonce, datav[at + 16 : at + size], None, decv[start : start + plen]
