@@ -94,9 +94,7 @@ class Opener:
                 peer.endpoint = src  # roaming: the latest authenticated source wins
             if rows[r + 4]:
                 data = rows[r + 3]
-                peer.received(now, rows[r + 2], data > 0)
-                if data > 1:  # per-packet calls would have asked for another keepalive
-                    peer.received(now, 0, True)
+                peer.received(now, rows[r + 2], data)
                 if data and kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
                     peer.keep_key_fresh_receiving(kp, now, wall)
 

@@ -7,7 +7,7 @@ appended to `events`. The I/O layer drains both after each call.
 
 Timers follow wireguard-go's `timers.go`, kept as deadlines (`math.inf` = not
 armed) that the data path sets with plain attribute writes and `tick` fires.
-The hot path only calls `sent_data` and `received` per packet.
+The hot path calls only `sent_data` and `received`, once per batch and peer.
 
 Which peers to tick: the device keeps a heap of (time, peer) wake-ups shared by
 all its peers (`timers`), so a tick costs what is due, not what is configured.
@@ -287,7 +287,7 @@ class Peer:
 
     # ------------------------------------------------------------------ data path hooks
     def sent_data(self, now: float, nbytes: int) -> None:
-        """After a data packet was sealed for this peer (per packet; keep it cheap)."""
+        """After data packets of `nbytes` in all were sealed for this peer (keep it cheap)."""
         self.tx_bytes += nbytes
         t = self.traffic
         if t is not None:
@@ -304,19 +304,22 @@ class Peer:
             if d < self.timer_at:
                 self.arm(d)
 
-    def received(self, now: float, nbytes: int, is_data: bool) -> None:
-        """After an authenticated transport packet from this peer (per packet)."""
+    def received(self, now: float, nbytes: int, data: int) -> None:
+        """After authenticated transport packets from this peer: one packet (data: whether it
+        carried data) or a batch's (data: how many carried data), `nbytes` in all."""
         self.rx_bytes += nbytes
         t = self.traffic
         if t is not None:
             t[0] = self.rx_bytes
         self.new_handshake_deadline = INF
-        if is_data:
+        if data:
             self.last_data_received = now
             if self.keepalive_deadline == INF:
                 d = self.keepalive_deadline = now + KEEPALIVE_TIMEOUT
                 if d < self.timer_at:
                     self.arm(d)
+                if data > 1:  # the later packets found the timer armed
+                    self.need_another_keepalive = True
             else:
                 self.need_another_keepalive = True
         if self.persistent_keepalive:
