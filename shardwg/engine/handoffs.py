@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 _DROP_BASE = C.DROP_BASE
 HELD_MAX = 1024  # packets held for peers about to be adopted
 _UNKNOWN_INDEX = -1 - DropReason.UNKNOWN_INDEX
+_TUN_PACKET = int(HandoffKind.TUN_PACKET)
 DRAIN_ROUNDS = 4  # batches taken from one incoming ring per drain
 
 
@@ -131,13 +132,10 @@ class HandoffRings:
                     break
                 total += n
                 self.v[C.HANDOFFS_IN] += n
-                kinds = self._pk_kinds
-                for i in range(n):
-                    if kinds[i] != HandoffKind.TUN_PACKET:
-                        self._read_mixed(n, now, wall)
-                        break
-                else:
+                if self._pk_kinds[:n].count(_TUN_PACKET) == n:  # the usual case: packets only
                     self.send_packets(self._pk_pkt, self._pk_sizes, n, now, wall)
+                else:
+                    self._read_mixed(n, now, wall)
                 if n < BATCH:
                     break
         return total
@@ -148,7 +146,7 @@ class HandoffRings:
         run = 0  # packets at the front of the buffers, not sent yet
         for i in range(n):
             kind = kinds[i]
-            if kind == HandoffKind.TUN_PACKET:
+            if kind == _TUN_PACKET:
                 if i != run:
                     views[run][: sizes[i]] = views[i][: sizes[i]]
                     sizes[run] = sizes[i]
