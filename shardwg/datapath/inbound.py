@@ -29,6 +29,8 @@ from shardwg.datapath.select import Impl
 from shardwg.proto.constants import DROP_REASON_COUNT, REKEY_ON_RECEIVE_AGE
 
 _ZERO_COUNTERS = bytes(COUNTERS_LEN * 8)
+_DROPS_AT = C_DROPS * 8
+_ZERO_DROPS = bytes(DROP_REASON_COUNT * 8)
 
 
 class Opener:
@@ -115,9 +117,10 @@ class Opener:
         v[rx_packets] += cnt[C_RX_PACKETS]
         v[rx_bytes] += cnt[C_RX_BYTES]
         transport = int(cnt[C_TRANSPORT])
-        for r in range(DROP_REASON_COUNT):
-            x = cnt[C_DROPS + r]
-            if x:
-                v[drop_base + r] += x
+        if self.counters[_DROPS_AT:] != _ZERO_DROPS:  # most batches drop nothing
+            for r in range(DROP_REASON_COUNT):
+                x = cnt[C_DROPS + r]
+                if x:
+                    v[drop_base + r] += x
         self.counters[:] = _ZERO_COUNTERS
         return transport
