@@ -226,7 +226,7 @@ static int csum_ok(const uint8_t *p, uint32_t total) {
     size_t alen;
     if (p[0] >> 4 == 4) {
         ihl = (uint32_t)(p[0] & 15) * 4, proto = p[9];
-        if (ihl < 20 || be16(p + 6) & 0x3FFF) return 1;
+        if (ihl < 20 || rd16(p + 6) & 0x3FFF) return 1;
         addrs = p + 12, alen = 8;
     } else {
         ihl = 40, proto = p[6], addrs = p + 8, alen = 32;
@@ -238,7 +238,7 @@ static int csum_ok(const uint8_t *p, uint32_t total) {
     } else {
         return 1;
     }
-    uint64_t s = sum_be(addrs, alen) + proto + (total - ihl) + sum_be(p + ihl, total - ihl);
+    uint64_t s = csum_data(addrs, alen) + proto + (total - ihl) + csum_data(p + ihl, total - ihl);
     return s % 0xFFFF == 0;
 }
 
@@ -368,12 +368,12 @@ static size_t coalesce(uint8_t *dec, size_t npk, int udp, uint8_t *out, uint8_t 
             const uint8_t *addrs;
             size_t alen;
             if (g->v6) {
-                put_be16(ip + 4, total - 40);
+                wr16(ip + 4, total - 40);
                 addrs = ip + 8, alen = 32;
             } else {
-                put_be16(ip + 2, total);
-                put_be16(ip + 10, 0);
-                put_be16(ip + 10, 0xFFFF - (uint32_t)sum_be(ip, 20));
+                wr16(ip + 2, total);
+                wr16(ip + 10, 0);
+                wr16(ip + 10, csum_finish(csum_data(ip, 20)));
                 addrs = ip + 12, alen = 8;
             }
             uint8_t *t = ip + iph, gso;
@@ -382,12 +382,12 @@ static size_t coalesce(uint8_t *dec, size_t npk, int udp, uint8_t *out, uint8_t 
                 gso = g->v6 ? 4 : 1;
                 csum_off = 16;
             } else {
-                put_be16(t + 4, total - iph);
+                wr16(t + 4, total - iph);
                 gso = 5;
                 csum_off = 6;
             }
-            uint64_t r = (sum_be(addrs, alen) + g->proto + (total - iph)) % 0xFFFF;
-            put_be16(t + csum_off, r ? (uint32_t)r : 0xFFFF);
+            uint64_t r = (csum_data(addrs, alen) + g->proto + (total - iph)) % 0xFFFF;
+            wr16(t + csum_off, r ? (uint32_t)r : 0xFFFF);
             uint16_t hdr[4] = {(uint16_t)g->hl, (uint16_t)g->mss, (uint16_t)iph, (uint16_t)csum_off};
             w[0] = 1, w[1] = gso; /* NEEDS_CSUM; little-endian fields follow */
             for (int f = 0; f < 4; f++) w[2 + 2 * f] = (uint8_t)hdr[f], w[3 + 2 * f] = (uint8_t)(hdr[f] >> 8);
@@ -556,20 +556,20 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
             const uint8_t *p = dec + start;
             uint32_t total, pid;
             if (p[0] >> 4 == 4) {
-                total = plen >= 20 ? be16(p + 2) : 0;
+                total = plen >= 20 ? rd16(p + 2) : 0;
                 if (total < 20 || total > plen) {
                     DROP(D_BAD_INNER);
                     continue;
                 }
-                pid = ranges_v4(&ranges, be32(p + 12));
+                pid = ranges_v4(&ranges, rd32(p + 12));
             } else if (p[0] >> 4 == 6) {
-                total = plen >= 40 ? 40u + be16(p + 4) : (uint32_t)plen + 1;
+                total = plen >= 40 ? 40u + rd16(p + 4) : (uint32_t)plen + 1;
                 if (total > plen) {
                     DROP(D_BAD_INNER);
                     continue;
                 }
-                uint64_t ah = (uint64_t)be32(p + 8) << 32 | be32(p + 12);
-                uint64_t al = (uint64_t)be32(p + 16) << 32 | be32(p + 20);
+                uint64_t ah = (uint64_t)rd32(p + 8) << 32 | rd32(p + 12);
+                uint64_t al = (uint64_t)rd32(p + 16) << 32 | rd32(p + 20);
                 pid = ranges_v6(&ranges, ah, al);
             } else {
                 DROP(D_BAD_INNER);

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "csum.h"
+
 #define CO_MAX_SEGMENTS 64
 #define CO_MAX_SIZE 65535
 #define CO_MAX_ARENAS 16
@@ -18,32 +20,6 @@
 #define CO_PSH 0x08
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
-
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline uint32_t be32(const uint8_t *p) {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline void put_be16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-
-/* Ones' complement arithmetic mod 0xFFFF. Little-endian 32-bit loads summed into 64-bit
- * accumulators cannot overflow for any packet, and each load is congruent to the sum of its
- * two little-endian 16-bit words (2**16 == 1 mod 0xFFFF); a little-endian word sum is 256
- * times the big-endian one mod 0xFFFF (256 * 256 == 1), so one multiply turns it around. */
-static uint64_t sum_be(const uint8_t *p, size_t n) {
-    uint64_t a = 0, b = 0, c = 0, d = 0;
-    uint32_t w[4];
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        memcpy(w, p + i, 16);
-        a += w[0], b += w[1], c += w[2], d += w[3];
-    }
-    for (; i + 4 <= n; i += 4) {
-        memcpy(w, p + i, 4);
-        a += w[0];
-    }
-    for (size_t k = 0; i + k < n; k++) b += (uint64_t)p[i + k] << (8 * k);
-    return (a % 0xFFFF + b % 0xFFFF + c % 0xFFFF + d % 0xFFFF) * 256 % 0xFFFF;
-}
 
 typedef struct {
     uint8_t key[36], sig[64];
@@ -56,7 +32,7 @@ static int co_candidate(const uint8_t *p, uint32_t n, int udp, cand_t *c) {
     if (p[0] == 0x45 && n >= 40 && p[9] == IPPROTO_TCP_) {
         uint32_t thl = (uint32_t)(p[32] >> 4) * 4, hl = 20 + thl;
         uint8_t flags = p[33];
-        if (be16(p + 2) != n || be16(p + 6) & 0x3FFF || (flags != CO_ACK && flags != (CO_ACK | CO_PSH)) ||
+        if (rd16(p + 2) != n || rd16(p + 6) & 0x3FFF || (flags != CO_ACK && flags != (CO_ACK | CO_PSH)) ||
             thl < 20 || hl >= n)
             return 0;
         c->slen = 0;
@@ -68,7 +44,7 @@ static int co_candidate(const uint8_t *p, uint32_t n, int udp, cand_t *c) {
         c->sig[c->slen++] = p[32];                          /* data offset byte */
         memcpy(c->sig + c->slen, p + 40, thl - 20), c->slen += (uint8_t)(thl - 20);
         memcpy(c->key, p + 12, 12), c->klen = 12;
-        c->proto = IPPROTO_TCP_, c->iph = 20, c->hl = hl, c->seq = be32(p + 24), c->flags = flags;
+        c->proto = IPPROTO_TCP_, c->iph = 20, c->hl = hl, c->seq = rd32(p + 24), c->flags = flags;
         c->v6 = 0;
         return 1;
     }
@@ -76,7 +52,7 @@ static int co_candidate(const uint8_t *p, uint32_t n, int udp, cand_t *c) {
     uint8_t proto;
     c->slen = 0;
     if (v == 4) {
-        if (n < 28 || p[0] != 0x45 || be16(p + 2) != n || be16(p + 6) & 0x3FFF) return 0;
+        if (n < 28 || p[0] != 0x45 || rd16(p + 2) != n || rd16(p + 6) & 0x3FFF) return 0;
         iph = 20, proto = p[9];
         memcpy(c->key, p + 12, 12), c->klen = 12;
         c->sig[c->slen++] = p[1];
@@ -85,7 +61,7 @@ static int co_candidate(const uint8_t *p, uint32_t n, int udp, cand_t *c) {
     } else if (v == 6) {
         if (n < 48) return 0;
         proto = p[6];
-        if (be16(p + 4) != n - 40) return 0;
+        if (rd16(p + 4) != n - 40) return 0;
         iph = 40;
         memcpy(c->key, p + 8, 36), c->klen = 36;
         memcpy(c->sig, p, 4), c->slen = 4;
@@ -103,11 +79,11 @@ static int co_candidate(const uint8_t *p, uint32_t n, int udp, cand_t *c) {
         memcpy(c->sig + c->slen, t + 14, 2), c->slen += 2;
         c->sig[c->slen++] = t[12];
         memcpy(c->sig + c->slen, t + 20, thl - 20), c->slen += (uint8_t)(thl - 20);
-        c->hl = hl, c->seq = be32(t + 4), c->flags = flags;
+        c->hl = hl, c->seq = rd32(t + 4), c->flags = flags;
     } else if (proto == IPPROTO_UDP_ && udp) {
         uint32_t hl = iph + 8;
-        if (hl >= n || be16(t + 4) != n - iph) return 0;
-        if (v == 4 && be16(t + 6) == 0) return 0;
+        if (hl >= n || rd16(t + 4) != n - iph) return 0;
+        if (v == 4 && rd16(t + 6) == 0) return 0;
         c->hl = hl, c->seq = 0, c->flags = CO_ACK;
     } else {
         return 0;
