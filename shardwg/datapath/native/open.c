@@ -169,11 +169,19 @@ static int aead_open(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *ct, s
 }
 
 /* ------------------------------------------------------------------ lookups */
-static long index_lookup(const uint8_t *tab, size_t len, uint32_t receiver) {
+/* log2 of the probe table's entries, once per call; -1 if it is not a power of two >= 2
+ * (then every lookup misses). */
+static int index_bits(size_t len) {
     size_t size = len / 8;
     if (size < 2 || (size & (size - 1))) return -1;
     int bits = 0;
     while (((size_t)1 << bits) < size) bits++;
+    return bits;
+}
+
+static long index_lookup(const uint8_t *tab, int bits, uint32_t receiver) {
+    if (bits < 0) return -1;
+    size_t size = (size_t)1 << bits;
     size_t h = (uint32_t)(receiver * HASH_MUL) >> (32 - bits);
     for (size_t i = 0; i < size; i++) {
         uint32_t idx = ld32(tab + h * 8), slot1 = ld32(tab + h * 8 + 4);
@@ -430,6 +438,7 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
     size_t max_slot = (size_t)b.sessions.len / SESSION_SIZE;
     size_t max_rows = (size_t)b.touched.len / (8 * TOUCH_WORDS), max_hs = (size_t)b.hs.len / 12;
     size_t ntouched = 0, nhs = 0, npk = 0, pos = 0, nw = 0;
+    int ibits = index_bits((size_t)b.index.len);
     if (count < 0 || count > PyList_GET_SIZE(lengths) || count > PyList_GET_SIZE(segs) ||
         stride < 0 || b.out.len < b.dec.len || b.counters.len < 8 * (C_DROPS + D_LAST + 1) ||
         !ranges_init(&ranges, b.allowed.buf, (size_t)b.allowed.len)) {
@@ -495,7 +504,7 @@ static PyObject *open_batch(PyObject *mod, PyObject *args) {
             }
             add64(cnt, C_TRANSPORT, 1);
             uint64_t counter = ld64(dg + 8);
-            long slot = index_lookup(b.index.buf, (size_t)b.index.len, ld32(dg + 4));
+            long slot = index_lookup(b.index.buf, ibits, ld32(dg + 4));
             if (slot < 0) {
                 if (fwd && nhs < max_hs) { /* maybe a peer that moved: Python forwards it */
                     uint8_t *row = (uint8_t *)b.hs.buf + 12 * nhs++;
