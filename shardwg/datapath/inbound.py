@@ -21,6 +21,11 @@ from shardwg.datapath.openstate import (
     COUNTERS_LEN,
     HS_WORDS,
     SPAN_WORDS,
+    T_ACCEPTED,
+    T_BYTES,
+    T_DATA,
+    T_MSG,
+    T_SLOT,
     TOUCH_WORDS,
     OpenState,
     batch_arrays,
@@ -80,7 +85,7 @@ class Opener:
         rows, kps = self.rows, self.state.kps
         for t in range(ntouched):
             r = t * TOUCH_WORDS
-            kp = kps[rows[r]]
+            kp = kps[rows[r + T_SLOT]]
             if kp is None:
                 continue
             peer = kp.peer
@@ -91,12 +96,12 @@ class Opener:
                     mark[0] = floor
             if kp is not peer.current and kp is peer.next:
                 peer.confirm(kp, now, wall)
-            src = addrs[rows[r + 1]]
+            src = addrs[rows[r + T_MSG]]
             if src != peer.endpoint:
                 peer.endpoint = src  # roaming: the latest authenticated source wins
-            if rows[r + 4]:
-                data = rows[r + 3]
-                peer.received(now, rows[r + 2], data)
+            if rows[r + T_ACCEPTED]:
+                data = rows[r + T_DATA]
+                peer.received(now, rows[r + T_BYTES], data)
                 if data and kp.is_initiator and now - kp.created >= REKEY_ON_RECEIVE_AGE:
                     peer.keep_key_fresh_receiving(kp, now, wall)
 
