@@ -144,13 +144,15 @@ def aead_seal(batches: int, size: int = PACKET) -> float:
 # - seal: shardwg.datapath.microbench.bench_seal(native, super_packet, seconds) -> packets per
 #   CPU-second of the process; "seal" is 64 single packets per batch, "seal_tso" two
 #   32-segment TSO super-packets per batch (what a TUN with TSO hands the worker);
-# - open: lab.microbench_open.Bench(impl, batches).run_once() -> packets per CPU-second of
-#   the thread; 64 datagrams per batch carrying 1420-byte TCP segments of one flow, opened
-#   and coalesced.
+# - open: lab.microbench_open.rate_for(Bench(impl, batches), seconds) -> packets per
+#   CPU-second of the thread; 64 datagrams per batch carrying 1420-byte TCP segments of one
+#   flow, opened and coalesced, over a cache-resident working set like seal's.
 SEAL_OPS = {"seal": False, "seal_tso": True}
 
 
-def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str, Kernel]:
+def kernel_functions(
+    seconds: float = 0.3, open_batches: int = microbench_open.HOT_BATCHES
+) -> dict[str, Kernel]:
     """op -> f(native) -> packets per CPU-second, for the batch kernels' microbenchmarks
     (f(True) needs the extension: native_built())."""
     found: dict[str, Kernel] = {}
@@ -163,7 +165,8 @@ def kernel_functions(seconds: float = 0.3, open_batches: int = 100) -> dict[str,
 
     def open_rate(native: bool) -> float:
         impl = select.choose("1") if native else select.python_impl()
-        return microbench_open.Bench(impl, open_batches).run_once()  # raises on any drop
+        bench = microbench_open.Bench(impl, open_batches)
+        return microbench_open.rate_for(bench, seconds)  # raises on any drop
 
     found["open"] = open_rate
     return found
