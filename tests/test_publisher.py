@@ -153,21 +153,59 @@ def test_replacement_resumes_without_nonce_reuse_or_replay() -> None:
     assert rec.current.send_reserved > counter_of(sent[0])
 
 
-def test_publish_dirty_writes_only_changed_peers() -> None:
+def test_publish_dirty_writes_only_moved_endpoints() -> None:
+    """Counters reach the record's rx/tx words at every count (Peer.traffic), so they are no
+    reason to rewrite the record; a moved endpoint is."""
     s = Published()
+    peer = s.p.peer_a
     slot = s.layout.peer_slot(s.buf, SLOT)
     seq = slot.sequence()
     s.pub.publish_dirty()
     assert slot.sequence() == seq  # nothing moved since the last publish
-    s.a_to_b(1)  # rx counters moved (the floor word alone does not count as a publish)
+    s.a_to_b(1)
+    s.b_to_a(1)
+    assert slot.sequence() == seq  # the floor and traffic words alone are not a publish
+    rec = record(s.layout, s.buf)
+    assert rec is not None and peer.rx_bytes > 0 and peer.tx_bytes > 0
+    assert (rec.rx_bytes, rec.tx_bytes) == (peer.rx_bytes, peer.tx_bytes)
+    s.pub.publish_dirty()
+    assert slot.sequence() == seq  # the counters are there already: no rewrite
+    peer.endpoint = ("192.0.2.9", 51821)
+    s.pub.publish_dirty()
+    assert slot.sequence() > seq
+    rec = record(s.layout, s.buf)
+    assert rec is not None and rec.endpoint == ("192.0.2.9", 51821)
+    s.pub.forget(peer.public_key)
+    seq = slot.sequence()
+    s.a_to_b(1)
+    peer.endpoint = ("192.0.2.10", 51821)
+    s.pub.publish_dirty()
+    assert slot.sequence() == seq
+
+
+class _Unwritable:
+    """A peer slot whose writes fail (the publisher's cached SeqlockSlot stand-in)."""
+
+    def write(self, _data: object) -> None:
+        raise OSError("no room")
+
+
+def test_publish_dirty_retries_a_failed_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record that could not be written is written by the next publish_dirty, even if
+    nothing about the peer moved in between."""
+    s = Published()
+    slot = s.layout.peer_slot(s.buf, SLOT)
+    seq = slot.sequence()
+    peer = s.p.peer_a
+    peer.last_handshake_wall += 1.0
+    with monkeypatch.context() as m:
+        m.setitem(s.pub._slots, SLOT, _Unwritable())
+        assert not s.pub.publish(peer)
     assert slot.sequence() == seq
     s.pub.publish_dirty()
     assert slot.sequence() > seq
-    s.pub.forget(s.p.peer_a.public_key)
-    seq = slot.sequence()
-    s.a_to_b(1)
-    s.pub.publish_dirty()
-    assert slot.sequence() == seq
+    rec = record(s.layout, s.buf)
+    assert rec is not None and rec.last_handshake_wall == peer.last_handshake_wall
 
 
 @pytest.mark.parametrize("case", ["empty", "other key", "torn"])

@@ -59,7 +59,8 @@ class SessionPublisher:
         self._slots: dict[int, SeqlockSlot] = {}
         self._scratch = bytearray(PEER_RECORD_SIZE)
         self._generation: dict[bytes, int] = {}
-        self._seen: dict[bytes, tuple[int, int, Any]] = {}
+        # The endpoint each peer's record holds (absent: its last write failed, or none yet).
+        self._endpoint: dict[bytes, Any] = {}
         self._floors: dict[int, memoryview] = {}
         self.peers: dict[bytes, Peer] = {}
         self._handed: set[bytes] = set()  # given to another worker: never written again
@@ -150,6 +151,7 @@ class SessionPublisher:
                 log.error("worker %d: peer record not written (%s); its traffic waits",
                           self.worker_id, exc)  # fmt: skip
             self._failing = True
+            self._endpoint.pop(peer.public_key, None)  # publish_dirty tries again
             return False
         if self._failing:
             log.info("worker %d: peer records written again", self.worker_id)
@@ -163,7 +165,7 @@ class SessionPublisher:
                 kp.recv_floor = self._recv_floor(index, which)
         if peer.traffic is None:  # from now on each count goes straight to the record
             peer.traffic = self._traffic(index)
-        self._seen[peer.public_key] = (peer.rx_bytes, peer.tx_bytes, peer.endpoint)
+        self._endpoint[peer.public_key] = peer.endpoint
         return True
 
     def _publish_keys(self, peer: Peer, index: int) -> None:
@@ -180,9 +182,11 @@ class SessionPublisher:
         self._keys_of[index] = tag
 
     def publish_dirty(self) -> None:
-        """Republish peers whose counters or endpoint moved since their last publication."""
+        """Republish peers whose endpoint moved, or whose last write failed (their counters
+        need no publish: each count is stored in the record's rx/tx words at once)."""
+        written = self._endpoint
         for key, peer in self.peers.items():
-            if self._seen.get(key) != (peer.rx_bytes, peer.tx_bytes, peer.endpoint):
+            if key not in written or written[key] != peer.endpoint:
                 self.publish(peer)
 
     def forget(self, public_key: bytes) -> None:
@@ -190,7 +194,7 @@ class SessionPublisher:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
             peer.traffic = None  # its slot is freed and will be reused
-        self._seen.pop(public_key, None)
+        self._endpoint.pop(public_key, None)
         self._generation.pop(public_key, None)
 
     def track(self, peer: Peer) -> None:
