@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def good() -> P.Probes:
     return P.Probes(
-        kernel="6.1.0-18-amd64", root=True, where="a throwaway network namespace",
+        kernel="6.1.0-18-amd64", machine="x86_64", root=True,
+        where="a throwaway network namespace",
         tun_tso=True, tun_uso=True, udp_gro=True, recvmmsg=True, native="OpenSSL 3.0.11",
         cpus_online=8, affinity=8, cgroup_limit=None, workers=8,
     )  # fmt: skip
@@ -56,6 +57,7 @@ def test_everything_present_warns_of_nothing() -> None:
         ({"cgroup_limit": 2, "workers": 2}, "CPUs", "limits.cpu"),
         ({"affinity": 4, "workers": 4}, "CPUs", "taskset"),
         ({"affinity": 1, "cpus_online": 1, "workers": 1}, "workers", "more cores"),
+        ({"machine": "aarch64", "workers": 1}, "workers", "Memory ordering"),
     ],
 )
 def test_each_missing_piece_warns_with_its_fix(change: dict, name: str, in_fix: str) -> None:
@@ -149,3 +151,33 @@ def test_default_workers_is_affinity_capped_by_the_quota() -> None:
 
     assert default_workers(8, 3) == 3 and default_workers(8, None) == 8
     assert default_workers(2, 5) == 2 and default_workers(1, None) == 1
+
+
+@pytest.mark.parametrize(("machine", "workers"), [("aarch64", 1), ("arm64", 1), ("x86_64", 8)])
+def test_off_x86_64_check_says_one_worker_and_why(
+    monkeypatch: pytest.MonkeyPatch, machine: str, workers: int
+) -> None:
+    """shardwg run starts one worker off x86-64 (shm/ordering.py): check must say so, and
+    why, rather than promise a worker per core."""
+    net = P.Probes(where="a throwaway network namespace", tun_tso=True, tun_uso=True,
+                   udp_gro=True)  # fmt: skip
+    monkeypatch.setattr(P, "_in_throwaway_namespace", lambda: net)
+    monkeypatch.setattr(P, "_native", lambda: ("OpenSSL 3.0.11", ""))
+    monkeypatch.setattr(P, "affinity_cores", lambda: 8)
+    monkeypatch.setattr(P, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(P.platform, "machine", lambda: machine)
+    monkeypatch.delenv("SHARDWG_NATIVE", raising=False)
+    data, status = C.check(as_json=True)
+    out = json.loads(data)
+    item = {i["name"]: i for i in out["items"]}["workers"]
+    assert out["probes"]["machine"] == machine and out["probes"]["workers"] == workers
+    assert item["value"] == f"{workers} (shardwg run's default here)"
+    if workers == 1:
+        assert not item["ok"] and status == 1
+        assert f"this CPU is {machine}" in item["warning"] and "x86-64" in item["warning"]
+        assert "Memory ordering" in item["fix"]
+        text, _ = C.check()
+        assert f"  - workers: {item['warning']}" in text
+    else:
+        assert item["ok"], item

@@ -12,6 +12,7 @@ import re
 import msgspec
 
 from shardwg.observe.probes import Probes, probe
+from shardwg.shm import ordering
 
 
 class Item(msgspec.Struct):
@@ -173,7 +174,20 @@ def assess(p: Probes) -> list[Item]:
         )
     else:
         items.append(Item("CPUs", cpus, True))
-    if p.workers <= 1:
+    if p.machine not in ordering.ORDERED_MACHINES:
+        items.append(
+            Item(
+                "workers",
+                f"{p.workers} (shardwg run's default here)",
+                False,
+                f"more than one worker needs x86-64 and this CPU is {p.machine or 'unknown'}: "
+                "the shared-memory seqlocks, rings and counters rely on its store ordering; "
+                "throughput is one core's",
+                "none on this CPU; on x86-64 a worker per core "
+                "(docs/architecture.md, 'Memory ordering')",
+            )
+        )
+    elif p.workers <= 1:
         items.append(
             Item(
                 "workers",
@@ -226,7 +240,7 @@ def _native_item(p: Probes) -> Item:
 
 def render(p: Probes, items: list[Item]) -> str:
     width = max(len(i.name) for i in items) + 2
-    lines = [f"shardwg check: Linux {p.kernel}, probed in {p.where}", ""]
+    lines = [f"shardwg check: Linux {p.kernel} on {p.machine}, probed in {p.where}", ""]
     lines += [f"  {i.name:<{width}}{i.value}" for i in items]
     bad = [i for i in items if not i.ok]
     lines.append("")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import msgspec
 
 from shardwg.observe.cpus import affinity_cores, cgroup_cpu_limit, default_workers
+from shardwg.shm import ordering
 
 CLONE_NEWNET = 0x40000000
 PROBE_TIMEOUT = 20.0  # seconds the probing child may take
@@ -34,6 +35,7 @@ class Probes(msgspec.Struct):
     """Raw facts; an error text (or False) where something is missing."""
 
     kernel: str = ""
+    machine: str = ""  # platform.machine(): more than one worker needs x86-64
     root: bool = False
     where: str = ""  # where the network probes ran
     tun: str | None = None  # error opening /dev/net/tun
@@ -67,7 +69,9 @@ def probe() -> Probes:
     p.cpus_online = os.cpu_count() or 1
     p.affinity = affinity_cores()
     p.cgroup_limit = cgroup_cpu_limit()
-    p.workers = default_workers(p.affinity, p.cgroup_limit)
+    p.machine = ordering.machine()
+    usable = default_workers(p.affinity, p.cgroup_limit)
+    p.workers = usable if ordering.multi_worker_ok() else 1  # as shardwg run decides
     p.native, p.native_error = _native()
     p.native_disabled = os.environ.get("SHARDWG_NATIVE", "") == "0"
     from shardwg.io import mmsg
