@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shardwg.datapath import select
 from shardwg.shm import counters
 from shardwg.shm.endpoints import LIST_SIZE as ENDPOINT_LIST_SIZE
 from shardwg.shm.handoff import HandoffMesh
@@ -157,6 +158,20 @@ def test_global_state_codec() -> None:
     ):
         with pytest.raises(ValueError):
             encode_global(bad)
+
+
+def data_path_descriptions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What `shardwg run` can publish as its data path: native, off, and not built."""
+    native = select.Impl("native", "OpenSSL 3.0.19 27 Jan 2026", None, None, None, None)
+    monkeypatch.setattr(select, "native_module", lambda: None)
+    return [select.describe(native)] + [select.describe(select.choose(e)) for e in ("0", "")]
+
+
+def test_global_state_carries_the_whole_data_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """show and /metrics print what the supervisor published: it must arrive uncut."""
+    for datapath in data_path_descriptions(monkeypatch):
+        state = GlobalState(2, 64, datapath=datapath)
+        assert decode_global(encode_global(state)) == state, datapath
 
 
 @pytest.mark.parametrize("mtu", [1280, 1420, 2048, 9000, 65475])

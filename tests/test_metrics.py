@@ -76,7 +76,9 @@ def test_metrics_and_healthz(netns_factory: Harness) -> None:
         peers = families["shardwg_peer_last_handshake_seconds"].samples
         assert len(peers) == 2 and all(s.value > 0 for s in peers)
         (info,) = families["shardwg_datapath_info"].samples
-        assert info.labels["impl"] == select.current().name and info.value == 1
+        impl = select.current()
+        assert info.labels["impl"] == impl.name and info.labels["detail"] == impl.detail
+        assert info.value == 1
         assert http_get(site, "/healthz")[0] == 200
         assert http_get(site, "/nope")[0] == 404
 
@@ -238,6 +240,20 @@ def test_exporter_families_without_a_network() -> None:
           for s in families["wireguard_latest_handshake_seconds"].samples}  # fmt: skip
     assert hs == {published.public_key: 1700000123, new_key: 0}
     assert families["wireguard_received_bytes"].type == "counter"
+
+
+def test_datapath_info_names_the_whole_data_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """impl and detail labels as `select.describe` put them together, for every data path."""
+    from test_layout import data_path_descriptions
+
+    from shardwg.observe.metrics import render
+    from shardwg.observe.status import GatewayStatus
+
+    for datapath in data_path_descriptions(monkeypatch):
+        st = GatewayStatus("wg0", 51820, 2, 1, 1.0, True, False, [], [], {}, datapath=datapath)
+        families = {f.name: f for f in text_string_to_metric_families(render(st))}
+        (info,) = families["shardwg_datapath_info"].samples
+        assert f"{info.labels['impl']} ({info.labels['detail']})" == datapath
 
 
 def test_a_slow_render_never_blocks_the_loop() -> None:

@@ -52,7 +52,7 @@ def test_show_counts_packets_per_worker(netns_factory: Harness) -> None:
         ).stdout  # fmt: skip
         assert "workers:" in human and kp[1] in human
         want = select.describe()  # the gateway inherits this process's environment
-        assert after["datapath"] == want and f"data path: {want}" in human
+        assert after["datapath"] == want and f"  data path: {want}" in human.splitlines()
         print("\n" + human)
     finally:
         assert site.gw.stop() == 0

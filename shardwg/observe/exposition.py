@@ -66,13 +66,15 @@ def worker_families(st: GatewayStatus) -> Iterator[Metric]:
     g = GaugeMetricFamily("shardwg_workers", "Worker processes configured", labels=["interface"])
     g.add_metric([iface], st.workers)
     yield g
-    impl, _, detail = st.datapath.partition(" ")
+    impl, _, detail = st.datapath.partition(" ")  # "impl (detail)", detail may hold (...)
+    if detail.startswith("(") and detail.endswith(")"):
+        detail = detail[1:-1]
     g = GaugeMetricFamily(
         "shardwg_datapath_info",
         "The data path the workers run (impl: native or python), always 1",
         labels=["interface", "impl", "detail"],
     )
-    g.add_metric([iface, impl, detail.strip("()")], 1)
+    g.add_metric([iface, impl, detail], 1)
     yield g
     g = GaugeMetricFamily(
         "shardwg_under_load", "1 while handshakes need cookies", labels=["interface"]

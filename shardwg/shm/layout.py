@@ -41,7 +41,8 @@ from shardwg.shm.spread import SpreadArea
 from shardwg.shm.spread import area_size as spread_area_size
 
 LAYOUT_MAGIC = b"SWLAYOUT"
-LAYOUT_VERSION = 3  # 2: no secrets in the named region; 3: GlobalState.peer_slots
+# 2: no secrets in the named region; 3: GlobalState.peer_slots; 4: a 128-byte datapath
+LAYOUT_VERSION = 4
 _BLOCK = struct.Struct("<8sIIIIIIQ")
 LAYOUT_BLOCK_SIZE = 64
 MAX_WORKERS = 256  # the receiver index carries the owner in one byte
@@ -53,8 +54,9 @@ RING_SLOT_SIZE = 2048  # the smallest ring slot: a 1420-byte MTU packet, an init
 RING_MIN_SLOTS = 64  # a worker reads up to 64 packets per turn (engine/budgets.py BATCH)
 
 _GLOBAL_MAGIC = b"SWGS"
-_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x64s")
+_GLOBAL = struct.Struct("<4sIIIQdQ16sHxxxxxxdI4x128s")  # datapath: DATAPATH_SIZE
 GLOBAL_SIZE = _GLOBAL.size
+DATAPATH_SIZE = 128
 
 
 def _align(n: int) -> int:
@@ -75,7 +77,9 @@ class GlobalState:
     listen_port: int = 0
     started_wall: float = 0.0
     peer_slots: int = 0  # slots [0, peer_slots) may be in use: readers stop there (0: unknown)
-    datapath: str = ""  # which data path the workers run, e.g. "native (OpenSSL 3.0.19 ...)"
+    # Which data path the workers run, e.g. "native (OpenSSL 3.0.19 ...)"; its longest, the
+    # "python (the native extension is not built ...)", is 90 bytes.
+    datapath: str = ""
 
 
 def encode_global(state: GlobalState) -> bytes:
@@ -96,7 +100,7 @@ def encode_global(state: GlobalState) -> bytes:
             state.listen_port,
             state.started_wall,
             state.peer_slots,
-            state.datapath.encode()[:64],
+            state.datapath.encode()[:DATAPATH_SIZE],
         )
     except struct.error as exc:
         raise ValueError(f"global state field out of range: {exc}") from exc
