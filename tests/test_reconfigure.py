@@ -80,3 +80,38 @@ def test_unset_fields_leave_peer_alone_and_empty_diff() -> None:
 def test_removing_private_key_refused() -> None:
     with pytest.raises(ValueError):
         config_from_set(cfg(), SetRequest(private_key=None), OWN)
+
+
+def _host(i: int, net: int = 10) -> str:
+    return f"{net}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"
+
+
+def test_a_big_hub_change_is_applied_exactly() -> None:
+    """A hub of 10,000 one-prefix peers and a site peer of 10,000 prefixes: one request adds
+    to the site (repeats included), moves half the hub's and half the site's prefixes to a
+    new peer, gives one back and removes a peer. Checks the result, prefix by prefix (a
+    per-prefix list scan made this quadratic: config/diff.py keeps sets and maps)."""
+    keys = [i.to_bytes(4, "big") * 8 for i in range(1, 10_001)]
+    site, thief = b"\x51" * 32, b"\x52" * 32
+    site_old = [_host(i, 172) for i in range(10_000)]
+    site_new = [_host(i, 192) for i in range(5_000)]
+    base = cfg(*(PeerConfig(public_key=k, allowed_ips=[_host(i)]) for i, k in enumerate(keys)),
+               PeerConfig(public_key=site, allowed_ips=list(site_old)))  # fmt: skip
+    req = SetRequest(peers=[
+        PeerChange(public_key=site, allowed_ips_add=site_old[::-1] + site_new + site_new[:10]),
+        PeerChange(public_key=thief,
+                   allowed_ips_add=[_host(i) for i in range(5_000)] + site_old[:5_000]),
+        PeerChange(public_key=keys[10], allowed_ips_add=[_host(10)]),  # takes its own back
+        PeerChange(public_key=keys[-1], remove=True),
+    ])  # fmt: skip
+    new = config_from_set(base, req, OWN)
+    got = {p.public_key: p.allowed_ips for p in new.peers}
+    assert list(got) == keys[:-1] + [site, thief]
+    for i, k in enumerate(keys[:-1]):
+        assert got[k] == ([] if i < 5_000 and i != 10 else [_host(i)]), i
+    assert got[site] == site_old[5_000:] + site_new
+    assert got[thief] == [_host(i) for i in range(5_000) if i != 10] + site_old[:5_000]
+    d = diff_configs(base, new)
+    assert [p.public_key for p in d.added] == [thief]
+    assert [p.public_key for p in d.removed] == [keys[-1]]
+    assert [old.public_key for old, _ in d.updated] == keys[:5_000][:10] + keys[11:5_000] + [site]

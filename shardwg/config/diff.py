@@ -27,7 +27,8 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
     """Apply a UAPI set request to a configuration (wireguard-go's order and rules).
 
     Costs what the request changes, not request x configured peers (`wg syncconf` sends
-    every peer): peers are found by key and each allowed IP's holder in a map.
+    every peer, and a site peer may hold thousands of prefixes): peers are found by key, each
+    allowed IP's holder in a map, a peer's own prefixes in a set.
     Raises ValueError for what cannot be applied (a bad endpoint, removing the key).
     """
     iface = cfg.interface
@@ -43,11 +44,15 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
     if not req.replace_peers:
         peers = {p.public_key: p for p in cfg.peers}
     holder: dict[str, bytes] = {a: p.public_key for p in peers.values() for a in p.allowed_ips}
+    # Prefixes taken from a peer by a later one, struck from its list once: when the request
+    # changes that peer next, or at the end (not one list scan per prefix moved).
+    taken: dict[bytes, set[str]] = {}
     for change in req.peers:
         key = change.public_key
         if key == own_public:
             continue  # wireguard-go ignores a peer with the device's own key
         p = peers.get(key)
+        gone = taken.pop(key, ())
         if change.remove:
             if p is not None:
                 del peers[key]
@@ -67,20 +72,25 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
             _release(holder, p)
             allowed: list[str] = []
         else:
-            allowed = list(p.allowed_ips)
+            allowed = [a for a in p.allowed_ips if a not in gone]
+        have = set(allowed)
         for prefix in change.allowed_ips_add:
             norm = str(ipaddress.ip_network(prefix, strict=False))
-            if norm not in allowed:
+            if norm not in have:
+                have.add(norm)
                 allowed.append(norm)
             # An allowed IP belongs to one peer: adding it here takes it from its holder.
             was = holder.get(norm)
             if was is not None and was != key and was in peers:
-                other = peers[was]
-                peers[was] = msgspec.structs.replace(
-                    other, allowed_ips=[a for a in other.allowed_ips if a != norm]
-                )
+                taken.setdefault(was, set()).add(norm)
             holder[norm] = key
         peers[key] = msgspec.structs.replace(p, allowed_ips=allowed)
+    for key, gone in taken.items():
+        if key in peers:
+            other = peers[key]
+            peers[key] = msgspec.structs.replace(
+                other, allowed_ips=[a for a in other.allowed_ips if a not in gone]
+            )
     return msgspec.structs.replace(cfg, interface=iface, peers=list(peers.values()))
 
 
