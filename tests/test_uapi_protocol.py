@@ -296,3 +296,15 @@ def test_fuzz_parse_set_raises_only_uapi_error(lines: list[str]) -> None:
         parse_set(lines)
     except UapiError as exc:
         assert exc.errno in (EINVAL, EPROTO)
+
+
+def test_a_peer_with_thousands_of_allowed_ips() -> None:
+    """`wg syncconf` sends a site peer's every prefix, some more than once: all arrive, once
+    each, in first-seen order (a list scan per line made this quadratic)."""
+    prefixes = [f"10.{i >> 8 & 255}.{i & 255}.0/24" for i in range(20_000)]
+    repeated = [p for pair in zip(prefixes, prefixes[::-1], strict=True) for p in pair]
+    req = parse_set([f"public_key={H1}", *(f"allowed_ip={p}" for p in repeated)])
+    seen: dict[str, None] = {}
+    for p in repeated:
+        seen.setdefault(p)
+    assert req.peers[0].allowed_ips_add == list(seen) and len(seen) == 20_000

@@ -167,9 +167,7 @@ _PEER_KEYS: dict[str, _Handler] = {
 
 def _peer_line(peer: PeerChange, key: str, value: str) -> None:
     if key == "allowed_ip":
-        prefix = parse_allowed_ip(value)
-        if prefix not in peer.allowed_ips_add:
-            peer.allowed_ips_add.append(prefix)
+        peer.allowed_ips_add.append(parse_allowed_ip(value))  # repeats go at the end
     elif key == "protocol_version":
         if value != "1":
             raise UapiError(EINVAL, f"protocol_version {value[:32]!r} is not 1")
@@ -208,6 +206,9 @@ def parse_set(lines: list[str]) -> SetRequest:
         else:
             _peer_line(peer, key, value)
     req.peers = [PeerChange(p.public_key, remove=True) if p.remove else p for p in req.peers]
+    for p in req.peers:  # each prefix once, where it came first (one pass, not one per line)
+        if len(p.allowed_ips_add) > 1:
+            p.allowed_ips_add = list(dict.fromkeys(p.allowed_ips_add))
     return req
 
 
