@@ -325,18 +325,21 @@ class LiveConfig:
 
 
 def apply_routes(name: str, add: list[str], remove: list[str], table: int | None) -> None:
-    try:
-        if remove:
+    """Each prefix is its own netlink message, so one the kernel refuses (e.g. routed through
+    another link) costs only its own route: it is logged, and the others are in place."""
+    if remove:
+        try:
             netlink.remove_routes(name, remove, table)
-        if add:
-            netlink.add_routes(name, add, table)
-    except OSError as exc:  # e.g. one prefix conflicts: the others still get theirs
-        log.warning("routes for %s not updated in one pass (%s); one by one", name, exc)
-        for prefix in add:
-            try:
-                netlink.add_routes(name, [prefix], table)
-            except OSError as one:
-                log.warning("route %s via %s not added: %s", prefix, name, one)
+        except OSError as exc:
+            log.warning("routes via %s not removed: %s", name, exc)
+    if add:
+        try:
+            failed = netlink.try_add_routes(name, add, table)
+        except OSError as exc:  # the link is gone, or netlink itself failed
+            log.warning("routes via %s not added: %s", name, exc)
+            return
+        for prefix, why in failed:
+            log.warning("route %s via %s not added: %s", prefix, name, why)
 
 
 def warn_low_order(p: PeerConfig, source: str) -> None:

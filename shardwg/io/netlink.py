@@ -176,12 +176,26 @@ def _normalise(prefixes: list[str]) -> list[Network]:
 
 
 def add_routes(name: str, prefixes: list[str], table: int | None = None) -> None:
-    """Route prefixes through the link, into `table` (main when None), idempotently.
+    """Route prefixes through the link, into `table` (main when None), idempotently; raises
+    the first prefix's failure (see try_add_routes), after every other got its route.
 
     In the main table a prefix that the link's connected routes (its own address prefixes) cover
     is skipped. Default routes are added like any other; if one exists through another link the
     kernel says EEXIST and we raise RouteConflictError (pass `table` for a separate table).
-    Sent in batches over a raw socket (io/rtnl.py): thousands of routes take milliseconds.
+    """
+    failed = try_add_routes(name, prefixes, table)
+    if failed:
+        raise failed[0][1]
+
+
+def try_add_routes(
+    name: str, prefixes: list[str], table: int | None = None
+) -> list[tuple[Network, OSError]]:
+    """add_routes, but each prefix the kernel refused is returned with its error (an OSError,
+    or RouteConflictError when another link has it) instead of raised: one message per
+    prefix, so one failure never keeps the others from their routes. Raises only when the
+    pass as a whole fails (no such link, netlink itself). Sent in batches over a raw socket
+    (io/rtnl.py): thousands of routes take milliseconds.
     """
     tbl = table or RT_TABLE_MAIN
     idx = _link_index(name)
@@ -189,18 +203,20 @@ def add_routes(name: str, prefixes: list[str], table: int | None = None) -> None
     todo = [n for n in _normalise(prefixes) if not any(_covers(c, n) for c in connected)]
     errs = rtnl.change_routes(rtnl.RTM_NEWROUTE, idx, todo, tbl, RTPROT_STATIC, RT_SCOPE_LINK,
                               0, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL)  # fmt: skip
-    for net, err in zip(todo, errs, strict=True):
-        if err not in (0, errno.EEXIST):
-            raise OSError(err, f"route {net} through {name}: {os.strerror(err)}")
+    failed: list[tuple[Network, OSError]] = [
+        (net, OSError(err, f"route {net} through {name}: {os.strerror(err)}"))
+        for net, err in zip(todo, errs, strict=True)
+        if err not in (0, errno.EEXIST)
+    ]
     exist = [net for net, err in zip(todo, errs, strict=True) if err == errno.EEXIST]
     if exist:  # ours already (idempotent), or through another link (a conflict)
         with _ipr() as ipr:
             ours = {n for n, _ in _routes(ipr, idx, tbl)}
         for net in exist:
             if net not in ours:
-                raise RouteConflictError(
-                    errno.EEXIST, f"{net} is already routed elsewhere in table {tbl}"
-                )
+                msg = f"{net} is already routed elsewhere in table {tbl}"
+                failed.append((net, RouteConflictError(errno.EEXIST, msg)))
+    return failed
 
 
 def _link_index(name: str) -> int:

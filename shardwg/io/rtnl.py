@@ -14,8 +14,8 @@ messages, more slowly than sending them. Measured in a throwaway netns, 2,000 /2
 through one link, median of 3 alternating runs: adding them took 0.86 s with one pyroute2
 request per route, 0.49 s with nlm_request_batch, 0.02 s here (IPBatch compiling alone:
 1.0 s); deleting them 1.15 s, 0.68 s and 0.23 s. The link's networks likewise: one
-RTM_GETADDR dump here takes 0.17 ms, netlink.list_addresses 6.3 ms, and add_routes runs
-once per prefix when a batch fails (engine/live.py apply_routes).
+RTM_GETADDR dump here takes 0.17 ms, netlink.list_addresses 6.3 ms (add_routes reads them
+once a call).
 
 Like io/netlink.py, every call opens its own socket, so it acts in the network namespace of
 the calling thread at that moment.
