@@ -43,6 +43,8 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
     peers: dict[bytes, PeerConfig] = {}
     if not req.replace_peers:
         peers = {p.public_key: p for p in cfg.peers}
+    # The UAPI cannot say Spread (shardwg's own key): a peer `wg syncconf` re-adds keeps it.
+    spread = {p.public_key: p.spread for p in cfg.peers if p.spread is not None}
     holder: dict[str, bytes] = {a: p.public_key for p in peers.values() for a in p.allowed_ips}
     # Prefixes taken from a peer by a later one, struck from its list once: when the request
     # changes that peer next, or at the end (not one list scan per prefix moved).
@@ -61,7 +63,7 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
         if p is None:
             if change.update_only:
                 continue
-            p = PeerConfig(public_key=key)
+            p = PeerConfig(public_key=key, spread=spread.get(key))
         if change.preshared_key is not UNSET:
             p = msgspec.structs.replace(p, preshared_key=change.preshared_key)
         if change.endpoint is not UNSET:
@@ -108,6 +110,7 @@ class ConfigDiff:
     added: list[PeerConfig] = field(default_factory=list)
     removed: list[PeerConfig] = field(default_factory=list)
     updated: list[tuple[PeerConfig, PeerConfig]] = field(default_factory=list)  # (old, new)
+    spread_changed: list[PeerConfig] = field(default_factory=list)  # placement's business only
 
     def empty(self) -> bool:
         return not (
@@ -117,6 +120,7 @@ class ConfigDiff:
             or self.added
             or self.removed
             or self.updated
+            or self.spread_changed
         )
 
 
@@ -130,7 +134,15 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
     after = {p.public_key: p for p in new.peers}
     d.removed = [p for k, p in before.items() if k not in after]
     d.added = [p for k, p in after.items() if k not in before]
-    d.updated = [(before[k], p) for k, p in after.items() if k in before and before[k] != p]
+    for k, p in after.items():
+        o = before.get(k)
+        if o is None or o == p:
+            continue
+        if o.spread != p.spread:  # no worker message: the placement table says it
+            d.spread_changed.append(p)
+            if msgspec.structs.replace(o, spread=p.spread) == p:
+                continue
+        d.updated.append((o, p))
     return d
 
 

@@ -5,6 +5,10 @@ names, `#` comments, comma-separated lists that accumulate over repeated lines,
 later singular keys override earlier ones) and rejects mistakes wg would only
 notice later, with "PATH:LINE: problem" messages. Host names in Endpoint are
 kept as text: resolution is I/O and happens in `shardwg.config.endpoints`.
+One key is shardwg's own: `Spread = on|off|auto` in a [Peer] (one peer over several
+workers). `wg` itself rejects keys it does not know, so it lives only in the file shardwg
+reads (start, SIGHUP, SaveConfig); the UAPI (`wg set`, `wg showconf`) neither sends nor
+shows it, and a UAPI change keeps a peer's setting (config/diff.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "private_key_file_warning",
+    "spread_settings",
 ]
 
 MAX_CONFIG_BYTES = 16 << 20  # ~80k peers; anything bigger is a wrong file, not a config
@@ -124,6 +129,8 @@ class PeerConfig(msgspec.Struct, frozen=True):
     allowed_ips: list[str] = msgspec.field(default_factory=list)  # normalised, host bits off
     endpoint: Endpoint | None = None
     persistent_keepalive: int = 0
+    # shardwg's own `Spread = on|off|auto`: True/False override `--spread`, None (auto) not
+    spread: bool | None = None
 
     def __repr__(self) -> str:
         return _redacted_repr(self, "preshared_key")
@@ -186,6 +193,26 @@ def _bool(text: str) -> bool:
     raise ValueError(f"{text!r} is neither true nor false")
 
 
+_SPREAD = {"on": True, "off": False, "auto": None}
+
+
+def _spread(text: str) -> bool | None:
+    """shardwg's per-peer `Spread`: on, off or auto (follow `shardwg run --spread`)."""
+    try:
+        return _SPREAD[text.lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not on, off or auto") from None
+
+
+def format_spread(value: bool | None) -> str:
+    return "auto" if value is None else "on" if value else "off"
+
+
+def spread_settings(cfg: Config) -> dict[bytes, bool]:
+    """Each peer's `Spread` that is not auto: placement's per-peer overrides."""
+    return {p.public_key: p.spread for p in cfg.peers if p.spread is not None}
+
+
 def _words(text: str) -> list[str]:
     """wg-quick splits Address and DNS on commas and whitespace."""
     return text.replace(",", " ").split()
@@ -246,6 +273,8 @@ _PEER_KEYS: dict[str, _Spec] = {
     "allowedips": ("allowed_ips", "extend", _allowed_ips),
     "endpoint": ("endpoint", "set", Endpoint.parse),
     "persistentkeepalive": ("persistent_keepalive", "set", _keepalive),
+    # shardwg's own (wg has no such key): in the file we read, never sent over the UAPI
+    "spread": ("spread", "set", _spread),
 }
 
 
@@ -412,4 +441,6 @@ def format_config(cfg: Config) -> str:
             out.append(f"Endpoint = {p.endpoint}")
         if p.persistent_keepalive:
             out.append(f"PersistentKeepalive = {p.persistent_keepalive}")
+        if p.spread is not None:
+            out.append(f"Spread = {format_spread(p.spread)}")
     return "\n".join(out) + "\n"

@@ -31,6 +31,7 @@ from shardwg.config.model import (
     PeerConfig,
     format_config,
     load_config,
+    spread_settings,
 )
 from shardwg.engine import control
 from shardwg.engine.context import EngineControl, SharedMemory
@@ -178,7 +179,10 @@ class LiveConfig:
             batch.added.append(control.AddPeer(specs[p.public_key], index))
             changed.append((None, p))
         self._publish_high_water()  # before any worker writes a new slot
-        if self.placer is not None and (d.added or d.removed):
+        spread_moved = False  # a peer's `Spread` changed: the table says it, no worker message
+        if self.placer is not None:
+            spread_moved = self.placer.set_overrides(spread_settings(new), write=False)
+        if self.placer is not None and (d.added or d.removed or spread_moved):
             self.placer.flush()  # one table write for the whole change
         for o, n in d.updated:
             batch.updated.append(
@@ -186,6 +190,8 @@ class LiveConfig:
             )
             changed.append((o, n))
         self._broadcast(batch)
+        if self.placer is not None and spread_moved:
+            self.placer.notify()  # every worker re-reads the table
         if self.placer is not None and (d.added or d.removed):
             self.placer.rebalance()  # a few moves at most, so counts stay even
         self._routes(changed)
@@ -198,8 +204,8 @@ class LiveConfig:
             log.info("%s: listen port -> %s", source, new.interface.listen_port)
             self.engine.rebind(new.interface.listen_port or 0)
         log.info(
-            "%s: %d peer(s) added, %d removed, %d updated",
-            source, len(d.added), len(d.removed), len(d.updated),
+            "%s: %d peer(s) added, %d removed, %d updated, %d with a new Spread",
+            source, len(d.added), len(d.removed), len(d.updated), len(d.spread_changed),
         )  # fmt: skip
         return 0
 

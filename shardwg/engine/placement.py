@@ -12,10 +12,11 @@ two by a margin, so one hot peer alone on a worker is never bounced between work
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from shardwg.proto.ownership import owner_of
-from shardwg.shm.placement import Mode
+from shardwg.shm.placement import Mode, SpreadWhy
 
 HOT_RATIO = 1.3  # a worker above this many times the mean load is hot...
 HOT_INTERVALS = 3  # ...once it stayed so for this many consecutive samples
@@ -136,14 +137,38 @@ class LoadBalancer:
         return Move(best[1], src, dst, round(load[src] / mean, 3))
 
 
-def spread_peers(
-    mode: Mode, keys: list[bytes], workers: int, policy: str, overrides: dict[bytes, bool]
-) -> set[bytes]:
-    """The peers every worker seals for (issue 12 item 2), by `policy`:
+def spread_reasons(
+    mode: Mode,
+    keys: list[bytes],
+    workers: int,
+    policy: str,
+    overrides: Mapping[bytes, bool],
+    traffic: AbstractSet[bytes] = frozenset(),
+) -> dict[bytes, SpreadWhy]:
+    """The peers every worker seals for (issue 12 item 2) and why, by `policy`:
     "off" none; "on" all; "auto" all when there are fewer peers than workers (the workers
-    left idle by one-owner placement carry them). A per-peer override wins over "auto"
-    and "on"; hash placement (`--placement hash`, today's behaviour) never spreads."""
+    left idle by one-owner placement carry them), else those in `traffic` (spread_by_traffic
+    found their owner saturated by them). A per-peer override (the configuration's `Spread`)
+    wins over "auto" and "on"; hash placement (`--placement hash`, today's behaviour) and
+    "off" never spread."""
     if mode == Mode.HASH or workers < 2 or policy == "off":
-        return set()
+        return {}
     default = policy == "on" or (policy == "auto" and len(keys) < workers)
-    return {k for k in keys if overrides.get(k, default)}
+    out: dict[bytes, SpreadWhy] = {}
+    for k in keys:
+        o = overrides.get(k)
+        if o is not None:
+            if o:
+                out[k] = SpreadWhy.OVERRIDE
+        elif default:
+            out[k] = SpreadWhy.POLICY
+        elif policy == "auto" and k in traffic:
+            out[k] = SpreadWhy.TRAFFIC
+    return out
+
+
+def spread_peers(
+    mode: Mode, keys: list[bytes], workers: int, policy: str, overrides: Mapping[bytes, bool]
+) -> set[bytes]:
+    """The peers spread_reasons spreads, whatever the reason."""
+    return set(spread_reasons(mode, keys, workers, policy, overrides))

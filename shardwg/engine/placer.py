@@ -23,7 +23,7 @@ from shardwg.engine.placement import (
     initial,
     place_new,
     rebalance,
-    spread_peers,
+    spread_reasons,
 )
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer
@@ -33,6 +33,7 @@ from shardwg.shm.placement import (
     MoveRecord,
     PlacementTable,
     Reason,
+    SpreadWhy,
     encode_table,
     table_size,
 )
@@ -77,6 +78,7 @@ class Placer:
         self.rates: dict[bytes, float] = {}
         self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_peers)
         self.spread_overrides: dict[bytes, bool] = {}  # per-peer setting, wins over the policy
+        self.spread_now: dict[bytes, SpreadWhy] = {}  # as last written to the table
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
@@ -88,12 +90,29 @@ class Placer:
         t.owners = [-1] * (max(self.slot_of.values(), default=-1) + 1)
         for key, slot in self.slot_of.items():
             t.owners[slot] = self.owners.get(key, -1)
-        spread = spread_peers(self.mode, list(self.slot_of), self.workers, self.spread_policy,
-                              self.spread_overrides)  # fmt: skip
-        t.spread = {self.slot_of[k] for k in spread}
+        self.spread_now = spread_reasons(self.mode, list(self.slot_of), self.workers,
+                                         self.spread_policy, self.spread_overrides)  # fmt: skip
+        t.spread = {self.slot_of[k] for k in self.spread_now}
+        t.spread_why = {self.slot_of[k]: why for k, why in self.spread_now.items()}
         encode_table(t, self._scratch)
         size = table_size(len(t.owners))
         self.layout.placement_slot(self.buf).write(memoryview(self._scratch)[:size])
+
+    def set_overrides(self, overrides: Mapping[bytes, bool], write: bool = True) -> bool:
+        """The configuration's per-peer `Spread` (on: True, off: False, auto peers absent).
+        True if they changed; then (with `write`) the table is rewritten and the workers
+        re-read it, so a reload re-marks a peer without a restart."""
+        new = dict(overrides)
+        if new == self.spread_overrides:
+            return False
+        self.spread_overrides = new
+        if any(new.values()) and (self.spread_policy == "off" or self.mode == Mode.HASH):
+            log.warning("placement: Spread = on in the configuration has no effect with "
+                        "--spread off or --placement hash")  # fmt: skip
+        if write:
+            self._write()
+            self.notify()
+        return True
 
     def owner(self, key: bytes) -> int:
         return self.owners.get(key, -1)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardwg.config.keys import encode_key
-from shardwg.config.model import Config
+from shardwg.config.model import Config, spread_settings
 from shardwg.datapath import select as datapath_select
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
@@ -156,6 +156,7 @@ class Supervisor:
         self.live.memory = SharedMemory(self.layout, self.region, self.secrets)
         self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
         self.placer.spread_policy = self.spread
+        self.placer.set_overrides(spread_settings(self.config), write=False)
         self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
         self.live.placer = self.placer
         try:

@@ -14,7 +14,8 @@ one consistent placement. Entries are indexed by peer slot (shm/peerslot.py):
       u16 from, u16 to, u8 reason, 3 pad, public key[32]  (56 bytes)
   ... one u32 per peer slot: 0 = not placed, else bits 0-15 owner + 1, bits 16-23 how
       (1 = owned by one worker; 2 = spread: the owner runs handshakes and timers, every
-      worker seals the peer's packets under its own counter blocks, proto/spread.py).
+      worker seals the peer's packets under its own counter blocks, proto/spread.py),
+      bits 24-31 why a spread peer is spread (SpreadWhy; for show and metrics only).
 The owner field in a peer's own record (peerslot) names the worker that writes that
 record; during a move the two differ until the new owner adopts the slot.
 """
@@ -40,9 +41,18 @@ class Mode(IntEnum):
     LOAD = 2  # COUNT, and while running a hot worker's peer moves to a lighter one
 
 
+class SpreadWhy(IntEnum):
+    POLICY = 1  # shardwg run --spread on, or auto with fewer peers than workers
+    OVERRIDE = 2  # the peer's own `Spread = on` in the configuration
+    TRAFFIC = 3  # --spread auto: its owner stayed saturated, and mostly by this peer
+
+
 class Reason(IntEnum):
     COUNT = 1  # a configuration change left the counts uneven
     LOAD = 2  # a worker stayed well above the mean
+
+
+_WHYS = frozenset(int(w) for w in SpreadWhy)
 
 
 def table_size(entries: int) -> int:
@@ -69,6 +79,7 @@ class PlacementTable:
     moves_total: int = 0
     history: list[MoveRecord] = field(default_factory=list)
     spread: set[int] = field(default_factory=set)  # peer slots whose packets every worker seals
+    spread_why: dict[int, SpreadWhy] = field(default_factory=dict)  # of those slots, why
 
 
 def encode_table(t: PlacementTable, out: bytearray | memoryview) -> None:
@@ -94,7 +105,8 @@ def encode_table(t: PlacementTable, out: bytearray | memoryview) -> None:
         if not -1 <= owner < 0xFFFF:
             raise ValueError(f"owner {owner} out of range")
         how = HOW_SPREAD if i in t.spread else HOW_OWNED
-        words[i] = 0 if owner < 0 else (how << 16) | (owner + 1)
+        why = int(t.spread_why.get(i, 0)) if how == HOW_SPREAD else 0
+        words[i] = 0 if owner < 0 else (why << 24) | (how << 16) | (owner + 1)
     words.release()
 
 
@@ -115,11 +127,13 @@ def decode_table(data: bytes | bytearray | memoryview) -> PlacementTable | None:
         history.append(MoveRecord(key, src, dst, Reason(reason), wall, ratio, latency))
     owners = []
     spread = set()
+    why: dict[int, SpreadWhy] = {}
     for i, (word,) in enumerate(
         struct.iter_unpack("<I", bytes(data[_ENTRIES_AT : _ENTRIES_AT + 4 * n]))
     ):
         owners.append((word & 0xFFFF) - 1 if word else -1)
         if word and (word >> 16) & 0xFF == HOW_SPREAD:
             spread.add(i)
-    return PlacementTable(Mode(mode), owners, gen, total, history, spread)
-
+            if word >> 24 in _WHYS:
+                why[i] = SpreadWhy(word >> 24)
+    return PlacementTable(Mode(mode), owners, gen, total, history, spread, why)
