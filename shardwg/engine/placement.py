@@ -11,9 +11,9 @@ two by a margin, so one hot peer alone on a worker is never bounced between work
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shardwg.proto.ownership import owner_of
 from shardwg.shm.placement import Mode, SpreadWhy
@@ -172,3 +172,93 @@ def spread_peers(
 ) -> set[bytes]:
     """The peers spread_reasons spreads, whatever the reason."""
     return set(spread_reasons(mode, keys, workers, policy, overrides))
+
+
+# Spread by measured traffic (`--spread auto`): a peer whose owner stays saturated, and
+# saturated mostly by that peer, is spread; it goes back to one owner only once that owner
+# would stay well below saturation with the peer's whole traffic back on it.
+SPREAD_HOT_CPU = 0.85  # the owner's CPU (cores) at or above this is saturated...
+SPREAD_HOT_INTERVALS = 3  # ...once it stayed so for this many consecutive samples
+SPREAD_BULK = 0.5  # ...and the peer carried at least this share of the owner's bytes
+SPREAD_COLD_CPU = 0.5  # unspread once the owner would carry it all below this...
+SPREAD_COLD_INTERVALS = 5  # ...for this many consecutive samples
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSample:
+    """One placement interval, all rates over the same window."""
+
+    owners: Mapping[bytes, int]
+    rates: Mapping[bytes, float]  # bytes/s per peer as its owner counts them (its slot)
+    worker_rates: Sequence[float]  # bytes/s per worker, every peer's it carried
+    cpu: Sequence[float]  # cores per worker (1.0: one core busy)
+    spread: AbstractSet[bytes]  # every peer spread now, whatever the reason
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSpread:
+    """What spread_by_traffic carries from one interval to the next."""
+
+    spread: frozenset[bytes] = frozenset()  # the peers traffic spreads
+    streak: Mapping[bytes, int] = field(default_factory=dict)  # hot (unspread) / cold (spread)
+    load: Mapping[bytes, float] = field(default_factory=dict)  # owner cores, for show
+
+
+def one_owner_load(key: bytes, s: TrafficSample) -> float | None:
+    """Cores the peer's owner would use carrying the peer alone: its CPU now plus each other
+    worker's CPU times the share of that worker's bytes that are this peer's. A worker's bytes
+    of spread peers it does not own (their slots count the owner's share only) are split
+    between those peers by their owners' counts. None without a sample."""
+    o = s.owners.get(key, -1)
+    if not 0 <= o < len(s.cpu) or key not in s.rates:
+        return None
+    load = s.cpu[o]
+    for w, (cpu, total) in enumerate(zip(s.cpu, s.worker_rates, strict=True)):
+        if w == o or total <= 0:
+            continue
+        own = sum(r for k, r in s.rates.items() if s.owners.get(k) == w)
+        others = sum(s.rates.get(k, 0.0) for k in s.spread if s.owners.get(k, -1) != w)
+        if others <= 0:
+            continue
+        mine = max(0.0, total - own) * s.rates[key] / others
+        load += cpu * min(1.0, mine / total)
+    return load
+
+
+def spread_by_traffic(
+    state: TrafficSpread, s: TrafficSample, eligible: AbstractSet[bytes]
+) -> TrafficSpread:
+    """The next state after one interval (pure). Only `eligible` peers (auto, no override,
+    not spread by policy) are decided; a peer is spread after SPREAD_HOT_INTERVALS samples in
+    a row in which its owner used >= SPREAD_HOT_CPU cores and it carried >= SPREAD_BULK of
+    the owner's bytes, and unspread after SPREAD_COLD_INTERVALS samples in a row in which
+    its owner would carry it all below SPREAD_COLD_CPU: the gap between the two keeps a peer
+    near the limit from flapping."""
+    spread: set[bytes] = set()
+    streak: dict[bytes, int] = {}
+    load: dict[bytes, float] = {}
+    for key in eligible:
+        o = s.owners.get(key, -1)
+        rate = s.rates.get(key)
+        if key in state.spread:
+            est = one_owner_load(key, s)
+            cold = est is not None and est < SPREAD_COLD_CPU
+            n = state.streak.get(key, 0) + 1 if cold else 0
+            if n < SPREAD_COLD_INTERVALS:
+                spread.add(key)
+                if n:
+                    streak[key] = n
+            if est is not None:
+                load[key] = round(est, 3)
+        elif 0 <= o < len(s.cpu) and rate is not None:
+            hot = (s.cpu[o] >= SPREAD_HOT_CPU and rate >= MIN_HOT_RATE
+                   and rate >= SPREAD_BULK * s.worker_rates[o])  # fmt: skip
+            n = state.streak.get(key, 0) + 1 if hot else 0
+            if n >= SPREAD_HOT_INTERVALS:
+                spread.add(key)
+                n = 0
+            if hot:
+                load[key] = round(s.cpu[o], 3)
+            if n:
+                streak[key] = n
+    return TrafficSpread(frozenset(spread), streak, load)

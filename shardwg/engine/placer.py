@@ -18,13 +18,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shardwg.engine.placement import (
+    SPREAD_HOT_INTERVALS,
     LoadBalancer,
     Move,
+    TrafficSample,
+    TrafficSpread,
     initial,
     place_new,
     rebalance,
+    spread_by_traffic,
     spread_reasons,
 )
+from shardwg.observe.status import cpu_seconds
+from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer
 from shardwg.shm.placement import (
@@ -59,6 +65,7 @@ class Placer:
         notify: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        cpu_of: Callable[[int], float] = cpu_seconds,
     ) -> None:
         self.mode = mode
         self.workers = workers
@@ -67,18 +74,23 @@ class Placer:
         self.notify = notify
         self.clock = clock
         self.wall_clock = wall_clock
+        self.cpu_of = cpu_of  # a worker's CPU seconds by pid (/proc)
         self.slot_of: dict[bytes, int] = {}
         self.owners: dict[bytes, int] = {}
         self.table = PlacementTable(mode, [-1] * layout.peer_capacity)
         self.balancer = LoadBalancer(workers)
         self.in_flight: dict[bytes, tuple[float, MoveRecord]] = {}
         self._scratch = bytearray(table_size(layout.peer_capacity))
-        self._history: list[tuple[float, dict[bytes, int]]] = []
+        # (time, bytes per peer, (pid, bytes, CPU seconds) per worker) of the last samples
+        self._history: list[tuple[float, dict[bytes, int], list[tuple[int, int, float]]]] = []
         self._next_sample = 0.0
         self.rates: dict[bytes, float] = {}
         self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_peers)
         self.spread_overrides: dict[bytes, bool] = {}  # per-peer setting, wins over the policy
         self.spread_now: dict[bytes, SpreadWhy] = {}  # as last written to the table
+        self.traffic = TrafficSpread()  # --spread auto: peers spread by measured traffic
+        self.worker_rates: list[float] = []  # bytes/s per worker, sampled with `rates`...
+        self.cpu: list[float] = []  # ...and cores per worker (only under --spread auto)
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
@@ -91,7 +103,8 @@ class Placer:
         for key, slot in self.slot_of.items():
             t.owners[slot] = self.owners.get(key, -1)
         self.spread_now = spread_reasons(self.mode, list(self.slot_of), self.workers,
-                                         self.spread_policy, self.spread_overrides)  # fmt: skip
+                                         self.spread_policy, self.spread_overrides,
+                                         self.traffic.spread)  # fmt: skip
         t.spread = {self.slot_of[k] for k in self.spread_now}
         t.spread_why = {self.slot_of[k]: why for k, why in self.spread_now.items()}
         encode_table(t, self._scratch)
@@ -196,8 +209,9 @@ class Placer:
         return changed
 
     # ------------------------------------------------------------------ load
-    def _sample(self, now: float) -> None:
-        """Each peer's bytes/s (received + sent) over the last RATE_WINDOW samples."""
+    def _sample(self, now: float, workers: bool = False) -> None:
+        """Each peer's bytes/s (received + sent) over the last RATE_WINDOW samples; with
+        `workers` also each worker's bytes/s and cores (its counters and /proc)."""
         # Two words and the key of each record, not a decode of all of it: the owner stores
         # rx/tx into those words at every count (outside the seqlock, one aligned store each),
         # and a decode per peer per second cost 0.06 cores at 10,000 peers.
@@ -209,13 +223,45 @@ class Placer:
             if buf[off + _KEY_AT : off + _KEY_AT + 32] == key:
                 rx, tx = _RXTX.unpack_from(buf, off + _RX_AT)
                 totals[key] = rx + tx
-        self._history.append((now, totals))
+        per_worker: list[tuple[int, int, float]] = []
+        if workers:
+            for s in C.read_all(buf, self.layout.counters_offset, self.workers):
+                per_worker.append((s.pid, s.rx_bytes + s.tx_bytes, self.cpu_of(s.pid)))
+        self._history.append((now, totals, per_worker))
         del self._history[: -RATE_WINDOW - 1]
-        then, old = self._history[0]
+        then, old, before = self._history[0]
         dt = now - then
         self.rates = {
             k: max(0, v - old[k]) / dt for k, v in totals.items() if k in old and dt > 0
         }
+        self.worker_rates, self.cpu = [], []
+        if dt > 0 and per_worker and len(before) == len(per_worker):
+            for (pid0, b0, c0), (pid, b, c) in zip(before, per_worker, strict=True):
+                self.worker_rates.append(max(0, b - b0) / dt)
+                # a replaced worker's CPU time starts again from zero
+                self.cpu.append(max(0.0, c - c0) / dt if pid == pid0 and pid else 0.0)
+
+    def _by_traffic(self) -> bool:
+        """--spread auto: step spread_by_traffic over this interval; True if its set changed
+        (then the table is rewritten and the workers nudged)."""
+        eligible = {k for k in self.slot_of if k not in self.spread_overrides
+                    and self.spread_now.get(k) != SpreadWhy.POLICY}  # fmt: skip
+        sample = TrafficSample(self.owners, self.rates, self.worker_rates, self.cpu,
+                               set(self.spread_now))  # fmt: skip
+        old, self.traffic = self.traffic, spread_by_traffic(self.traffic, sample, eligible)
+        new = self.traffic.spread
+        for key in new - old.spread:
+            log.info("placement: peer %s… spread over every worker: worker %d at %.2f cores "
+                     "for %d s, mostly its traffic", key[:4].hex(), self.owners.get(key, -1),
+                     self.traffic.load.get(key, 0.0), SPREAD_HOT_INTERVALS)  # fmt: skip
+        for key in old.spread - new:
+            log.info("placement: peer %s… back on worker %d alone (it would use %.2f cores)",
+                     key[:4].hex(), self.owners.get(key, -1),
+                     old.load.get(key, 0.0))  # fmt: skip
+        return new != old.spread
+
+    def traffic_spreading(self) -> bool:
+        return self.spread_policy == "auto" and self.mode != Mode.HASH and self.workers > 1
 
     def tick(self, now: float) -> Move | None:
         """Once per supervisor turn: finish moves, and once a second sample load."""
@@ -223,8 +269,14 @@ class Placer:
         move = None
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_INTERVAL
+            by_traffic = self.traffic_spreading()
+            if self.mode == Mode.LOAD or by_traffic:
+                self._sample(now, workers=by_traffic)
+            if by_traffic and self.cpu and self._by_traffic():
+                self._write()
+                self.notify()
+                changed = False
             if self.mode == Mode.LOAD:
-                self._sample(now)
                 if not self.in_flight and self.rates:
                     move = self.balancer.step(self.owners, self.rates)
                     if move is not None:

@@ -136,6 +136,12 @@ def peer_families(st: GatewayStatus) -> Iterator[Metric]:
         "Seconds since the last handshake (-1: never)",
         labels=labels,
     )
+    spread = GaugeMetricFamily(
+        "shardwg_peer_spread",
+        "1 for a peer every worker carries, with why (policy: --spread, override: its "
+        "Spread = on, traffic: --spread auto found its worker saturated by it)",
+        labels=[*labels, "reason"],
+    )
     now = time.time()
     for p in st.peers:
         key = [st.interface, p.public_key, str(p.owner)]
@@ -143,7 +149,9 @@ def peer_families(st: GatewayStatus) -> Iterator[Metric]:
         tx.add_metric(key, p.tx_bytes)
         last.add_metric(key, p.latest_handshake)
         age.add_metric(key, round(now - p.latest_handshake, 3) if p.latest_handshake else -1)
-    yield from (rx, tx, last, age)
+        if p.spread:
+            spread.add_metric([*key, p.spread], 1)
+    yield from (rx, tx, last, age, spread)
 
 
 def exporter_families(st: GatewayStatus) -> Iterator[Metric]:

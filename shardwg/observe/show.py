@@ -47,6 +47,13 @@ def _rate(bps: float) -> str:
     return f"{bps:.0f} bit/s"
 
 
+_SPREAD_WHY = {
+    "policy": "--spread",
+    "override": "its Spread = on",
+    "traffic": "its traffic saturated its worker (--spread auto)",
+}
+
+
 def _move(m: MoveStatus) -> str:
     why = "counts evened after a configuration change"
     if m.reason == "load":
@@ -74,6 +81,8 @@ def render(st: GatewayStatus) -> str:
             lines.append(f"    {_move(m)}")
     for p in st.peers:
         lines += ["", f"peer: {p.public_key}", f"  worker: {p.owner}"]
+        if p.spread:
+            lines.append(f"  spread over every worker: {_SPREAD_WHY.get(p.spread, p.spread)}")
         if p.endpoint:
             lines.append(f"  endpoint: {p.endpoint}")
         if p.allowed_ips:

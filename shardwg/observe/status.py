@@ -38,6 +38,9 @@ class PeerStatus(msgspec.Struct):
     session: bool  # a current session exists
     allowed_ips: list[str] = []
     persistent_keepalive: int = 0
+    # over every worker, why: "policy" (--spread), "override" (its Spread = on), "traffic"
+    # (--spread auto: its worker was saturated by it); "" when one worker carries it
+    spread: str = ""
 
 
 class WorkerStatus(msgspec.Struct):
@@ -218,6 +221,7 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
             )
         )
     owners = table.owners if table is not None else []
+    why = table.spread_why if table is not None else {}
     peers = [
         PeerStatus(
             public_key=base64.b64encode(r.public_key).decode(),
@@ -227,6 +231,7 @@ def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
             rx_bytes=r.rx_bytes,
             tx_bytes=r.tx_bytes,
             session=r.current is not None,
+            spread=why[i].name.lower() if i in why else "",
         )
         for i, r in records
     ]
