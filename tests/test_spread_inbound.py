@@ -1,0 +1,70 @@
+"""A followed spread session's datagram through the worker's real inbound path (engine/inbound
+with the native kernel and with its Python reference): opened, written to the TUN once, and
+counted once. The kernel already counts every datagram it sees, the ones it hands back to
+Python included; counting a followed one again doubled a non-owner's receive figures, so the
+per-worker shares of tests/test_spread_netns.py and `shardwg show` were off by that much."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from shardwg.datapath import select as datapath_select
+from shardwg.engine.inbound import InboundPath
+from shardwg.shm import counters as C
+from tests.placement_world import REMOTE_ADDR
+from tests.test_spread import _spread_world, _steer
+
+
+class _Path(InboundPath):
+    """The inbound mixin with what a Worker gives it, over a simulated worker's Device."""
+
+    def __init__(self, device: Any, tun_fd: int, impl: datapath_select.Impl) -> None:
+        self.device = device
+        self.tun_fd = tun_fd
+        self.v = [0.0] + [0] * (C.WORDS - 1)
+        self._turn_data = 0
+        self.queued: list[Any] = []
+        self._init_inbound(None, None, impl)
+
+    def _queue_handshake(self, msg: Any, addr: Any, screened: bool, now: float) -> None:
+        self.queued.append(bytes(msg))
+
+
+def _impls() -> list[datapath_select.Impl]:
+    out = [datapath_select.python_impl()]
+    try:
+        out.append(datapath_select.choose("1"))
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda i: i.name)
+def test_a_followed_datagram_is_counted_once(impl: datapath_select.Impl) -> None:
+    world = _spread_world(2)
+    other = 1 - world.owner()
+    tun_us, tun_host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_host.setblocking(False)
+    try:
+        path = _Path(world.w[other].device, tun_us.fileno(), impl)
+        opened = sizes = 0
+        for _ in range(6000):  # the remote counts sequentially: every other block is ours
+            data = world.remote_datagram()
+            if _steer(world, data) != other:
+                continue
+            buf = bytearray(data)
+            n = path._open(buf, len(buf), [len(buf)], [len(buf)], 1, [memoryview(buf)],
+                           [REMOTE_ADDR], world.now, world.wall)  # fmt: skip
+            assert n == 1, n
+            opened += 1
+            sizes += len(buf)
+            assert len(tun_host.recv(4096)) > 0  # one TUN write for it
+        assert opened > 1000
+        assert path.v[C.RX_PACKETS] == opened and path.v[C.RX_BYTES] == sizes
+        assert not any(path.v[C.DROP_BASE :]) and not path.queued
+    finally:
+        tun_us.close()
+        tun_host.close()
