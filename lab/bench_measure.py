@@ -185,6 +185,7 @@ class IperfJob:
         udp_rate: float | None = None,
         udp_len: int = 1392,
         reverse: bool = False,
+        cport: int | None = None,
     ) -> None:
         problem = iperf3_problem()
         if problem:
@@ -192,6 +193,7 @@ class IperfJob:
         self.server_ns, self.client_ns, self.addr, self.port = server_ns, client_ns, addr, port
         self.seconds, self.streams = seconds, streams
         self.udp_rate, self.udp_len, self.reverse = udp_rate, udp_len, reverse
+        self.cport = cport  # the client's first port (iperf3 gives stream i cport + i)
         self.server: subprocess.Popen[Any] | None = None
         self.client: subprocess.Popen[str] | None = None
 
@@ -218,6 +220,8 @@ class IperfJob:
                "--connect-timeout", "5000", "-P", str(self.streams)]  # fmt: skip
         if self.reverse:
             cmd.append("-R")
+        if self.cport is not None:
+            cmd += ["--cport", str(self.cport)]
         if self.udp_rate is not None:
             # -w: a 4 MiB socket buffer at both ends, or iperf3 itself drops bursts on a busy host
             cmd += ["-u", "-b", f"{int(self.udp_rate)}", "-l", str(self.udp_len), "-w", "4M"]

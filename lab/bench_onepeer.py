@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from lab import wgconf
 from lab.bench_measure import IperfJob
 from lab.bench_pairs import TUNNEL, UNDERLAY, WG_PORT, TunnelEnd
 from lab.gateway_proc import ShardwgGateway
@@ -40,7 +42,9 @@ def worker_counts(gw: ShardwgGateway) -> list[tuple[int, int]]:
 class OnePeer:
     """End A: shardwg; end B: `peer_kind` (wggo or shardwg); one peer each."""
 
-    def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str) -> None:
+    def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str,
+                 peer_spread: str = "") -> None:  # fmt: skip
+        """`peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none)."""
         self.a_ns, self.b_ns = h(2, "op")
         veth_link(self.a_ns, self.b_ns, [f"{UNDERLAY[0]}/24"], [f"{UNDERLAY[1]}/24"])
         (pa, ka), (pb, kb) = keypair(), keypair()
@@ -48,10 +52,12 @@ class OnePeer:
 
         def peer(i: int, pub: str) -> dict[str, Any]:
             return {"public_key": pub, "allowed_ips": [f"{TUNNEL[1 - i]}/32"],
-                    "endpoint": f"{UNDERLAY[1 - i]}:{WG_PORT}"}  # fmt: skip
+                    "endpoint": f"{UNDERLAY[1 - i]}:{WG_PORT}",
+                    "spread": peer_spread if i == 0 or peer_kind == "shardwg" else ""}  # fmt: skip
 
         self.gw = h.gateway(self.a_ns, unique_ifname("opa"), pa, WG_PORT, [peer(0, kb)],
                             [f"{TUNNEL[0]}/24"], workers=workers, extra_args=extra)  # fmt: skip
+        self.b_gw: ShardwgGateway | None = None  # end B when it is shardwg
         if peer_kind == "wggo":
             wg = h.wireguard_go(self.b_ns, unique_ifname("opb"), pb, WG_PORT, [peer(1, ka)],
                                 [f"{TUNNEL[1]}/24"], log_level="error")  # fmt: skip
@@ -61,20 +67,37 @@ class OnePeer:
             gb = h.gateway(self.b_ns, unique_ifname("opb"), pb, WG_PORT, [peer(1, ka)],
                            [f"{TUNNEL[1]}/24"], workers=workers, extra_args=extra)  # fmt: skip
             self.b_end = TunnelEnd("shardwg", self.b_ns, gb.proc.pid)
+            self.b_gw = gb
         if not ping_rtts(self.b_ns, TUNNEL[0], count=1, timeout=30):
             raise RuntimeError("no reply through the tunnel")
 
-    def tcp(self, streams: int, seconds: float, a_sends: bool) -> dict[str, Any]:
+    def set_peer_spread(self, value: str) -> None:
+        """Rewrite the peer's `Spread` in every shardwg end's config and reload it (SIGHUP)."""
+        for gw in [self.gw] + ([self.b_gw] if self.b_gw is not None else []):
+            lines = [ln for ln in gw.config_path.read_text().splitlines()
+                     if not ln.startswith("Spread =")]  # fmt: skip
+            if value:
+                lines.append(f"Spread = {value}")  # the last section is the one peer's
+            wgconf.write_secret(gw.config_path, "\n".join(lines) + "\n")
+            gw.proc.send_signal(signal.SIGHUP)
+
+    def tcp(self, streams: int, seconds: float, a_sends: bool,
+            cport: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """iperf3 one way; `cport`: the client's first port (default: the kernel's pick)."""
         server, client, addr = (self.b_ns, self.a_ns, TUNNEL[1]) if a_sends else (
             self.a_ns, self.b_ns, TUNNEL[0])  # fmt: skip
-        before = worker_counts(self.gw)
-        run = IperfJob(server, client, addr, IPERF_PORT, seconds, streams).run()
-        after = worker_counts(self.gw)
+        ends = [self.gw] + ([self.b_gw] if self.b_gw is not None else [])
+        before = [worker_counts(g) for g in ends]
+        run = IperfJob(server, client, addr, IPERF_PORT, seconds, streams, cport=cport).run()
+        after = [worker_counts(g) for g in ends]
         col = 1 if a_sends else 0  # A's tx datagrams when it sends, rx when it receives
-        per = [b[col] - a[col] for a, b in zip(before, after, strict=True)]
+        # per end, per worker: (rx, tx) datagrams over the run
+        deltas = [[(b[0] - a[0], b[1] - a[1]) for a, b in zip(x, y, strict=True)]
+                  for x, y in zip(before, after, strict=True)]  # fmt: skip
+        per = [d[col] for d in deltas[0]]
         total = max(sum(per), 1)
         return {"gbit_s": run.gbit_s, "retransmits": run.retransmits,
-                "shares": [round(p / total, 3) for p in per]}  # fmt: skip
+                "shares": [round(p / total, 3) for p in per], "counts": deltas}  # fmt: skip
 
 
 def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int]) -> dict[str, Any]:

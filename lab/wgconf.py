@@ -1,6 +1,7 @@
 """wg-quick style config text, written once for both wireguard-go peers and shardwg gateways.
 
-Peers are plain dicts (public_key, preshared_key, allowed_ips, endpoint, persistent_keepalive)
+Peers are plain dicts (public_key, preshared_key, allowed_ips, endpoint, persistent_keepalive;
+spread for shardwg only)
 so callers can build them inline; missing or falsy fields are left out, as wg itself would.
 """
 
@@ -26,6 +27,8 @@ def peer_section(p: dict[str, Any]) -> str:
         lines.append(f"Endpoint = {p['endpoint']}")
     if p.get("persistent_keepalive"):
         lines.append(f"PersistentKeepalive = {int(p['persistent_keepalive'])}")
+    if p.get("spread"):  # shardwg's own key (wireguard-go would refuse it)
+        lines.append(f"Spread = {p['spread']}")
     return "\n".join(lines)
 
 

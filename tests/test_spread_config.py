@@ -6,6 +6,7 @@ without a restart."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from msgspec.structs import replace
@@ -161,9 +162,16 @@ def test_reload_flips_one_peer_on_real_workers(gateways: list[MemoryGateway]) ->
         assert wait_for(lambda: sum(counts()) == written[0]), (counts(), written)
         return counts()
 
-    def counts() -> tuple[int, int]:
+    def raw() -> tuple[int, int]:
         s = g.stats()[1]
         return s.handoffs_out, s.tx_packets
+
+    time.sleep(0.5)  # P's initiation may have reached worker 1 and been handed over: not ours
+    base = raw()
+
+    def counts() -> tuple[int, int]:
+        now = raw()
+        return now[0] - base[0], now[1] - base[1]
 
     assert down_via_worker_1() == (1, 0)
     on = config(g_priv, [replace(peers[0], spread=True), peers[1]])
@@ -177,3 +185,15 @@ def test_reload_flips_one_peer_on_real_workers(gateways: list[MemoryGateway]) ->
     assert wait_for(lambda: down_via_worker_1()[0] > handed, timeout=10)
     again = down_via_worker_1()
     assert down_via_worker_1() == (again[0] + 1, again[1])  # handed over, every packet
+
+
+def test_the_placer_says_when_any_peer_is_spread() -> None:
+    """What switches the TUN's flow-hash steering on and off (io/tun_steering.py)."""
+    placer, _ = _placer("auto")
+    said: list[bool] = []
+    placer.on_spread = said.append
+    placer.start([A, B], {A: 0, B: 1})
+    placer.set_overrides({A: True})
+    placer.set_overrides({A: True, B: True})
+    placer.set_overrides({B: False})
+    assert said == [False, True, True, False]

@@ -1,41 +1,126 @@
 """One peer spread over 2 real workers, in namespaces (issue 12 item 3): with a wireguard-go
 peer and with a shardwg peer, 4 TCP streams each way put at least a quarter of the peer's
-datagrams on every worker in each direction (a shardwg peer's sending direction: see the
-known limit below), and 20 MB transfers each way keep their sha256."""
+datagrams on every worker in each direction (a shardwg peer with the native data path: see
+FOLLOWED_IN_PYTHON), each flow keeps one worker index end to end between two shardwg ends,
+and 20 MB transfers each way keep their sha256."""
 
 from __future__ import annotations
 
+import itertools
+import socket
+import struct
+import time
+
 import pytest
 
-from lab.bench_onepeer import OnePeer
+from lab.bench_measure import IperfJob
+from lab.bench_onepeer import IPERF_PORT, OnePeer, worker_counts
 from lab.bench_pairs import TUNNEL
 from lab.harness import Harness
+from lab.netns import wait_for
 from lab.transfer import Transfer
+from shardwg.io.tun_steering import flow_hash
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 
 
-@pytest.mark.parametrize("peer_kind", ["wggo", "shardwg"])
-def test_one_peer_over_two_workers_both_directions(peer_kind: str) -> None:
+def _balanced_cport(start: int, client: str, server: str, streams: int = 4) -> int:
+    """The first of `streams` consecutive client ports (iperf3 --cport) whose flows the TUN
+    flow hash (io/tun_steering.py) puts half on each of 2 queues: by the kernel's own choice
+    4 flows land 2/2 only 3 times in 8, and the test is about the TUN following the hash end
+    to end, not about the odds of random ports."""
+    for cport in itertools.count(start):
+        queues = [flow_hash(struct.pack("!BBHHHBBH4s4sHH", 0x45, 0, 60, 0, 0x4000, 64, 6, 0,
+                                        socket.inet_aton(client), socket.inet_aton(server),
+                                        cport + i, IPERF_PORT)) % 2
+                  for i in range(streams)]  # fmt: skip
+        if sum(queues) == streams // 2:
+            return cport
+    raise AssertionError("unreachable")
+
+
+# Known limit, outside TUN steering: a datagram of a spread peer that reaches a worker
+# other than the owner is opened in Python, one at a time (engine/inbound._open_followed),
+# while the owner's go through the native batch kernel; with the native data path the flows
+# the hash gives the non-owner run ~5x slower (0.07-0.10 vs 0.33-0.47 Gbit/s per flow,
+# measured), so its share of the datagrams is ~0.17, not 0.25. With the pure-Python data path
+# at both ends the two are alike and the quarter holds; that case is asserted strictly.
+FOLLOWED_IN_PYTHON = "non-owner opens followed sessions in Python (engine/inbound._open_followed)"
+
+
+@pytest.mark.parametrize(("peer_kind", "native"),
+                         [("wggo", None), ("shardwg", None), ("shardwg", "0")],
+                         ids=["wggo", "shardwg", "shardwg-python"])  # fmt: skip
+def test_one_peer_over_two_workers_both_directions(
+    peer_kind: str, native: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if native is not None:
+        monkeypatch.setenv("SHARDWG_NATIVE", native)  # both gateways inherit it
+    short = []
     with Harness() as h:
         op = OnePeer(h, peer_kind, 2, "on")
+        native_path = op.gw.show_json(timeout=20)["datapath"].startswith("native")
         for a_sends in (True, False):
-            shares = []
-            for _attempt in range(3):  # 4 flows may all hash to one TUN queue (1 in 8)
-                shares = op.tcp(4, 3, a_sends)["shares"]
-                if min(shares) >= 0.25:
+            res: dict = {}
+            client, server = (TUNNEL[0], TUNNEL[1]) if a_sends else (TUNNEL[1], TUNNEL[0])
+            for attempt in range(3):  # a loaded box may still leave one flow starved
+                cport = _balanced_cport(41000 + 100 * attempt + 1000 * a_sends, client, server)
+                res = op.tcp(4, 3, a_sends, cport=cport)
+                if min(res["shares"]) >= 0.25:
                     break
-            if peer_kind == "shardwg" and a_sends:
-                # Known limit, not yet solved (issue 12 stays open for it): between two
-                # shardwg ends the ACKs of a flow come back spread and are written to the TUN
-                # by whichever worker opened them; the TUN's flow table then steers the
-                # flow's data to that queue, so the sending gateway's flows collapse onto
-                # one worker (0.86/0.14 and 1.0/0.0 measured). No share is claimed for this
-                # direction; its transfer below must still keep its sha256.
-                continue
-            assert min(shares) >= 0.25, (a_sends, shares)
+            if peer_kind == "shardwg":
+                # each flow keeps one worker index end to end (the symmetric flow hash on
+                # both TUNs, receive steering by the sender's counter blocks): what A's
+                # worker w sent, B's worker w received, and the reverse, datagram for datagram
+                (a_counts, b_counts) = res["counts"]
+                for (a_rx, a_tx), (b_rx, b_tx) in zip(a_counts, b_counts, strict=True):
+                    assert abs(a_tx - b_rx) <= 0.01 * max(a_tx, 1) + 20, res
+                    assert abs(b_tx - a_rx) <= 0.01 * max(b_tx, 1) + 20, res
+                # Before the TUN steered flows by hash (io/tun_steering.py), A's sends
+                # collapsed onto one worker (1.0 / 0.0): a flow's ACKs written by the owner
+                # kept its data on the owner's queue.
+                assert min(res["shares"]) >= 0.1, (a_sends, res)
+                if native_path and min(res["shares"]) < 0.25:
+                    short.append((a_sends, res["shares"]))
+                    continue
+            assert min(res["shares"]) >= 0.25, (a_sends, res)
         size = 20 << 20
         for server, client, addr, port in ((op.b_ns, op.a_ns, TUNNEL[1], 5301),
                                            (op.a_ns, op.b_ns, TUNNEL[0], 5302)):  # fmt: skip
-            res = Transfer(server, client, addr, port, size, seed=port).run()
-            assert res.ok and res.received_bytes == size, res
+            got = Transfer(server, client, addr, port, size, seed=port).run()
+            assert got.ok and got.received_bytes == size, got
+    if short:
+        pytest.xfail(f"{FOLLOWED_IN_PYTHON}: shares {short}")
+
+
+def test_flows_begun_before_spreading_spread_once_the_peer_is() -> None:
+    """The send-direction collapse between two shardwg ends: 4 TCP flows A -> B begin while
+    the peer is not spread (`Spread = off` at both ends: the owner carries all), then a
+    reload spreads it (SIGHUP, `Spread` removed: --spread on). The TUN's flow table sent
+    each flow's packets to the queue that wrote its ACKs, the owner's, for good (measured
+    without the steering program: 1.0 / 0.0 after the reload); steered by the flow hash
+    (io/tun_steering.py) the flows move, and each of A's workers carries at least a quarter
+    of the peer's datagrams."""
+    with Harness() as h:
+        op = OnePeer(h, "shardwg", 2, "on", peer_spread="off")
+        assert op.gw.show_json(timeout=20)["peers"][0]["spread"] == ""
+        cport = _balanced_cport(44000, TUNNEL[0], TUNNEL[1])
+        job = IperfJob(op.b_ns, op.a_ns, TUNNEL[1], IPERF_PORT, 9, 4, cport=cport).start()
+        try:
+            time.sleep(1.0)
+            c0 = worker_counts(op.gw)
+            time.sleep(1.5)
+            c1 = worker_counts(op.gw)
+            op.set_peer_spread("")  # both ends reload: --spread on applies
+            assert wait_for(lambda: all(g.show_json(timeout=20)["peers"][0]["spread"] == "policy"
+                                        for g in (op.gw, op.b_gw)), 10)  # fmt: skip
+            time.sleep(1.0)
+            c2 = worker_counts(op.gw)
+            time.sleep(3.0)
+            c3 = worker_counts(op.gw)
+        finally:
+            run = job.finish()
+    before = [b[1] - a[1] for a, b in zip(c0, c1, strict=True)]
+    after = [b[1] - a[1] for a, b in zip(c2, c3, strict=True)]
+    assert before[1] == 0 and before[0] > 1000, before  # not spread: the owner seals all
+    assert min(after) >= 0.25 * sum(after), (after, run)

@@ -91,6 +91,8 @@ class Placer:
         self.traffic = TrafficSpread()  # --spread auto: peers spread by measured traffic
         self.worker_rates: list[float] = []  # bytes/s per worker, sampled with `rates`...
         self.cpu: list[float] = []  # ...and cores per worker (only under --spread auto)
+        # told after every table write whether any peer is spread (io/tun_steering.py)
+        self.on_spread: Callable[[bool], object] | None = None
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
@@ -107,6 +109,8 @@ class Placer:
                                          self.traffic.spread)  # fmt: skip
         t.spread = {self.slot_of[k] for k in self.spread_now}
         t.spread_why = {self.slot_of[k]: why for k, why in self.spread_now.items()}
+        if self.on_spread is not None:
+            self.on_spread(bool(self.spread_now))
         encode_table(t, self._scratch)
         size = table_size(len(t.owners))
         self.layout.placement_slot(self.buf).write(memoryview(self._scratch)[:size])

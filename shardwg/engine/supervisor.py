@@ -43,6 +43,7 @@ from shardwg.engine.workers import WorkerPool, WorkerSlot, no_core_dumps
 from shardwg.io import netlink, steering
 from shardwg.io import tun as tun_io
 from shardwg.io.interface import Gateway, GatewayError
+from shardwg.io.tun_steering import TunSteering
 from shardwg.observe.metrics import MetricsServer
 from shardwg.observe.status import HEALTHY_BEAT, GatewayStatus, read_status, with_config
 from shardwg.proto.keypair import AeadSelfTestError, aead_self_test
@@ -92,6 +93,7 @@ class Supervisor:
     placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
     spread: str = "off"  # --spread: off, auto or on (engine/placement.spread_peers)
     placer: Placer | None = None
+    tun_steering: TunSteering | None = None  # io/tun_steering.py, attached while any is spread
     shared: GlobalBlock | None = None  # GlobalState and the cookie secret (the workers')
     _stop: bool = False
     _wake_r: int = -1
@@ -176,6 +178,10 @@ class Supervisor:
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
                     steering.attach(group[0], n, spread=self.spread != "off")
+            if n > 1 and self.gateway.tun is not None:  # flow-hash TUN queues while spread
+                self.tun_steering = TunSteering(self.gateway.tun.fds[0])
+                self.placer.on_spread = self.tun_steering.set
+                self.tun_steering.set(bool(self.placer.spread_now))
             self.hooks.set_dns()
         except HookError as exc:
             self._teardown()

@@ -1,0 +1,268 @@
+"""TUN queue steering by flow hash: our own few eBPF instructions, run by the TUN per packet.
+
+Why: without a steering program a multiqueue TUN sends a flow's packets to the queue that
+last wrote that flow's packets (its automatic flow steering). For a peer one worker owns
+that is what we want: the owner writes the flow's inbound packets, so its outbound ones come
+back to the owner's queue and need no handoff. For a spread peer it is a trap: flows that
+began while the session was still sequential (the owner alone) had their inbound packets
+written by the owner, so their outbound packets stay on the owner's queue for good, and
+between two shardwg ends each side then keeps the other on one worker (measured: A's worker
+shares 1.0 / 0.0 sending with 4 streams; tests/test_spread_netns.py). So while any peer is
+spread the supervisor attaches this program (TUNSETSTEERINGEBPF, any queue's fd: it is the
+device's), which gives each flow a queue by a hash of its addresses and ports, whatever
+queue wrote its inbound packets; with no spread peer it detaches it (fd -1) and the
+automatic steering is back. The hash is symmetric (a flow and its reverse get one queue), so
+between two shardwg ends with the same worker count both directions of a flow keep one
+worker index end to end (receive steering maps the sender's worker to the same index).
+
+The program (BPF_PROG_TYPE_SOCKET_FILTER, loaded with bpf(2); the TUN calls it with skb->data
+at the IP header and uses `(u16) return % queues`): IPv4 or IPv6 source xor destination
+address words, xor (source port xor destination port) for TCP and UDP that are not
+fragments (IPv6: no extension headers), folded and multiplied by 2^32 / golden ratio; the
+top 16 bits are the result. `flow_hash` is the same in Python (tests compare the two). A
+kernel that refuses (no bpf(2), no CAP_BPF, an old kernel) is logged once; the automatic
+steering then stays, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import platform
+import struct
+
+log = logging.getLogger("shardwg.io.tun_steering")
+
+TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
+BPF_PROG_LOAD = 5
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386,
+            "ppc64le": 361, "s390x": 351}  # fmt: skip
+GOLDEN = 0x9E3779B1
+
+# eBPF opcodes (<linux/bpf.h>)
+_LD, _ALU, _JMP, _ALU64 = 0x00, 0x04, 0x05, 0x07
+_W, _H, _B = 0x00, 0x08, 0x10
+_ABS, _IND = 0x20, 0x40
+_K, _X = 0x00, 0x08
+_MUL, _AND, _LSH, _RSH, _XOR, _MOV = 0x20, 0x50, 0x60, 0x70, 0xA0, 0xB0
+_JA, _JEQ, _JNE, _EXIT = 0x00, 0x10, 0x50, 0x90
+_INSN = struct.Struct("<BBhi")
+
+_Insn = tuple[int, int, int, int | str, int]  # code, dst, src, offset or label, imm
+
+
+def _asm(items: list[_Insn | str]) -> bytes:
+    """Instructions and labels (strings) -> bytecode; a jump's offset may name a label."""
+    at: dict[str, int] = {}
+    insns: list[_Insn] = []
+    for it in items:
+        if isinstance(it, str):
+            at[it] = len(insns)
+        else:
+            insns.append(it)
+    out = bytearray()
+    for i, (code, dst, src, off, imm) in enumerate(insns):
+        rel = at[off] - i - 1 if isinstance(off, str) else off
+        out += _INSN.pack(code, dst | src << 4, rel, imm)
+    return bytes(out)
+
+
+def _alu64(op: int, dst: int, imm: int) -> _Insn:
+    return (_ALU64 | op | _K, dst, 0, 0, imm)
+
+
+def _alu64x(op: int, dst: int, src: int) -> _Insn:
+    return (_ALU64 | op | _X, dst, src, 0, 0)
+
+
+def _ld(size: int, offset: int) -> _Insn:
+    """r0 = the packet's bytes at `offset` (network order); a short packet exits with 0."""
+    return (_LD | _ABS | size, 0, 0, 0, offset)
+
+
+def _jump(op: int, reg: int, imm: int, label: str) -> _Insn:
+    return (_JMP | op | _K, reg, 0, label, imm)
+
+
+def program() -> bytes:
+    """The steering program's bytecode (r6 = skb, r7 = hash, r8 = IPv4 header length)."""
+    exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
+    items: list[_Insn | str] = [
+        _alu64x(_MOV, 6, 1),
+        _ld(_B, 0),
+        _alu64x(_MOV, 8, 0),
+        _alu64(_RSH, 0, 4),
+        _jump(_JEQ, 0, 4, "v4"),
+        _jump(_JEQ, 0, 6, "v6"),
+        _alu64(_MOV, 0, 0),  # neither: queue 0
+        exit_,
+        "v4",
+        _ld(_W, 12),
+        _alu64x(_MOV, 7, 0),
+        _ld(_W, 16),
+        _alu64x(_XOR, 7, 0),
+        _ld(_H, 6),
+        _alu64(_AND, 0, 0x3FFF),  # more fragments, or an offset: no ports in every piece
+        _jump(_JNE, 0, 0, "mix"),
+        _ld(_B, 9),
+        _jump(_JEQ, 0, 6, "ports4"),
+        _jump(_JNE, 0, 17, "mix"),
+        "ports4",
+        _alu64(_AND, 8, 0x0F),
+        _alu64(_LSH, 8, 2),
+        (_LD | _IND | _W, 0, 8, 0, 0),  # r0 = source port << 16 | destination port
+        (_JMP | _JA, 0, 0, "ports", 0),
+        "v6",
+        _ld(_W, 8),
+        _alu64x(_MOV, 7, 0),
+    ]
+    for off in range(12, 40, 4):
+        items += [_ld(_W, off), _alu64x(_XOR, 7, 0)]
+    items += [
+        _ld(_B, 6),
+        _jump(_JEQ, 0, 6, "ports6"),
+        _jump(_JNE, 0, 17, "mix"),
+        "ports6",
+        _ld(_W, 40),
+        "ports",
+        _alu64x(_MOV, 1, 0),
+        _alu64(_RSH, 1, 16),
+        _alu64x(_XOR, 0, 1),
+        _alu64(_AND, 0, 0xFFFF),
+        _alu64x(_XOR, 7, 0),
+        "mix",
+        _alu64x(_MOV, 0, 7),
+        _alu64x(_MOV, 1, 0),
+        _alu64(_RSH, 1, 16),
+        _alu64x(_XOR, 0, 1),
+        (_ALU | _MUL | _K, 0, 0, 0, GOLDEN - (1 << 32)),  # 32-bit multiply (imm is signed)
+        (_ALU | _RSH | _K, 0, 0, 0, 16),
+        exit_,
+    ]
+    return _asm(items)
+
+
+def flow_hash(packet: bytes) -> int:
+    """What the program returns for `packet` (an IP packet), in Python."""
+    if not packet:
+        return 0
+    version = packet[0] >> 4
+    h = 0
+    ports = None
+    if version == 4 and len(packet) >= 20:
+        h = int.from_bytes(packet[12:16], "big") ^ int.from_bytes(packet[16:20], "big")
+        if not int.from_bytes(packet[6:8], "big") & 0x3FFF and packet[9] in (6, 17):
+            at = (packet[0] & 0x0F) * 4
+            ports = packet[at : at + 4] if len(packet) >= at + 4 else b""
+    elif version == 6 and len(packet) >= 40:
+        for off in range(8, 40, 4):
+            h ^= int.from_bytes(packet[off : off + 4], "big")
+        if packet[6] in (6, 17):
+            ports = packet[40:44] if len(packet) >= 44 else b""
+    else:
+        return 0
+    if ports is not None:
+        if len(ports) < 4:
+            return 0  # the kernel's packet load failed: the program returned 0
+        p = int.from_bytes(ports, "big")
+        h ^= (p ^ p >> 16) & 0xFFFF
+    h ^= h >> 16
+    return (h * GOLDEN & 0xFFFFFFFF) >> 16
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ret)
+
+
+def load() -> int:
+    """Load the program; its fd (close-on-exec), or OSError with the verifier's words."""
+    code = program()
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"MIT")
+    log_buf = ctypes.create_string_buffer(4096)
+
+    def attr(level: int) -> ctypes.Array[ctypes.c_char]:
+        return ctypes.create_string_buffer(struct.pack(
+            "<IIQQIIQII16s", BPF_PROG_TYPE_SOCKET_FILTER, len(code) // 8,
+            ctypes.addressof(insns), ctypes.addressof(lic), level,
+            len(log_buf) if level else 0, ctypes.addressof(log_buf) if level else 0, 0, 0,
+            b"shardwg_tunq",
+        ), 64)  # fmt: skip
+
+    try:
+        return _bpf(BPF_PROG_LOAD, attr(0))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        first = exc
+    try:  # once more with the verifier's log, to say why
+        return _bpf(BPF_PROG_LOAD, attr(1))
+    except OSError:
+        why = log_buf.value.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise OSError(first.errno, f"the verifier refused it: {why[0]}") from None
+
+
+def run_once(prog_fd: int, packet: bytes) -> int:
+    """The program's return value for `packet` (BPF_PROG_TEST_RUN; an Ethernet header is
+    put in front, as the kernel strips one before the program sees the IP header)."""
+    eth = b"\x02" * 12 + (b"\x86\xdd" if packet[:1] and packet[0] >> 4 == 6 else b"\x08\x00")
+    frame = ctypes.create_string_buffer(eth + packet, len(eth) + len(packet))
+    attr = ctypes.create_string_buffer(struct.pack(
+        "<IIIIQQII", prog_fd, 0, len(frame), 0, ctypes.addressof(frame), 0, 1, 0,
+    ), 80)  # fmt: skip
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    return int(struct.unpack_from("<I", attr.raw, 4)[0])
+
+
+def attach(tun_fd: int, prog_fd: int) -> None:
+    """The TUN (any of its queue fds) steers by the program; -1 detaches it."""
+    fcntl.ioctl(tun_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog_fd))
+
+
+class TunSteering:
+    """Flow-hash steering on while any peer is spread, off otherwise (see the module)."""
+
+    def __init__(self, tun_fd: int) -> None:
+        self.tun_fd = tun_fd
+        self.on = False
+        self.refused = ""  # why the kernel refused (then we stay on automatic steering)
+
+    def set(self, spread: bool) -> bool:
+        """Attach or detach as `spread` says; True while the program steers."""
+        if spread == self.on or (spread and self.refused):
+            return self.on
+        try:
+            if spread:
+                fd = load()
+                try:
+                    attach(self.tun_fd, fd)  # the TUN keeps its own reference
+                finally:
+                    os.close(fd)
+            else:
+                attach(self.tun_fd, -1)
+        except OSError as exc:
+            if spread:
+                self.refused = str(exc)
+                log.warning("TUN flow-hash steering unavailable (%s): a spread peer's flows "
+                            "stay on the TUN queue that wrote them first", exc)  # fmt: skip
+            else:
+                log.warning("TUN flow-hash steering: detaching failed (%s)", exc)
+            return self.on
+        self.on = spread
+        log.info("TUN queues steered by %s", "flow hash (a peer is spread)" if spread
+                 else "the kernel's flow table (no peer is spread)")  # fmt: skip
+        return spread

@@ -1,0 +1,161 @@
+"""io/tun_steering.py: our eBPF flow-hash program, in the kernel and on a real multiqueue TUN.
+
+The kernel runs the bytecode on crafted packets (BPF_PROG_TEST_RUN) and must agree with the
+Python model; the model must be symmetric and spread flows over queues; and a real TUN in a
+throwaway namespace must send each flow's outbound packets to the queue the hash names while
+the program is attached, whichever queue wrote the flow's inbound packets, and go back to the
+kernel's flow table (the writing queue) once it is detached."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from lab.tuntest import ipv4_udp
+from shardwg.io import netlink as nl
+from shardwg.io import tun_steering as ts
+from shardwg.io.tun import TunDevice, read_batch, write_packet
+
+LOCAL, REMOTE = "10.200.0.1", "10.201.0.9"
+
+
+def _ip4(src: str, dst: str, proto: int, sport: int, dport: int, frag: int = 0,
+         ihl: int = 5) -> bytes:  # fmt: skip
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 60, 1, frag, 64, proto, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    hdr += bytes(max(0, 4 * ihl - 20))
+    return hdr + struct.pack("!HH", sport, dport) + bytes(16)
+
+
+def _ip6(src: str, dst: str, nxt: int, sport: int, dport: int) -> bytes:
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, 20, nxt, 64, socket.inet_pton(socket.AF_INET6, src),
+                      socket.inet_pton(socket.AF_INET6, dst))  # fmt: skip
+    return hdr + struct.pack("!HH", sport, dport) + bytes(16)
+
+
+def _random_packets(rng: random.Random, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        a = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        b = f"fd00::{rng.randrange(1 << 16):x}:{rng.randrange(1 << 16):x}"
+        proto = rng.choice([6, 17, 1, 58, 132])
+        sp, dp = rng.randrange(1 << 16), rng.randrange(1 << 16)
+        kind = rng.randrange(6)
+        if kind == 0:
+            out.append(_ip6(b, "fd00::1", proto, sp, dp))
+        elif kind == 1:  # a fragment: more-fragments, or an offset
+            out.append(_ip4(a, "10.9.0.2", proto, sp, dp, frag=rng.choice([0x2000, 0x0005])))
+        elif kind == 2:  # options, or a bogus header length
+            out.append(_ip4(a, "10.9.0.2", proto, sp, dp, ihl=rng.choice([0, 3, 6, 15])))
+        elif kind == 3:  # cut short somewhere
+            whole = [_ip4(a, "10.9.0.2", proto, sp, dp), _ip6(b, "fd00::2", proto, sp, dp)]
+            pkt = rng.choice(whole)
+            out.append(pkt[: rng.randrange(1, 44)])
+        else:
+            out.append(_ip4(a, "10.9.0.2", proto, sp, dp, frag=0x4000))  # DF: a whole packet
+    return out
+
+
+def _loaded() -> int:
+    try:
+        return ts.load()
+    except OSError as exc:
+        pytest.skip(f"bpf(2) refused here: {exc}")
+
+
+def test_the_kernel_runs_our_bytecode_as_the_model_says() -> None:
+    fd = _loaded()
+    try:
+        rng = random.Random(12)
+        packets = _random_packets(rng, 600) + [b"\x10" * 60]
+        ran = 0
+        for pkt in packets:
+            if len(pkt) < (40 if pkt[0] >> 4 == 6 else 20):
+                continue  # the test run wants a whole IP header (the TUN only has those)
+            assert ts.run_once(fd, pkt) == ts.flow_hash(pkt), pkt.hex()
+            ran += 1
+        assert ran > 500
+    finally:
+        os.close(fd)
+
+
+def test_the_hash_is_symmetric_and_spreads_flows() -> None:
+    rng = random.Random(7)
+    queues: dict[int, list[int]] = {2: [0, 0], 4: [0, 0, 0, 0]}
+    for _ in range(256):
+        sp, dp = rng.randrange(1024, 65536), 5201
+        fwd = _ip4("10.0.0.1", "10.0.0.2", 6, sp, dp, frag=0x4000)
+        back = _ip4("10.0.0.2", "10.0.0.1", 6, dp, sp, frag=0x4000)
+        assert ts.flow_hash(fwd) == ts.flow_hash(back)
+        six = _ip6("fd00::1", "fd00::2", 17, sp, dp)
+        assert ts.flow_hash(six) == ts.flow_hash(_ip6("fd00::2", "fd00::1", 17, dp, sp))
+        for n, seen in queues.items():
+            seen[ts.flow_hash(fwd) % n] += 1
+    assert min(queues[2]) >= 96 and min(queues[4]) >= 40, queues
+    # addresses alone (no ports: ICMP) spread too, also when they differ in high bits only
+    hosts = [_ip4(f"10.{i}.0.1", "10.0.0.2", 1, 0, 0) for i in range(64)]
+    assert 16 <= sum(ts.flow_hash(p) % 2 for p in hosts) <= 48
+
+
+def _replies_by_queue(dev: TunDevice, sock: socket.socket, ports: range) -> dict[int, int]:
+    """For each source port: the remote host's datagram written on queue 0, our socket's
+    reply read back; the queue the reply came out of."""
+    out: dict[int, int] = {}
+    bufs = [bytearray(2048) for _ in range(16)]
+    sizes = [0] * 16
+    for sp in ports:
+        assert write_packet(dev.fds[0], ipv4_udp(REMOTE, LOCAL, sp, 7000, b"in"))
+        _data, addr = sock.recvfrom(64)
+        sock.sendto(b"out", addr)
+    deadline = time.monotonic() + 5
+    while len(out) < len(ports) and time.monotonic() < deadline:
+        ready, _, _ = select.select(dev.fds, [], [], 0.5)
+        for fd in ready:
+            for i in range(read_batch(fd, bufs, sizes, 16)):
+                pkt = bytes(bufs[i][: sizes[i]])
+                if pkt[0] >> 4 == 4 and pkt[9] == 17 and pkt[16:20] == socket.inet_aton(REMOTE):
+                    out[int.from_bytes(pkt[22:24], "big")] = dev.fds.index(fd)
+                    assert ts.flow_hash(pkt) == ts.flow_hash(
+                        ipv4_udp(REMOTE, LOCAL, int.from_bytes(pkt[22:24], "big"), 7000, b"")
+                    )
+    assert len(out) == len(ports), out
+    return out
+
+
+def _steer_a_real_tun() -> dict[str, object]:
+    dev = TunDevice.create("tq0", queues=2)
+    nl.set_link_up("tq0", 1420)
+    nl.add_addresses("tq0", [f"{LOCAL}/24"])
+    nl.add_routes("tq0", ["10.201.0.0/24"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 7000))
+    sock.settimeout(5)
+    steer = ts.TunSteering(dev.fds[1])
+    try:
+        before = _replies_by_queue(dev, sock, range(40000, 40032))
+        on = steer.set(True)
+        hashed = _replies_by_queue(dev, sock, range(41000, 41032))
+        want = {sp: ts.flow_hash(ipv4_udp(LOCAL, REMOTE, 7000, sp, b"")) % 2 for sp in hashed}
+        off = steer.set(False)
+        after = _replies_by_queue(dev, sock, range(42000, 42032))
+    finally:
+        sock.close()
+        dev.close()
+    return {"before": set(before.values()), "on": on, "hashed": hashed, "want": want,
+            "off": off, "after": set(after.values())}  # fmt: skip
+
+
+@pytest.mark.netns
+def test_a_real_tun_steers_by_the_hash_only_while_attached(netns_factory) -> None:  # type: ignore[no-untyped-def]
+    (ns,) = netns_factory(1)
+    r = ns.call(_steer_a_real_tun)
+    assert r["before"] == {0}  # the kernel's flow table: the queue that wrote the flow
+    assert r["on"] is True and r["hashed"] == r["want"]  # the hash, not the writing queue
+    assert set(r["hashed"].values()) == {0, 1}
+    assert r["off"] is False and r["after"] == {0}  # detached: the flow table again
