@@ -197,3 +197,14 @@ def test_the_placer_says_when_any_peer_is_spread() -> None:
     placer.set_overrides({A: True, B: True})
     placer.set_overrides({B: False})
     assert said == [False, True, True, False]
+
+
+def test_the_container_environment_says_spread_too() -> None:
+    from shardwg.container.environment import EntrypointError, config_from_env
+
+    env = {"WG_PRIVATE_KEY": encode_key(PRIV), "WG_PEER_1_PUBLIC_KEY": encode_key(A),
+           "WG_PEER_1_ALLOWED_IPS": "10.0.0.0/24", "WG_PEER_1_SPREAD": "off"}  # fmt: skip
+    text, _warnings = config_from_env(env)
+    assert parse_config(text).peers[0].spread is False
+    with pytest.raises(EntrypointError, match="WG_PEER_1_SPREAD: 'yes' is not on, off or auto"):
+        config_from_env({**env, "WG_PEER_1_SPREAD": "yes"})

@@ -6,6 +6,7 @@
     WG_PEER_<N>_PUBLIC_KEY                      one peer per number N (any order, any gaps)
     WG_PEER_<N>_ENDPOINT  WG_PEER_<N>_ALLOWED_IPS  WG_PEER_<N>_PERSISTENT_KEEPALIVE
     WG_PEER_<N>_PRESHARED_KEY | WG_PEER_<N>_PRESHARED_KEY_FILE
+    WG_PEER_<N>_SPREAD                          shardwg's own Spread: on, off or auto
 
 A mistake raises EntrypointError naming the variable at fault, never a key.
 """
@@ -21,7 +22,7 @@ from shardwg.config.model import ConfigError, parse_config
 MAX_SECRET_FILE = 4096
 _PEER_VAR = re.compile(
     r"WG_PEER_([0-9]{1,6})_(PUBLIC_KEY|ENDPOINT|ALLOWED_IPS|PRESHARED_KEY|PRESHARED_KEY_FILE|"
-    r"PERSISTENT_KEEPALIVE)"
+    r"PERSISTENT_KEEPALIVE|SPREAD)"
 )
 _INTERFACE_VARS = {
     # variable -> wg-quick key; WG_PRIVATE_KEY(_FILE) are handled on their own
@@ -35,6 +36,7 @@ _PEER_KEYS = {
     "ENDPOINT": "Endpoint",
     "ALLOWED_IPS": "AllowedIPs",
     "PERSISTENT_KEEPALIVE": "PersistentKeepalive",
+    "SPREAD": "Spread",
 }
 # WG_* variables that belong to wg, wg-quick or wireguard-go: not ours, not a typo.
 FOREIGN_VARS = {
