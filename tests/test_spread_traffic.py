@@ -202,3 +202,41 @@ def test_the_placer_spreads_a_saturating_peer_and_shows_why() -> None:
     assert p.spread_now == {A: SpreadWhy.TRAFFIC}
     p.set_overrides({A: False})  # the configuration says off: it wins at once
     assert p.spread_now == {} and len(nudges) == 4
+
+
+def test_traffic_spreads_our_sealing_only() -> None:
+    """A peer spread by measured traffic: every worker seals for it, but its sessions'
+    indices do not ask for receive steering by counter (its other end may count in
+    sequence: alternate blocks on alternate workers would reorder every flow); a peer
+    spread by its override gets them."""
+    from shardwg.engine.placement import TrafficSpread
+    from shardwg.proto.index import SPREAD_INDEX_BIT
+    from tests.placement_world import World
+
+    world = World(workers=2)
+    for w in world.w:
+        w.device.table.allocator.steer_spread = True
+    world.placer.spread_policy = "auto"
+    world.placer.add(b"D" * 32, 1)  # 2 peers on 2 workers: auto spreads none by policy
+    world.placer.traffic = TrafficSpread(frozenset({world.remote_key}))
+    world.placer.flush()
+    assert world.placer.spread_now == {world.remote_key: SpreadWhy.TRAFFIC}
+    world.settle()
+    world.handshake()
+    world.settle()
+    owner, other = world.owner(), 1 - world.owner()
+    peer = world.w[owner].device.peers[world.remote_key]
+    assert not peer.spread and not peer.current.local_index & SPREAD_INDEX_BIT
+    follower = world.w[other].device.remote[world.remote_key].follower
+    assert follower is not None and follower.session() is not None  # it seals too
+    for _ in range(3000):  # sequential counters: every one reaches the owner, in order
+        assert world.remote_send() > 0
+    world.placer.set_overrides({world.remote_key: True})
+    world.settle()
+    world.now += 6.0  # the next handshake (not within the 20 ms flood rule, a new TAI64N)
+    world.wall += 6.0
+    world.remote.outbox.clear()
+    world.handshake()
+    world.settle()
+    assert peer.spread and world.w[owner].device.peers[world.remote_key].current.local_index \
+        & SPREAD_INDEX_BIT  # fmt: skip

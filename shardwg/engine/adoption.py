@@ -35,7 +35,7 @@ from shardwg.shm.follower import SpreadFollower
 from shardwg.shm.handoff import HandoffKind
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer
-from shardwg.shm.placement import decode_table
+from shardwg.shm.placement import SpreadWhy, decode_table
 from shardwg.shm.publisher import SessionPublisher
 
 log = logging.getLogger("shardwg.engine.worker")
@@ -71,6 +71,7 @@ class ShardPlacement:
         self.moved_until: dict[int, float] = {}
         self.view: dict[bytes, int] = {}  # the table's owner of each peer as last applied
         self.spread: set[int] = set()  # peer slots the table spreads over every worker
+        self.spread_why: dict[int, SpreadWhy] = {}  # of those, why (the table's top byte)
         self.own_spread: dict[bytes, SpreadBlocks] = {}  # spread peers we own
 
     # ------------------------------------------------------------------ reading
@@ -91,6 +92,7 @@ class ShardPlacement:
         self.generation = t.generation
         self.table = t.owners
         self.spread = t.spread
+        self.spread_why = t.spread_why
         return True
 
     def owner_of(self, key: bytes) -> int:
@@ -165,7 +167,12 @@ class ShardPlacement:
                     remote.follower = fol
                     fol.refresh()
             if key in dev.peers and on and area is not None and index is not None:
-                dev.peers[key].spread = True  # its next sessions' indices say so
+                # Its next sessions' indices say so, and the other end's datagrams are then
+                # steered by counter: right for a sender that spreads by the same blocks (a
+                # shardwg told so: policy, override), a reordering for one that counts in
+                # sequence. Measured traffic says nothing about the sender: those peers
+                # spread our sealing only, the owner still opens all they send.
+                dev.peers[key].spread = self.spread_why.get(index) != SpreadWhy.TRAFFIC
                 if key not in self.own_spread:
                     self.own_spread[key] = SpreadBlocks(self.me, workers, area.peer(index))
             else:
