@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from msgspec.structs import replace
@@ -208,3 +209,51 @@ def test_the_container_environment_says_spread_too() -> None:
     assert parse_config(text).peers[0].spread is False
     with pytest.raises(EntrypointError, match="WG_PEER_1_SPREAD: 'yes' is not on, off or auto"):
         config_from_env({**env, "WG_PEER_1_SPREAD": "yes"})
+
+
+def test_wg_showconf_and_syncconf_leave_spread_alone(
+    gateways: list[MemoryGateway], tmp_path: Path
+) -> None:
+    """The real `wg` against the UAPI of a gateway whose file says Spread: showconf prints
+    a config wg itself accepts (no Spread in it), syncconf and setconf (which replaces every
+    peer) of that output keep each peer's Spread, and wg refuses a file that has it (which
+    is why only shardwg reads it)."""
+    import shutil
+    import subprocess
+    import threading
+
+    from shardwg.uapi.server import SOCKET_DIR, UapiServer
+
+    if os.geteuid() != 0 or shutil.which("wg") is None:
+        pytest.skip("needs root (for /var/run/wireguard) and the wg tool")
+    cfg = parse_config(_text("Spread = on", "Spread = off"))
+    g = MemoryGateway(cfg, workers=1)
+    gateways.append(g)
+
+    def wg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["wg", *args], capture_output=True, text=True, timeout=10)
+
+    with UapiServer(g.ifname, g.live, SOCKET_DIR) as server:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=lambda: [server.poll(0.02) for _ in iter(stop.is_set, True)]
+        )
+        thread.start()
+        try:
+            shown = wg("showconf", g.ifname)
+            assert shown.returncode == 0 and "PublicKey" in shown.stdout, shown.stderr
+            assert "spread" not in shown.stdout.lower()
+            (conf := tmp_path / "shown.conf").write_text(shown.stdout)
+            synced = wg("syncconf", g.ifname, str(conf))
+            assert synced.returncode == 0, synced.stderr
+            assert [p.spread for p in g.live.config.peers] == [True, False]
+            replaced = wg("setconf", g.ifname, str(conf))  # replace_peers: peers made anew
+            assert replaced.returncode == 0, replaced.stderr
+            assert [p.spread for p in g.live.config.peers] == [True, False]
+            (with_spread := tmp_path / "file.conf").write_text(format_config(cfg))
+            refused = wg("setconf", g.ifname, str(with_spread))
+            assert refused.returncode != 0 and "Spread" in refused.stderr
+        finally:
+            stop.set()
+            thread.join(5)
+    assert [p.spread for p in g.live.config.peers] == [True, False]
