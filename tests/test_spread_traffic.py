@@ -187,7 +187,8 @@ def test_the_placer_spreads_a_saturating_peer_and_shows_why() -> None:
     table = decode_table(lay.placement_slot(buf).read())
     assert table is not None and table.spread == {0} and table.spread_why == {0: SpreadWhy.TRAFFIC}
     st = GatewayStatus("wg9", 1, 2, 1, 1.0, True, False,
-                       [PeerStatus("QUFB", 0, None, 0, 0, 0, True, spread="traffic")], [], {})
+                       [PeerStatus("QUFB", 0, None, 0, 0, 0, True, spread="traffic")],
+                       [], {})  # fmt: skip
     assert "spread over every worker: its traffic saturated its worker" in render(st)
     want = 'shardwg_peer_spread{interface="wg9",public_key="QUFB",reason="traffic",worker="0"} 1.0'
     assert want in exposition.render(st)
