@@ -13,6 +13,7 @@ import pytest
 
 from shardwg.datapath import select as datapath_select
 from shardwg.engine.inbound import InboundPath
+from shardwg.proto.constants import DropReason
 from shardwg.shm import counters as C
 from tests.placement_world import REMOTE_ADDR
 from tests.test_spread import _spread_world, _steer
@@ -65,6 +66,60 @@ def test_a_followed_datagram_is_counted_once(impl: datapath_select.Impl) -> None
         assert opened > 1000
         assert path.v[C.RX_PACKETS] == opened and path.v[C.RX_BYTES] == sizes
         assert not any(path.v[C.DROP_BASE :]) and not path.queued
+    finally:
+        tun_us.close()
+        tun_host.close()
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda i: i.name)
+def test_the_kernel_opens_a_followed_session_after_its_first_datagram(
+    impl: datapath_select.Impl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a followed session's first datagram goes the Python way (it loads the session);
+    the batch kernel opens the rest, with the follower's own window, raising its floor in
+    the ledger before the TUN write (a replacement must not accept them again), and replays
+    are refused. Before: every followed datagram was opened one by one in Python, ~5x slower
+    than the owner's share with the native kernel (tests/test_spread_netns.py)."""
+    world = _spread_world(2)
+    other = 1 - world.owner()
+    dev = world.w[other].device
+    tun_us, tun_host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_host.setblocking(False)
+    try:
+        path = _Path(dev, tun_us.fileno(), impl)
+        by_python = [0]
+        slow = path._open_followed
+
+        def counted(*a: Any) -> None:
+            by_python[0] += 1
+            slow(*a)
+
+        monkeypatch.setattr(path, "_open_followed", counted)
+        ours: list[bytes] = []
+        for _ in range(4000):
+            data = world.remote_datagram()
+            if _steer(world, data) == other:
+                ours.append(data)
+        assert len(ours) > 1000
+        for data in ours:
+            buf = bytearray(data)
+            n = path._open(buf, len(buf), [len(buf)], [len(buf)], 1, [memoryview(buf)],
+                           [REMOTE_ADDR], world.now, world.wall)  # fmt: skip
+            assert n == 1
+            assert len(tun_host.recv(4096)) > 0
+        assert by_python[0] == 1, by_python  # the first one only
+        (kp,) = dev.followed.values()
+        assert kp in path.opener.state.kps
+        last = int.from_bytes(ours[-1][8:16], "little")
+        assert kp.recv_floor is not None and kp.recv_floor[0] == last + 1
+        for data in ours[-50:]:  # replays
+            buf = bytearray(data)
+            path._open(buf, len(buf), [len(buf)], [len(buf)], 1, [memoryview(buf)],
+                       [REMOTE_ADDR], world.now, world.wall)  # fmt: skip
+            with pytest.raises(BlockingIOError):
+                tun_host.recv(4096)  # nothing written
+        assert path.v[C.RX_PACKETS] == len(ours) + 50
+        assert path.v[C.DROP_BASE + DropReason.REPLAYED] == 50
     finally:
         tun_us.close()
         tun_host.close()

@@ -32,6 +32,7 @@ from shardwg.datapath.openstate import (
 )
 from shardwg.datapath.select import Impl
 from shardwg.proto.constants import DROP_REASON_COUNT, REKEY_ON_RECEIVE_AGE
+from shardwg.proto.ownership import RemotePeer
 
 _ZERO_COUNTERS = bytes(COUNTERS_LEN * 8)
 _DROPS_AT = C_DROPS * 8
@@ -75,8 +76,8 @@ class Opener:
 
     def _unknown_to_python(self) -> bool:
         """Unknown-index transport comes back to the worker when it may be ours after all:
-        a peer that moved away (forwarded), or a spread peer's session we follow (opened
-        in Python, engine/inbound.py)."""
+        a peer that moved away (forwarded), or a spread peer's session we do not follow
+        yet (its first datagram loads it, engine/inbound.py; the kernel opens the rest)."""
         dev = self.device
         return (bool(dev.moved) and dev.forward is not None) or dev.refresh_followed is not None
 
@@ -94,6 +95,8 @@ class Opener:
                 floor = kp.replay.highest + 1
                 if floor > mark[0]:
                     mark[0] = floor
+            if peer.__class__ is RemotePeer:
+                continue  # a followed session: its owner runs the timers, endpoint and keys
             if kp is not peer.current and kp is peer.next:
                 peer.confirm(kp, now, wall)
             src = addrs[rows[r + T_MSG]]

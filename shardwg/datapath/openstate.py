@@ -109,19 +109,26 @@ class OpenState:
         self._peers: list[Any] = [None]  # peer id -> peer (keeps ids unique while held)
         self._table_gen = -1
         self._allowed_gen = -1
+        self._followed_gen = -1
 
     @property
     def capacity(self) -> int:
         return len(self.kps)
 
     def sync(self, device: Any) -> None:
+        """Bring the buffers in step with the device: its own sessions and the spread
+        sessions it follows (another worker's peer, opened here with our own replay window
+        and its floor in our ledger cell: shm/follower.py), and the allowed IPs of both."""
         table, allowed = device.table, device.allowed
-        if table.generation != self._table_gen:
-            self._sync_sessions(table.sessions)
+        fgen = device.followed_generation
+        if table.generation != self._table_gen or fgen != self._followed_gen:
+            followed = device.followed
+            self._sync_sessions({**table.sessions, **followed} if followed else table.sessions)
             self._table_gen = table.generation
-        if allowed.generation != self._allowed_gen:
+        if allowed.generation != self._allowed_gen or fgen != self._followed_gen:
             self._sync_allowed(device)
             self._allowed_gen = allowed.generation
+        self._followed_gen = fgen
 
     def peer_id(self, peer: Any) -> int:
         pid = self._peer_ids.get(id(peer))
@@ -178,6 +185,7 @@ class OpenState:
     # -- allowed IPs --------------------------------------------------------------------
     def _sync_allowed(self, device: Any) -> None:
         owned = {id(p) for p in device.peers.values()}
+        owned.update(id(kp.peer) for kp in device.followed.values())  # their sources too
         held = owned | {id(kp.peer) for kp in self.kps if kp is not None}
         for key, pid in list(self._peer_ids.items()):
             if key not in held:  # a removed peer: forget it (its id is never reused)

@@ -181,6 +181,7 @@ class ShardPlacement:
                 self.own_spread.pop(key, None)
         # Only the sessions of peers we follow now are opened here.
         dev.followed = {}
+        dev.followed_generation += 1
         live = False
         for r in dev.remote.values():
             if r.follower is not None:
@@ -195,6 +196,7 @@ class ShardPlacement:
             dev.followed.pop(old.local_index, None)
         if new is not None:
             dev.followed[new.local_index] = new
+        dev.followed_generation += 1
 
     def _refresh_followed(self) -> None:
         """An unknown spread index arrived: a followed peer may have a new session."""

@@ -68,8 +68,8 @@ class InboundPath:
         # recvmmsg where libc has it: one system call for up to RECV_SLOTS receives
         self._batch_rx = mmsg.BatchReceiver(RECV_SLOTS) if mmsg.available() else None
         self._one = _OneReceive(self._gro_view)  # the batch of one without recvmmsg
-        # A followed spread session's datagram (not in the kernel's state), opened in Python
-        # into this, behind a zero virtio_net_hdr for the TUN.
+        # The first datagram of a followed spread session the kernel does not know yet,
+        # opened in Python (it loads the session) into this, behind a zero virtio_net_hdr.
         self._followed_out = memoryview(bytearray(VNET_HDR_LEN + MAX_DATAGRAM))
         self.datapath = datapath or datapath_select.current()
         rx = self._batch_rx
@@ -110,8 +110,10 @@ class InboundPath:
 
     def _open_followed(self, msg: memoryview, size: int, addr: Any, now: float,
                        wall: float) -> None:  # fmt: skip
-        """A spread peer's datagram steered here by its counter, under a session we follow
-        (proto/device.py `_receive_followed`: our own replay window), to our TUN queue."""
+        """A spread peer's datagram steered here by its counter under a session the kernel
+        does not know yet (proto/device.py `_receive_followed` loads it from the owner's
+        slot; our own replay window), to our TUN queue. The next batch's `sync` binds the
+        session into the kernel's state, which opens the rest."""
         out = self._followed_out
         v = self.v
         res = self.device.receive_transport(msg, size, addr, out[VNET_HDR_LEN:], now, wall)

@@ -97,6 +97,7 @@ class Device:
         # index, each with this worker's own replay window over the counters steered here;
         # `refresh_followed` re-reads the owners' slots when an unknown spread index arrives.
         self.followed: dict[int, Keypair] = {}
+        self.followed_generation = 0  # bumped on every change of `followed` (datapath sync)
         self.refresh_followed: Callable[[], None] | None = None
         self.forward: Callable[[int, memoryview, int, Any], None] | None = None
 
