@@ -97,8 +97,8 @@ def test_jumbo_one_way_udp_from_many_ports_is_all_delivered(
     netns_factory: Harness, spread: str
 ) -> None:
     """Flows the TUN puts on the non-owner's queue get there whole: handed over to the owner
-    (--spread off), or sealed by the non-owner itself (auto, the default, with one peer on
-    two workers)."""
+    (--spread off, the default), or sealed by the non-owner itself (--spread auto: one peer
+    on two workers is fewer peers than workers)."""
     gw_ns, peer_ns, gw, _wg = _start(netns_factory, MTU, ["--spread", spread])
     want = PORTS * PER_PORT
     rx = peer_ns.popen(
