@@ -180,14 +180,16 @@ class ShardPlacement:
                     dev.peers[key].spread = False
                 self.own_spread.pop(key, None)
         # Only the sessions of peers we follow now are opened here.
-        dev.followed = {}
-        dev.followed_generation += 1
+        followed = {}
         live = False
         for r in dev.remote.values():
             if r.follower is not None:
                 live = True
                 if r.follower.kp is not None:
-                    dev.followed[r.follower.kp.local_index] = r.follower.kp
+                    followed[r.follower.kp.local_index] = r.follower.kp
+        if followed != dev.followed:  # (Keypair compares by identity) a change: the kernel's
+            dev.followed = followed  # state is rebuilt on the next batch, allowed IPs too,
+            dev.followed_generation += 1  # which is not free at 10,000 peers
         dev.refresh_followed = self._refresh_followed if live else None
 
     def _followed_changed(self, old: Any, new: Any) -> None:
