@@ -141,3 +141,43 @@ def test_a_reconcile_that_changes_nothing_leaves_the_kernel_state_alone() -> Non
     for _ in range(3):
         other.placement.reconcile(world.now, world.wall, keys=[])
     assert other.device.followed_generation == gen
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda i: i.name)
+def test_a_replacement_refuses_what_the_kernel_accepted_for_a_followed_session(
+    impl: datapath_select.Impl,
+) -> None:
+    """Crash safety of the kernel's followed opens: the floor `settle` raised in the ledger
+    before each TUN write is what a replacement of the non-owner starts its window from, so
+    none of the datagrams its predecessor accepted (and wrote) is accepted again."""
+    world = _spread_world(2)
+    other = 1 - world.owner()
+    tun_us, tun_host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_host.setblocking(False)
+
+    def feed(path: _Path, data: bytes) -> None:
+        buf = bytearray(data)
+        path._open(buf, len(buf), [len(buf)], [len(buf)], 1, [memoryview(buf)],
+                   [REMOTE_ADDR], world.now, world.wall)  # fmt: skip
+
+    try:
+        path = _Path(world.w[other].device, tun_us.fileno(), impl)
+        ours = []
+        for _ in range(3000):
+            data = world.remote_datagram()
+            if _steer(world, data) == other:
+                ours.append(data)
+                feed(path, data)
+                assert len(tun_host.recv(4096)) > 0  # written (read now: the pair is small)
+        assert len(ours) > 500
+        world.crash(other)  # the non-owner dies; its replacement boots from shared memory
+        world.settle()
+        again = _Path(world.w[other].device, tun_us.fileno(), impl)
+        for data in ours[-200:]:
+            feed(again, data)
+        with pytest.raises(BlockingIOError):
+            tun_host.recv(4096)  # none of them written twice
+        assert again.v[C.DROP_BASE + DropReason.REPLAYED] == 200
+    finally:
+        tun_us.close()
+        tun_host.close()
