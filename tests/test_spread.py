@@ -445,8 +445,11 @@ def test_receive_spread_over_workers_each_with_its_own_window() -> None:
 
 
 def test_when_to_spread() -> None:
-    from shardwg.engine.placement import spread_peers
+    from shardwg.engine.placement import spread_reasons
     from shardwg.shm.placement import Mode
+
+    def spread_peers(*args: Any) -> set[bytes]:
+        return set(spread_reasons(*args))
 
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
     assert spread_peers(Mode.LOAD, [a], 2, "auto", {}) == {a}  # fewer peers than workers

@@ -167,13 +167,6 @@ def spread_reasons(
     return out
 
 
-def spread_peers(
-    mode: Mode, keys: list[bytes], workers: int, policy: str, overrides: Mapping[bytes, bool]
-) -> set[bytes]:
-    """The peers spread_reasons spreads, whatever the reason."""
-    return set(spread_reasons(mode, keys, workers, policy, overrides))
-
-
 # Spread by measured traffic (`--spread auto`): a peer whose owner stays saturated, and
 # saturated mostly by that peer, is spread; it goes back to one owner only once that owner
 # would stay well below saturation with the peer's whole traffic back on it.

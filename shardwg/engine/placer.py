@@ -85,7 +85,7 @@ class Placer:
         self._history: list[tuple[float, dict[bytes, int], list[tuple[int, int, float]]]] = []
         self._next_sample = 0.0
         self.rates: dict[bytes, float] = {}
-        self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_peers)
+        self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_reasons)
         self.spread_overrides: dict[bytes, bool] = {}  # per-peer setting, wins over the policy
         self.spread_now: dict[bytes, SpreadWhy] = {}  # as last written to the table
         self.traffic = TrafficSpread()  # --spread auto: peers spread by measured traffic
