@@ -195,3 +195,38 @@ def test_a_reservation_that_cannot_be_published_stops_sending(
         rx.recv(65535)
     assert kp.send_counter == 705 and kp.send_reserved == 705
     assert out.v[C.DROP_BASE + DropReason.NOT_PUBLISHED] == 1
+
+
+def test_a_spread_session_keeps_up_within_one_batch(
+    rig: tuple[Pair, Out, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One TUN read batch of TSO super-packets is thousands of counters. While this worker
+    seals it, another worker of the spread peer moves the front on; every run we send must
+    still be inside the receiver's replay window of the front at its send (the batch
+    checked once at its start was not: the receiver dropped its tail as replayed)."""
+    from shardwg.proto.constants import REPLAY_WINDOW
+    from shardwg.proto.spread import JUMP_AT, SpreadBlocks
+    from shardwg.shm.spread import SpreadArea, area_size
+
+    p, out, rx = rig
+    kp = _session(p, rx)
+    led = SpreadArea(bytearray(area_size(1, 2)), 1, 2).peer(0)
+    SpreadBlocks(0, 2, led).begin(kp)
+    index = kp.local_index
+    behind: list[int] = []
+    real = udpgso.send_gso
+
+    def other_worker_races(sock: Any, data: Any, size: int, count: int, addr: Any,
+                           *rest: Any) -> int:  # fmt: skip
+        first = struct.unpack_from("<Q", data, 8)[0]
+        behind.append(led.front(index) - first)
+        # worker 1 seals 3,000 counters while we send this run
+        led.publish(1, index, max(led.front(index), led.reserved(1, index)) + 3000)
+        return real(sock, data, size, count, addr, *rest)
+
+    monkeypatch.setattr(udpgso, "send_gso", other_worker_races)
+    raws = [tcp_super(False, payload_of(60000), 1380) for _ in range(6)]
+    out._send(out._pk_bufs, out._pk_pkt, vnet.VNET_HDR_LEN, _load(out, raws), p.now, p.wall)
+    assert len(behind) >= 6
+    assert max(behind) <= JUMP_AT + 64 < REPLAY_WINDOW, behind
+    assert out.v[C.TX_PACKETS] == 6 * -(-60000 // 1380)
