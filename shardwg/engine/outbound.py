@@ -155,8 +155,6 @@ class OutboundPath:
         sealer = kp.sealer
         if sealer is None:  # once per session, at its first send
             sealer = kp.sealer = self._make_sealer(kp.send_key)
-        if kp.blocks is not None:
-            kp.blocks.keep_up(kp)  # spread: the owner keeps up with the others' counters too
         sent = self._seal_runs(kp, sealer, sock, ep, bufs, hdr, i, j)
         if sent:
             peer.sent_data(now, sent)
@@ -185,7 +183,8 @@ class OutboundPath:
 
     def _seal_runs(self, kp: Keypair, sealer: Any, sock: socket.socket, ep: Any,
                    bufs: list[memoryview], hdr: int, pos: int, end: int) -> int:  # fmt: skip
-        """Seal and send reads pos..end-1 on kp; returns the bytes sealed."""
+        """Seal and send reads pos..end-1 on kp; returns the bytes sealed. A spread
+        session (kp.blocks) keeps up with the front before each run (proto/spread.py)."""
         v = self.v
         out, view, run = self._seal_out, self._seal_view, self._seal_run
         sizes = self._pk_sizes
@@ -194,9 +193,15 @@ class OutboundPath:
         limit = min(kp.send_reserved, REJECT_AFTER_MESSAGES)
         seg = 0
         sent_bytes = 0
+        blocks = kp.blocks  # spread: other workers seal under this key as well
         for _ in range(1 << 20):  # bounded; each call seals, drops or publishes a block
             if pos >= end:
                 break
+            if blocks is not None:
+                # Before every run, not once per batch: a batch of TSO reads is thousands
+                # of counters, and the others move the front on while we seal it.
+                blocks.keep_up(kp)
+                limit = min(kp.send_reserved, REJECT_AFTER_MESSAGES)
             status, pos, seg, counter, count, size, used = run(
                 sealer, bufs, sizes, pos, seg, end, hdr != 0, mtu, remote, kp.send_counter,
                 limit, out, _MAX_SEGMENTS, _MAX_GSO_BYTES,

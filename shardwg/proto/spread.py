@@ -33,7 +33,8 @@ SPREAD_SHIFT = 10
 SPREAD_BLOCK = 1 << SPREAD_SHIFT  # counters per block: one ledger store each, and the
 # steering grain (io/steering.py reads counter >> SPREAD_SHIFT)
 JUMP_AT = REPLAY_WINDOW // 2  # a worker this far behind the front jumps; half the window is
-# the slack for the others' sends between two checks (one check per batch, see keep_up)
+# the slack for the others' sends between two checks (one check per GSO run, <= 64
+# datagrams: see keep_up)
 
 
 class Ledger(Protocol):
@@ -76,7 +77,7 @@ class SpreadBlocks:
     """One worker's counter blocks for one spread peer (every session of it).
 
     Hooked into `Keypair.blocks`: `keypair.reserve_send` calls `reserve` when the session's
-    block runs out; the worker calls `keep_up` once per batch before sealing.
+    block runs out; the worker calls `keep_up` before sealing each run (<= 64 datagrams).
     """
 
     __slots__ = ("worker", "workers", "block", "ledger")
@@ -123,6 +124,8 @@ class SpreadBlocks:
         return end
 
     def keep_up(self, kp: Keypair) -> None:
-        """Once per batch: if `kp`'s counter fell too far behind the front, drop the block."""
+        """Before each run: if `kp`'s counter fell too far behind the front, drop the block.
+        Per run, not per batch: one batch of TSO reads spans thousands of counters, and a
+        check at its start let the receiver see its tail older than the window."""
         if kp.send_counter + JUMP_AT < self.ledger.front(kp.local_index):
             kp.send_reserved = kp.send_counter

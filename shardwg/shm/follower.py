@@ -64,11 +64,9 @@ class SpreadFollower:
 
     def session(self) -> Keypair | None:
         """Once per batch: the session to seal with, or None (hand the packet to the owner:
-        no session yet, not spread yet, or the slot unreadable right now)."""
-        kp = self.refresh()
-        if kp is not None:
-            self.blocks.keep_up(kp)
-        return kp
+        no session yet, not spread yet, or the slot unreadable right now). The sealer keeps
+        up with the other workers' counters before each run (engine/outbound.py)."""
+        return self.refresh()
 
     def _reload(self, seq: int) -> None:
         try:
