@@ -1,6 +1,6 @@
 """One peer over several workers (issue 12): throughput, retransmits and each worker's share.
 
-A pair of namespaces on a veth: end A is shardwg (1 or 2 workers, `--spread off|on`), end B is
+A pair of namespaces on a veth: end A is shardwg (1 or 2 workers, `--spread off|auto|on`), end B is
 wireguard-go or shardwg with the same worker count and spread setting. iperf3 TCP with 1 or 4
 streams, each direction (B -> A: A receives; A -> B: A sends). For each run: Gbit/s, TCP
 retransmits (iperf3 -J), and A's per-worker UDP datagram counts over the run from
@@ -31,7 +31,7 @@ from lab.netns import unique_ifname, veth_link
 from lab.ping import ping_rtts
 
 IPERF_PORT = 5211
-CONFIGS = [(1, "off"), (2, "off"), (2, "on")]  # (workers, spread) of the shardwg end(s)
+CONFIGS = [(1, "off"), (2, "off"), (2, "auto"), (2, "on")]  # (workers, spread), shardwg ends
 
 
 def worker_counts(gw: ShardwgGateway) -> list[tuple[int, int]]:

@@ -228,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--spread",
         choices=("off", "auto", "on"),
-        default="off",
+        default="auto",
         help="seal a peer's packets on every worker that reads them, not only its owner: "
-        "auto when there are fewer peers than workers, on for all, off (the default while "
-        "the receive side is one worker per peer); never with --placement hash",
+        "auto (the default) when there are fewer peers than workers or the peer saturates "
+        "its worker, our sealing only; on: every peer, and its datagrams are opened by the "
+        "worker their counter names (for a shardwg at the other end with --spread on or "
+        "Spread = on); off: one worker per peer; never with --placement hash",
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)

@@ -123,7 +123,7 @@ def test_overrides_reach_the_table_with_their_reason() -> None:
     one.start([A], {A: 0})
     assert _table(one) == (set(), {})  # off wins over auto's fewer-peers-than-workers
     one.set_overrides({})
-    assert _table(one) == ({0}, {0: SpreadWhy.POLICY})
+    assert _table(one) == ({0}, {0: SpreadWhy.FEWER})  # auto: fewer peers than workers
     off, _ = _placer("off")
     off.set_overrides({A: True}, write=False)
     off.start([A], {A: 0})

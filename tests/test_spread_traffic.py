@@ -241,3 +241,35 @@ def test_traffic_spreads_our_sealing_only() -> None:
     world.settle()
     assert peer.spread and world.w[owner].device.peers[world.remote_key].current.local_index \
         & SPREAD_INDEX_BIT  # fmt: skip
+
+
+def test_auto_with_fewer_peers_than_workers_spreads_our_sealing_only() -> None:
+    """The default `--spread auto` with one peer on 2 workers: both workers seal for it,
+    but its indices do not ask for receive steering by counter, so a sender that counts in
+    sequence (wireguard-go) keeps every datagram on the owner, in order. Before: auto's
+    fewer-peers rule steered receives by counter too, reordering every flow from such a
+    sender (98,952 TCP retransmits in 14 s, measured), which is why auto was not the default.
+    `--spread on` still steers both ways (for shardwg at both ends)."""
+    from shardwg.proto.index import SPREAD_INDEX_BIT
+    from tests.placement_world import World
+
+    for policy, both_ways in (("auto", False), ("on", True)):
+        world = World(workers=2)
+        for w in world.w:
+            w.device.table.allocator.steer_spread = True
+        world.placer.spread_policy = policy
+        world.placer.flush()
+        why = SpreadWhy.FEWER if policy == "auto" else SpreadWhy.POLICY
+        assert world.placer.spread_now == {world.remote_key: why}
+        world.settle()
+        world.handshake()
+        world.settle()
+        owner, other = world.owner(), 1 - world.owner()
+        peer = world.w[owner].device.peers[world.remote_key]
+        assert peer.spread is both_ways
+        assert bool(peer.current.local_index & SPREAD_INDEX_BIT) is both_ways
+        follower = world.w[other].device.remote[world.remote_key].follower
+        assert follower is not None and follower.session() is not None  # it seals too
+        if not both_ways:
+            for _ in range(3000):  # sequential counters: every one reaches the owner
+                assert world.remote_send() > 0

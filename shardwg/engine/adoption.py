@@ -35,7 +35,7 @@ from shardwg.shm.follower import SpreadFollower
 from shardwg.shm.handoff import HandoffKind
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer
-from shardwg.shm.placement import SpreadWhy, decode_table
+from shardwg.shm.placement import BOTH_WAYS, SpreadWhy, decode_table
 from shardwg.shm.publisher import SessionPublisher
 
 log = logging.getLogger("shardwg.engine.worker")
@@ -172,7 +172,7 @@ class ShardPlacement:
                 # shardwg told so: policy, override), a reordering for one that counts in
                 # sequence. Measured traffic says nothing about the sender: those peers
                 # spread our sealing only, the owner still opens all they send.
-                dev.peers[key].spread = self.spread_why.get(index) != SpreadWhy.TRAFFIC
+                dev.peers[key].spread = self.spread_why.get(index) in BOTH_WAYS
                 if key not in self.own_spread:
                     self.own_spread[key] = SpreadBlocks(self.me, workers, area.peer(index))
             else:

@@ -146,22 +146,25 @@ def spread_reasons(
     traffic: AbstractSet[bytes] = frozenset(),
 ) -> dict[bytes, SpreadWhy]:
     """The peers every worker seals for (issue 12 item 2) and why, by `policy`:
-    "off" none; "on" all; "auto" all when there are fewer peers than workers (the workers
-    left idle by one-owner placement carry them), else those in `traffic` (spread_by_traffic
-    found their owner saturated by them). A per-peer override (the configuration's `Spread`)
-    wins over "auto" and "on"; hash placement (`--placement hash`, today's behaviour) and
-    "off" never spread."""
+    "off" none; "on" all; "auto" (the default) all when there are fewer peers than workers
+    (the workers left idle by one-owner placement carry them), else those in `traffic`
+    (spread_by_traffic found their owner saturated by them). A per-peer override (the
+    configuration's `Spread`) wins over "auto" and "on"; hash placement (`--placement hash`,
+    today's behaviour) and "off" never spread. What "auto" spreads is our sealing only
+    (shm/placement.BOTH_WAYS)."""
     if mode == Mode.HASH or workers < 2 or policy == "off":
         return {}
-    default = policy == "on" or (policy == "auto" and len(keys) < workers)
+    fewer = policy == "auto" and len(keys) < workers
     out: dict[bytes, SpreadWhy] = {}
     for k in keys:
         o = overrides.get(k)
         if o is not None:
             if o:
                 out[k] = SpreadWhy.OVERRIDE
-        elif default:
+        elif policy == "on":
             out[k] = SpreadWhy.POLICY
+        elif fewer:
+            out[k] = SpreadWhy.FEWER
         elif policy == "auto" and k in traffic:
             out[k] = SpreadWhy.TRAFFIC
     return out

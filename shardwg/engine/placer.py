@@ -248,8 +248,9 @@ class Placer:
     def _by_traffic(self) -> bool:
         """--spread auto: step spread_by_traffic over this interval; True if its set changed
         (then the table is rewritten and the workers nudged)."""
+        by_rule = (SpreadWhy.POLICY, SpreadWhy.FEWER)  # spread anyway: not traffic's to decide
         eligible = {k for k in self.slot_of if k not in self.spread_overrides
-                    and self.spread_now.get(k) != SpreadWhy.POLICY}  # fmt: skip
+                    and self.spread_now.get(k) not in by_rule}  # fmt: skip
         sample = TrafficSample(self.owners, self.rates, self.worker_rates, self.cpu,
                                set(self.spread_now))  # fmt: skip
         old, self.traffic = self.traffic, spread_by_traffic(self.traffic, sample, eligible)

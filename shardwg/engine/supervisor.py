@@ -91,7 +91,7 @@ class Supervisor:
     set_dns: bool = True  # DNS = through resolvconf (False: --no-dns)
     hooks: Hooks | None = None
     placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
-    spread: str = "off"  # --spread: off, auto or on (engine/placement.spread_reasons)
+    spread: str = "auto"  # --spread: off, auto or on (engine/placement.spread_reasons)
     placer: Placer | None = None
     tun_steering: TunSteering | None = None  # io/tun_steering.py, attached while any is spread
     shared: GlobalBlock | None = None  # GlobalState and the cookie secret (the workers')

@@ -38,8 +38,9 @@ class PeerStatus(msgspec.Struct):
     session: bool  # a current session exists
     allowed_ips: list[str] = []
     persistent_keepalive: int = 0
-    # over every worker, why: "policy" (--spread), "override" (its Spread = on), "traffic"
-    # (--spread auto: its worker was saturated by it); "" when one worker carries it
+    # over every worker, why: "policy" (--spread on), "override" (its Spread = on), "traffic"
+    # (--spread auto: its worker was saturated by it), "fewer" (--spread auto: fewer peers
+    # than workers); "" when one worker carries it
     spread: str = ""
 
 

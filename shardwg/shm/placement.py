@@ -42,9 +42,17 @@ class Mode(IntEnum):
 
 
 class SpreadWhy(IntEnum):
-    POLICY = 1  # shardwg run --spread on, or auto with fewer peers than workers
+    POLICY = 1  # shardwg run --spread on
     OVERRIDE = 2  # the peer's own `Spread = on` in the configuration
     TRAFFIC = 3  # --spread auto: its owner stayed saturated, and mostly by this peer
+    FEWER = 4  # --spread auto (the default) with fewer peers than workers
+
+
+# Why-s that also steer the peer's received datagrams by counter (bit 8 of its indices):
+# only where we are told the other end spreads by the same blocks. The others spread our
+# sealing only: against a sender that counts in sequence (wireguard-go, or a shardwg end
+# not spreading this peer), counter steering would reorder every flow.
+BOTH_WAYS = frozenset({SpreadWhy.POLICY, SpreadWhy.OVERRIDE})
 
 
 class Reason(IntEnum):
