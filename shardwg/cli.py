@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("off", "auto", "on"),
         default="auto",
         help="seal a peer's packets on every worker that reads them, not only its owner: "
-        "auto (the default) when there are fewer peers than workers or the peer saturates "
-        "its worker, our sealing only; on: every peer, and its datagrams are opened by the "
+        "auto (the default) when the peer keeps its worker busy (saturated; with fewer "
+        "peers than workers, half a core) while a core sits idle, our sealing only; on: every peer, and its datagrams are opened by the "
         "worker their counter names (for a shardwg at the other end with --spread on or "
         "Spread = on); off: one worker per peer; never with --placement hash",
     )

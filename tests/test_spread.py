@@ -446,15 +446,17 @@ def test_receive_spread_over_workers_each_with_its_own_window() -> None:
 
 def test_when_to_spread() -> None:
     from shardwg.engine.placement import spread_reasons
-    from shardwg.shm.placement import Mode
+    from shardwg.shm.placement import Mode, SpreadWhy
 
     def spread_peers(*args: Any) -> set[bytes]:
         return set(spread_reasons(*args))
 
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
-    assert spread_peers(Mode.LOAD, [a], 2, "auto", {}) == {a}  # fewer peers than workers
+    assert spread_peers(Mode.LOAD, [a], 2, "auto", {}) == set()  # auto: only when measured
+    assert spread_reasons(Mode.LOAD, [a], 2, "auto", {}, {a}) == {a: SpreadWhy.FEWER}
+    assert spread_reasons(Mode.LOAD, [a, b], 2, "auto", {}, {a}) == {a: SpreadWhy.TRAFFIC}
     assert spread_peers(Mode.COUNT, [a, b], 2, "auto", {}) == set()
-    assert spread_peers(Mode.COUNT, [a, b], 4, "auto", {b: False}) == {a}  # a per-peer override
+    assert spread_peers(Mode.COUNT, [a, b], 4, "auto", {b: False}, {a, b}) == {a}  # override
     assert spread_peers(Mode.COUNT, [a, b, c], 2, "auto", {c: True}) == {c}
     assert spread_peers(Mode.COUNT, [a, b, c], 2, "on", {c: False}) == {a, b}
     assert spread_peers(Mode.LOAD, [a], 2, "off", {a: True}) == set()

@@ -18,6 +18,7 @@ from shardwg.config.diff import config_from_set, diff_configs
 from shardwg.config.keys import encode_key
 from shardwg.config.model import ConfigError, format_config, parse_config, spread_settings
 from shardwg.engine import control
+from shardwg.engine.placement import TrafficSpread
 from shardwg.engine.placer import Placer
 from shardwg.shm.layout import Layout
 from shardwg.shm.placement import Mode, SpreadWhy, decode_table
@@ -121,7 +122,11 @@ def test_overrides_reach_the_table_with_their_reason() -> None:
     one, _ = _placer("auto")
     one.set_overrides({A: False}, write=False)
     one.start([A], {A: 0})
-    assert _table(one) == (set(), {})  # off wins over auto's fewer-peers-than-workers
+    assert _table(one) == (set(), {})  # off wins over auto
+    one.set_overrides({})
+    assert _table(one) == (set(), {})  # auto decides by measured load, not at start
+    one.traffic = TrafficSpread(frozenset({A}))  # its owner was busy, a core idle
+    one.set_overrides({A: False})
     one.set_overrides({})
     assert _table(one) == ({0}, {0: SpreadWhy.FEWER})  # auto: fewer peers than workers
     off, _ = _placer("off")

@@ -53,6 +53,33 @@ def test_spread_after_three_saturated_intervals_not_before() -> None:
     assert _run([hot] * SPREAD_HOT_INTERVALS) == [False, False, True]
 
 
+def test_only_with_a_core_idle_for_the_others() -> None:
+    """Measured here: with no core idle, spreading cost 9-15 % of a TCP flow's throughput
+    (two shardwg ends, iperf3 and the kernel already kept both cores busy) and gained
+    nothing, so a saturated owner alone does not spread its peer."""
+    busy = TrafficSample({A: 0, B: 1}, {A: RATE, B: RATE / 10}, [RATE / 0.9, RATE / 10],
+                         [0.95, 0.9], frozenset(), idle=0.1)  # fmt: skip
+    assert not any(_run([busy] * 10))
+    free = TrafficSample({A: 0, B: 1}, {A: RATE, B: RATE / 10}, [RATE / 0.9, RATE / 10],
+                         [0.95, 0.1], frozenset(), idle=0.9)  # fmt: skip
+    assert _run([free] * SPREAD_HOT_INTERVALS)[-1]
+
+
+def test_fewer_peers_than_workers_spread_at_a_busy_owner() -> None:
+    """With fewer peers than workers some workers have no peer at all: an owner busy at
+    SPREAD_FEWER_HOT_CPU is enough, and it goes back only below SPREAD_FEWER_COLD_CPU."""
+    def one(cpu: float, fewer: bool, spread: frozenset[bytes] = frozenset()) -> TrafficSample:
+        return TrafficSample({A: 0}, {A: RATE}, [RATE, 0.0], [cpu, 0.05], spread,
+                             idle=1.0, fewer=fewer)  # fmt: skip
+
+    assert not any(_run([one(0.6, False)] * 6, frozenset({A})))
+    assert _run([one(0.6, True)] * SPREAD_HOT_INTERVALS, frozenset({A}))[-1]
+    st = TrafficSpread(frozenset({A}))
+    on = frozenset({A})
+    assert all(_run([one(0.4, True, on)] * 10, frozenset({A}), st))  # between: kept
+    assert not _run([one(0.2, True, on)] * SPREAD_COLD_INTERVALS, frozenset({A}), st)[-1]
+
+
 def test_only_the_bulk_of_a_saturated_worker_and_real_traffic() -> None:
     assert not any(_run([_sample([0.95, 0.1], a_share=0.3)] * 6))  # others saturate it
     assert not any(_run([_sample([0.95, 0.1], a_rate=MIN_HOT_RATE / 2)] * 6))  # idle noise
@@ -152,9 +179,10 @@ def test_the_placer_spreads_a_saturating_peer_and_shows_why() -> None:
     buf = bytearray(lay.total_size)
     t = [100.0]
     cpu = {1001: 0.0, 1002: 0.0}  # CPU seconds by pid, as /proc would say
+    idle = [0.0, 1.0]  # our cores' idle CPU seconds (/proc/stat), and how many sit idle now
     nudges: list[int] = []
     p = Placer(Mode.COUNT, 2, lay, buf, lambda: nudges.append(1), clock=lambda: t[0],
-               cpu_of=lambda pid: cpu.get(pid, 0.0))  # fmt: skip
+               cpu_of=lambda pid: cpu.get(pid, 0.0), idle_of=lambda: idle[0])  # fmt: skip
     p.spread_policy = "auto"
     p.start([A, B], {A: 0, B: 1})
     blocks = [C.WorkerCounters.for_worker(buf, lay.counters_offset, w) for w in range(2)]
@@ -170,6 +198,7 @@ def test_the_placer_spreads_a_saturating_peer_and_shows_why() -> None:
         blocks[0].v[C.RX_BYTES] = sent[A]
         cpu[1001] += a_cores
         cpu[1002] += 0.01
+        idle[0] += idle[1]
         for b in blocks:
             b.flush()
         p.tick(t[0])
@@ -178,6 +207,11 @@ def test_the_placer_spreads_a_saturating_peer_and_shows_why() -> None:
     for _ in range(5):
         second(0.5)
     assert not p.spread_now and not nudges
+    idle[1] = 0.2  # saturated, but no core idle for the others to seal on: not spread
+    for _ in range(3 * SPREAD_HOT_INTERVALS):
+        second(0.97)
+    assert not p.spread_now and not nudges
+    idle[1] = 1.0
     took = 0
     while not p.spread_now and took < 10:
         second(0.97)
@@ -244,7 +278,8 @@ def test_traffic_spreads_our_sealing_only() -> None:
 
 
 def test_auto_with_fewer_peers_than_workers_spreads_our_sealing_only() -> None:
-    """The default `--spread auto` with one peer on 2 workers: both workers seal for it,
+    """The default `--spread auto` with one peer on 2 workers, once its owner was busy with
+    a core idle: both workers seal for it,
     but its indices do not ask for receive steering by counter, so a sender that counts in
     sequence (wireguard-go) keeps every datagram on the owner, in order. Before: auto's
     fewer-peers rule steered receives by counter too, reordering every flow from such a
@@ -259,6 +294,10 @@ def test_auto_with_fewer_peers_than_workers_spreads_our_sealing_only() -> None:
             w.device.table.allocator.steer_spread = True
         world.placer.spread_policy = policy
         world.placer.flush()
+        if policy == "auto":  # measured, not at start: nothing is spread yet
+            assert world.placer.spread_now == {}
+            world.placer.traffic = TrafficSpread(frozenset({world.remote_key}))  # busy owner
+            world.placer.flush()
         why = SpreadWhy.FEWER if policy == "auto" else SpreadWhy.POLICY
         assert world.placer.spread_now == {world.remote_key: why}
         world.settle()

@@ -11,6 +11,7 @@ two by a margin, so one hot peer alone on a worker is never bounced between work
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -146,15 +147,15 @@ def spread_reasons(
     traffic: AbstractSet[bytes] = frozenset(),
 ) -> dict[bytes, SpreadWhy]:
     """The peers every worker seals for (issue 12 item 2) and why, by `policy`:
-    "off" none; "on" all; "auto" (the default) all when there are fewer peers than workers
-    (the workers left idle by one-owner placement carry them), else those in `traffic`
-    (spread_by_traffic found their owner saturated by them). A per-peer override (the
-    configuration's `Spread`) wins over "auto" and "on"; hash placement (`--placement hash`,
-    today's behaviour) and "off" never spread. What "auto" spreads is our sealing only
-    (shm/placement.BOTH_WAYS)."""
+    "off" none; "on" all; "auto" (the default) those in `traffic`: spread_by_traffic found
+    their owner busy with them while a core sat idle (reason FEWER when there are fewer
+    peers than workers, where a busy owner is enough, else TRAFFIC: a saturated one). A
+    per-peer override (the configuration's `Spread`) wins over "auto" and "on"; hash
+    placement (`--placement hash`, today's behaviour) and "off" never spread. What "auto"
+    spreads is our sealing only (shm/placement.BOTH_WAYS)."""
     if mode == Mode.HASH or workers < 2 or policy == "off":
         return {}
-    fewer = policy == "auto" and len(keys) < workers
+    by_traffic = SpreadWhy.FEWER if len(keys) < workers else SpreadWhy.TRAFFIC
     out: dict[bytes, SpreadWhy] = {}
     for k in keys:
         o = overrides.get(k)
@@ -163,21 +164,25 @@ def spread_reasons(
                 out[k] = SpreadWhy.OVERRIDE
         elif policy == "on":
             out[k] = SpreadWhy.POLICY
-        elif fewer:
-            out[k] = SpreadWhy.FEWER
         elif policy == "auto" and k in traffic:
-            out[k] = SpreadWhy.TRAFFIC
+            out[k] = by_traffic
     return out
 
 
 # Spread by measured traffic (`--spread auto`): a peer whose owner stays saturated, and
-# saturated mostly by that peer, is spread; it goes back to one owner only once that owner
-# would stay well below saturation with the peer's whole traffic back on it.
+# saturated mostly by that peer, is spread, but only while a core sits idle for the other
+# workers to seal on (measured: with none idle, spreading cost 9-15 % of a TCP flow's
+# throughput and gained nothing); it goes back to one owner only once that owner would stay
+# well below saturation with the peer's whole traffic back on it. With fewer peers than
+# workers (idle workers by construction) a busy owner is enough.
 SPREAD_HOT_CPU = 0.85  # the owner's CPU (cores) at or above this is saturated...
 SPREAD_HOT_INTERVALS = 3  # ...once it stayed so for this many consecutive samples
 SPREAD_BULK = 0.5  # ...and the peer carried at least this share of the owner's bytes
+SPREAD_IDLE_CORES = 0.5  # ...and at least this much of our cores sat idle in the sample
 SPREAD_COLD_CPU = 0.5  # unspread once the owner would carry it all below this...
 SPREAD_COLD_INTERVALS = 5  # ...for this many consecutive samples
+SPREAD_FEWER_HOT_CPU = 0.5  # the two thresholds with fewer peers than workers
+SPREAD_FEWER_COLD_CPU = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,8 @@ class TrafficSample:
     worker_rates: Sequence[float]  # bytes/s per worker, every peer's it carried
     cpu: Sequence[float]  # cores per worker (1.0: one core busy)
     spread: AbstractSet[bytes]  # every peer spread now, whatever the reason
+    idle: float = math.inf  # cores of ours that sat idle (observe/cpus.idle_seconds)
+    fewer: bool = False  # fewer peers than workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +233,14 @@ def spread_by_traffic(
 ) -> TrafficSpread:
     """The next state after one interval (pure). Only `eligible` peers (auto, no override,
     not spread by policy) are decided; a peer is spread after SPREAD_HOT_INTERVALS samples in
-    a row in which its owner used >= SPREAD_HOT_CPU cores and it carried >= SPREAD_BULK of
-    the owner's bytes, and unspread after SPREAD_COLD_INTERVALS samples in a row in which
-    its owner would carry it all below SPREAD_COLD_CPU: the gap between the two keeps a peer
-    near the limit from flapping."""
+    a row in which its owner used >= SPREAD_HOT_CPU cores, it carried >= SPREAD_BULK of
+    the owner's bytes and >= SPREAD_IDLE_CORES of ours sat idle, and unspread after
+    SPREAD_COLD_INTERVALS samples in a row in which its owner would carry it all below
+    SPREAD_COLD_CPU: the gap between the two keeps a peer near the limit from flapping, and
+    idle cores are not asked again (spreading uses them). With fewer peers than workers the
+    SPREAD_FEWER_* thresholds apply."""
+    hot_cpu, cold_cpu = ((SPREAD_FEWER_HOT_CPU, SPREAD_FEWER_COLD_CPU) if s.fewer
+                         else (SPREAD_HOT_CPU, SPREAD_COLD_CPU))  # fmt: skip
     spread: set[bytes] = set()
     streak: dict[bytes, int] = {}
     load: dict[bytes, float] = {}
@@ -238,7 +249,7 @@ def spread_by_traffic(
         rate = s.rates.get(key)
         if key in state.spread:
             est = one_owner_load(key, s)
-            cold = est is not None and est < SPREAD_COLD_CPU
+            cold = est is not None and est < cold_cpu
             n = state.streak.get(key, 0) + 1 if cold else 0
             if n < SPREAD_COLD_INTERVALS:
                 spread.add(key)
@@ -247,7 +258,7 @@ def spread_by_traffic(
             if est is not None:
                 load[key] = round(est, 3)
         elif 0 <= o < len(s.cpu) and rate is not None:
-            hot = (s.cpu[o] >= SPREAD_HOT_CPU and rate >= MIN_HOT_RATE
+            hot = (s.cpu[o] >= hot_cpu and rate >= MIN_HOT_RATE and s.idle >= SPREAD_IDLE_CORES
                    and rate >= SPREAD_BULK * s.worker_rates[o])  # fmt: skip
             n = state.streak.get(key, 0) + 1 if hot else 0
             if n >= SPREAD_HOT_INTERVALS:

@@ -29,6 +29,7 @@ from shardwg.engine.placement import (
     spread_by_traffic,
     spread_reasons,
 )
+from shardwg.observe.cpus import idle_seconds
 from shardwg.observe.status import cpu_seconds
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout
@@ -66,6 +67,7 @@ class Placer:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cpu_of: Callable[[int], float] = cpu_seconds,
+        idle_of: Callable[[], float] = idle_seconds,
     ) -> None:
         self.mode = mode
         self.workers = workers
@@ -75,14 +77,17 @@ class Placer:
         self.clock = clock
         self.wall_clock = wall_clock
         self.cpu_of = cpu_of  # a worker's CPU seconds by pid (/proc)
+        self.idle_of = idle_of  # idle CPU seconds of our cores so far (/proc/stat)
         self.slot_of: dict[bytes, int] = {}
         self.owners: dict[bytes, int] = {}
         self.table = PlacementTable(mode, [-1] * layout.peer_capacity)
         self.balancer = LoadBalancer(workers)
         self.in_flight: dict[bytes, tuple[float, MoveRecord]] = {}
         self._scratch = bytearray(table_size(layout.peer_capacity))
-        # (time, bytes per peer, (pid, bytes, CPU seconds) per worker) of the last samples
-        self._history: list[tuple[float, dict[bytes, int], list[tuple[int, int, float]]]] = []
+        # (time, bytes per peer, (pid, bytes, CPU seconds) per worker, idle CPU seconds)
+        self._history: list[
+            tuple[float, dict[bytes, int], list[tuple[int, int, float]], float]
+        ] = []
         self._next_sample = 0.0
         self.rates: dict[bytes, float] = {}
         self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_reasons)
@@ -91,6 +96,7 @@ class Placer:
         self.traffic = TrafficSpread()  # --spread auto: peers spread by measured traffic
         self.worker_rates: list[float] = []  # bytes/s per worker, sampled with `rates`...
         self.cpu: list[float] = []  # ...and cores per worker (only under --spread auto)
+        self.idle = 0.0  # ...and our cores that sat idle (ditto)
         # told after every table write whether any peer is spread (io/tun_steering.py)
         self.on_spread: Callable[[bool], object] | None = None
 
@@ -231,14 +237,16 @@ class Placer:
         if workers:
             for s in C.read_all(buf, self.layout.counters_offset, self.workers):
                 per_worker.append((s.pid, s.rx_bytes + s.tx_bytes, self.cpu_of(s.pid)))
-        self._history.append((now, totals, per_worker))
+        idle = self.idle_of() if workers else 0.0
+        self._history.append((now, totals, per_worker, idle))
         del self._history[: -RATE_WINDOW - 1]
-        then, old, before = self._history[0]
+        then, old, before, idle0 = self._history[0]
         dt = now - then
         self.rates = {
             k: max(0, v - old[k]) / dt for k, v in totals.items() if k in old and dt > 0
         }
         self.worker_rates, self.cpu = [], []
+        self.idle = max(0.0, idle - idle0) / dt if dt > 0 else 0.0
         if dt > 0 and per_worker and len(before) == len(per_worker):
             for (pid0, b0, c0), (pid, b, c) in zip(before, per_worker, strict=True):
                 self.worker_rates.append(max(0, b - b0) / dt)
@@ -248,17 +256,18 @@ class Placer:
     def _by_traffic(self) -> bool:
         """--spread auto: step spread_by_traffic over this interval; True if its set changed
         (then the table is rewritten and the workers nudged)."""
-        by_rule = (SpreadWhy.POLICY, SpreadWhy.FEWER)  # spread anyway: not traffic's to decide
         eligible = {k for k in self.slot_of if k not in self.spread_overrides
-                    and self.spread_now.get(k) not in by_rule}  # fmt: skip
+                    and self.spread_now.get(k) != SpreadWhy.POLICY}  # fmt: skip
         sample = TrafficSample(self.owners, self.rates, self.worker_rates, self.cpu,
-                               set(self.spread_now))  # fmt: skip
+                               set(self.spread_now), self.idle,
+                               len(self.slot_of) < self.workers)  # fmt: skip
         old, self.traffic = self.traffic, spread_by_traffic(self.traffic, sample, eligible)
         new = self.traffic.spread
         for key in new - old.spread:
             log.info("placement: peer %s… spread over every worker: worker %d at %.2f cores "
-                     "for %d s, mostly its traffic", key[:4].hex(), self.owners.get(key, -1),
-                     self.traffic.load.get(key, 0.0), SPREAD_HOT_INTERVALS)  # fmt: skip
+                     "for %d s, mostly its traffic, %.2f cores idle", key[:4].hex(),
+                     self.owners.get(key, -1), self.traffic.load.get(key, 0.0),
+                     SPREAD_HOT_INTERVALS, self.idle)  # fmt: skip
         for key in old.spread - new:
             log.info("placement: peer %s… back on worker %d alone (it would use %.2f cores)",
                      key[:4].hex(), self.owners.get(key, -1),

@@ -64,3 +64,29 @@ def default_workers(cores: int | None = None, limit: int | None = -1) -> int:
     cores = affinity_cores() if cores is None else cores
     limit = cgroup_cpu_limit() if limit == -1 else limit
     return max(1, min(cores, limit) if limit is not None else cores)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def idle_seconds(stat: str = "/proc/stat") -> float:
+    """Idle CPU seconds so far (idle + iowait) of the cores this process may run on, summed:
+    the difference over an interval, divided by it, is how many of our cores sat idle.
+    Why only ours: in a cpuset (a container) the host's other idle cores are of no use.
+    0.0 when /proc/stat cannot be read (then nothing looks idle)."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except AttributeError:
+        mine = set(range(os.cpu_count() or 1))
+    total = 0
+    try:
+        with open(stat) as f:
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    continue
+                name, *ticks = line.split()
+                if name[3:].isdigit() and int(name[3:]) in mine and len(ticks) >= 5:
+                    total += int(ticks[3]) + int(ticks[4])
+    except (OSError, ValueError):
+        return 0.0
+    return total / _CLK_TCK
