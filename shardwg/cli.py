@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="seal a peer's packets on every worker that reads them, not only its owner: "
         "auto (the default) when the peer keeps its worker busy (saturated; with fewer "
-        "peers than workers, half a core) while a core sits idle, our sealing only; on: every peer, and its datagrams are opened by the "
-        "worker their counter names (for a shardwg at the other end with --spread on or "
-        "Spread = on); off: one worker per peer; never with --placement hash",
+        "peers than workers, half a core) while a core sits idle, our sealing only; "
+        "on: every peer, and its datagrams are opened by the worker their counter names "
+        "(for a shardwg at the other end with --spread on or Spread = on); "
+        "off: one worker per peer; never with --placement hash",
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)
