@@ -140,7 +140,7 @@ def peer_families(st: GatewayStatus) -> Iterator[Metric]:
         "shardwg_peer_spread",
         "1 for a peer every worker carries, with why (policy: --spread on, override: its "
         "Spread = on, traffic: --spread auto found its worker saturated by it, fewer: "
-        "--spread auto with fewer peers than workers)",
+        "--spread auto with fewer peers than workers found its worker busy with it)",
         labels=[*labels, "reason"],
     )
     now = time.time()

@@ -51,7 +51,7 @@ _SPREAD_WHY = {
     "policy": "--spread",
     "override": "its Spread = on",
     "traffic": "its traffic saturated its worker (--spread auto)",
-    "fewer": "fewer peers than workers (--spread auto)",
+    "fewer": "fewer peers than workers, its worker busy (--spread auto)",
 }
 
 
