@@ -29,8 +29,7 @@ from shardwg.engine.placement import (
     spread_by_traffic,
     spread_reasons,
 )
-from shardwg.observe.cpus import idle_seconds
-from shardwg.observe.status import cpu_seconds
+from shardwg.observe.cpus import cpu_seconds, idle_seconds
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer

@@ -1,4 +1,5 @@
-"""How many cores this process may use: CPU affinity, capped by a cgroup CPU quota.
+"""How many cores this process may use (CPU affinity, capped by a cgroup CPU quota), and the
+CPU time spent on them: a process's (cpu_seconds) and our cores' idle time (idle_seconds).
 
 `shardwg run` starts one worker per usable core by default, the container entrypoint sizes
 SHARDWG_WORKERS=auto the same way, and `shardwg check` reports the three figures.
@@ -67,6 +68,18 @@ def default_workers(cores: int | None = None, limit: int | None = -1) -> int:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` from /proc (0.0 when it is gone)."""
+    if pid <= 0:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def idle_seconds(stat: str = "/proc/stat") -> float:

@@ -10,13 +10,13 @@ snapshots `interval` seconds apart. `GatewayStatus` is the stable JSON schema of
 from __future__ import annotations
 
 import base64
-import os
 import time
 from typing import Any
 
 import msgspec
 
 from shardwg.config.endpoints import format_endpoint
+from shardwg.observe.cpus import cpu_seconds
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout, decode_global
 from shardwg.shm.peerslot import decode_peer
@@ -156,20 +156,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 HEALTHY_BEAT = 1.0  # a worker whose heartbeat is older than this is not ready
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` from /proc (0.0 when it is gone)."""
-    if pid <= 0:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def read_status(interface: str, interval: float = 0.5) -> GatewayStatus:
