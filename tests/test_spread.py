@@ -462,3 +462,95 @@ def test_when_to_spread() -> None:
     assert spread_peers(Mode.LOAD, [a], 2, "off", {a: True}) == set()
     assert spread_peers(Mode.HASH, [a], 2, "on", {a: True}) == set()  # --placement hash
     assert spread_peers(Mode.LOAD, [a], 1, "on", {}) == set()  # one worker: nothing to spread
+
+
+def _rekey_by_the_remote(world: Any) -> None:
+    """The remote initiates a new handshake and the owner answers; the remote switches at
+    once (initiator), the owner holds the new session as `next` until data arrives on it.
+    Unlike World.handshake no datagram confirms it here: the caller steers them."""
+    from tests.placement_world import GW_ADDR, REMOTE_ADDR, SOURCE
+
+    world.now += 130.0  # past REKEY_TIMEOUT since the last initiation
+    world.wall += 130.0
+    world.remote.outbox.clear()
+    world.rpeer.send_initiation(world.now, world.wall)
+    (_p, init), = world.remote.outbox
+    world.remote.outbox.clear()
+    owner = world.w[world.owner()]
+    assert owner.device.receive_handshake(init, REMOTE_ADDR, SOURCE, world.now,
+                                          world.wall) is None  # fmt: skip
+    (_p, resp), = owner.device.outbox
+    owner.device.outbox.clear()
+    owner.flush_events()
+    assert world.remote.receive_handshake(resp, GW_ADDR, SOURCE, world.now, world.wall) is None
+
+
+def _spread_world_not_owned_by_0() -> Any:
+    """Two workers, receive steering on, the peer owned by worker 1: the first 1024
+    counters of every session (block 0) are steered to worker 0, a non-owner."""
+    from shardwg.engine.placement import Move
+    from shardwg.shm.placement import Reason
+
+    world = _spread_world(2)
+    if world.owner() == 0:
+        world.placer.move(Move(world.remote_key, 0, 1), Reason.LOAD)
+        world.settle()
+        world.now += 10.0  # a new handshake with the new owner (REKEY_TIMEOUT, 20 ms)
+        world.wall += 10.0
+        world.remote.outbox.clear()
+        world.handshake()
+        world.settle()
+    assert world.owner() == 1
+    return world
+
+
+def test_a_session_the_remote_begins_is_opened_where_its_first_datagrams_land() -> None:
+    """The remote rekeys and its first datagrams under the new session (block 0) reach
+    worker 0, which does not own the peer and to whose owner the session is still `next`:
+    they are opened there all the same, and the owner confirms the session (it then
+    seals with it) although it never received a datagram of it itself."""
+    world = _spread_world_not_owned_by_0()
+    for _ in range(300):
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
+    _rekey_by_the_remote(world)
+    new_index = world.rpeer.current.remote_index
+    opened = [0, 0]
+    for _ in range(1000):  # counters 0..999: block 0, worker 0
+        data = world.remote_datagram()
+        w = _steer(world, data)
+        assert world.w[w].receive(data) > 0, (w, "dropped a datagram of the new session")
+        opened[w] += 1
+    assert opened == [1000, 0]
+    world.settle()
+    owner_peer = world.w[world.owner()].device.peers[world.remote_key]
+    assert owner_peer.current is not None and owner_peer.current.local_index == new_index
+    assert world.gateway_send()  # the remote opens what the owner seals with it
+
+
+def test_in_flight_datagrams_of_the_previous_session_are_opened_after_a_rekey() -> None:
+    """Datagrams the remote sealed just before a rekey arrive after it, steered over both
+    workers: each is opened once (previous session kept, with its floor in the ledger),
+    a replay of any of them is refused, also by a worker replaced after the rekey."""
+    world = _spread_world_not_owned_by_0()
+    for _ in range(2000):
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
+    in_flight = [world.remote_datagram() for _ in range(1500)]  # spans both workers' blocks
+    _rekey_by_the_remote(world)
+    for _ in range(3000):
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
+    world.settle()  # the owner confirms; every worker now follows the new session
+    got = [0, 0]
+    for data in in_flight:
+        w = _steer(world, data)
+        assert world.w[w].receive(data) > 0, (w, "dropped an in-flight datagram")
+        got[w] += 1
+    assert min(got) > 0, got
+    for data in in_flight[::7]:
+        assert world.w[_steer(world, data)].receive(data) <= 0
+    world.crash(0)
+    world.settle()
+    for data in in_flight:
+        assert world.w[_steer(world, data)].receive(data) <= 0
