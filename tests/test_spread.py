@@ -474,12 +474,12 @@ def _rekey_by_the_remote(world: Any) -> None:
     world.wall += 130.0
     world.remote.outbox.clear()
     world.rpeer.send_initiation(world.now, world.wall)
-    (_p, init), = world.remote.outbox
+    ((_p, init),) = world.remote.outbox
     world.remote.outbox.clear()
     owner = world.w[world.owner()]
     assert owner.device.receive_handshake(init, REMOTE_ADDR, SOURCE, world.now,
                                           world.wall) is None  # fmt: skip
-    (_p, resp), = owner.device.outbox
+    ((_p, resp),) = owner.device.outbox
     owner.device.outbox.clear()
     owner.flush_events()
     assert world.remote.receive_handshake(resp, GW_ADDR, SOURCE, world.now, world.wall) is None
@@ -554,3 +554,30 @@ def test_in_flight_datagrams_of_the_previous_session_are_opened_after_a_rekey() 
     world.settle()
     for data in in_flight:
         assert world.w[_steer(world, data)].receive(data) <= 0
+
+
+@pytest.mark.parametrize("replay_first", [0, 1])
+def test_a_move_never_accepts_a_steered_datagram_twice(replay_first: int) -> None:
+    """A receive-steered peer moves: the old owner now follows it (its floor was the
+    slot's, not a ledger cell), the old follower now owns it (its floor was its ledger
+    cell, not the slot's). A replay of anything either accepted before is refused after."""
+    from shardwg.engine.placement import Move
+    from shardwg.shm.placement import Reason
+
+    world = _spread_world(2)
+    owner = world.owner()
+    sent: list[bytes] = []
+    # end inside a block of the follower's: its floor is then above the owner's
+    while len(sent) < 5000 or _steer(world, sent[-300]) == owner:
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
+        sent.append(data)
+    world.placer.move(Move(world.remote_key, owner, 1 - owner), Reason.LOAD)
+    world.settle()
+    assert world.owner() == 1 - owner
+    ordered = sorted(sent, key=lambda d: _steer(world, d) != replay_first)
+    for data in ordered:
+        assert world.w[_steer(world, data)].receive(data) <= 0
+    for _ in range(3000):  # and fresh datagrams still get through
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
