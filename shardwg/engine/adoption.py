@@ -34,7 +34,7 @@ from shardwg.shm import counters as C
 from shardwg.shm.follower import SpreadFollower
 from shardwg.shm.handoff import HandoffKind
 from shardwg.shm.layout import Layout
-from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer
+from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer, floor_window
 from shardwg.shm.placement import BOTH_WAYS, SpreadWhy, decode_table
 from shardwg.shm.publisher import SessionPublisher
 
@@ -185,19 +185,20 @@ class ShardPlacement:
         for r in dev.remote.values():
             if r.follower is not None:
                 live = True
-                if r.follower.kp is not None:
-                    followed[r.follower.kp.local_index] = r.follower.kp
+                followed.update(r.follower.receiving)
         if followed != dev.followed:  # (Keypair compares by identity) a change: the kernel's
             dev.followed = followed  # state is rebuilt on the next batch, allowed IPs too,
             dev.followed_generation += 1  # which is not free at 10,000 peers
         dev.refresh_followed = self._refresh_followed if live else None
 
-    def _followed_changed(self, old: Any, new: Any) -> None:
+    def _followed_changed(self, removed: list[Any], added: list[Any]) -> None:
         dev = self.device
-        if old is not None:
-            dev.followed.pop(old.local_index, None)
-        if new is not None:
-            dev.followed[new.local_index] = new
+        for kp in removed:
+            index = kp.local_index
+            if dev.followed.get(index) is kp:
+                del dev.followed[index]
+        for kp in added:
+            dev.followed[kp.local_index] = kp
         dev.followed_generation += 1
 
     def _refresh_followed(self) -> None:
@@ -206,12 +207,19 @@ class ShardPlacement:
             if remote.follower is not None:
                 remote.follower.refresh()
 
-    def spread_sessions(self) -> None:
+    def spread_sessions(self, now: float, wall: float) -> None:
         """Owner, every tick: spread each spread peer's current session once it is published
-        (its base fences off the sequential counters used before)."""
+        (its base fences off the sequential counters used before); confirm a `next` session
+        another worker opened a datagram of (steered there by its counter, the remote has
+        switched to it: we seal with it from now on, as if we had received it)."""
         for key, blocks in self.own_spread.items():
             peer = self.device.peers.get(key)
-            kp = peer.current if peer is not None else None
+            if peer is None:
+                continue
+            nxt = peer.next
+            if nxt is not None and blocks.ledger.received(nxt.local_index, self.me):
+                peer.confirm(nxt, now, wall)
+            kp = peer.current
             if kp is not None and kp.blocks is None and kp.on_reserve is not None:
                 blocks.begin(kp)
 
@@ -271,16 +279,51 @@ class ShardPlacement:
         )
         if not (restore and self.publisher.restore(peer, now)):
             self.publisher.track(peer)
+        else:
+            self._own_floors(peer)
         self.incoming.pop(key, None)
         for kp in (peer.current, peer.previous, peer.next):
             if kp is not None:
                 dev.moved.pop(kp.local_index, None)
+
+    def _own_floors(self, peer: Peer) -> None:
+        """A peer we opened as a follower before (its datagrams steered here by counter) and
+        own now: its sessions' windows also reject what we accepted then (our ledger cells;
+        the slot's floor is only the previous owner's), and the slot keeps that from now on."""
+        index = self.publisher.slot_of.get(peer.public_key)
+        if index is None:
+            return
+        ledger = self.layout.spread_area(self.buf).peer(index)
+        for kp in (peer.current, peer.previous, peer.next):
+            if kp is None or kp.recv_floor is None:
+                continue
+            mine = ledger.recv_floor(self.me, kp.local_index)
+            if mine > kp.recv_floor[0]:
+                kp.recv_floor[0] = mine
+                kp.replay = floor_window(mine)
+
+    def _keep_floors(self, peer: Peer) -> None:
+        """We give `peer` away and may follow it next (spread, its datagrams steered here by
+        counter): our receive cells take its sessions' floors (what we accepted as owner,
+        the slot's), so our windows as a follower reject those counters too."""
+        index = self.publisher.slot_of.get(peer.public_key)
+        if index is None:
+            return
+        ledger = self.layout.spread_area(self.buf).peer(index)
+        sessions = [kp for kp in (peer.current, peer.previous, peer.next) if kp is not None]
+        keep = {kp.local_index for kp in sessions}
+        for kp in sessions:
+            if kp.recv_floor is not None:
+                cell = ledger.claim(self.me, kp.local_index, keep)
+                if cell[0] < kp.recv_floor[0]:
+                    cell[0] = kp.recv_floor[0]
 
     def _release(self, peer: Peer, to: int, now: float) -> None:
         """Give `peer` to worker `to`: last publication, then routed there."""
         for kp in (peer.current, peer.previous, peer.next):
             if kp is not None:
                 kp.send_reserved = kp.send_counter  # exact: the new owner goes on from here
+        self._keep_floors(peer)
         staged = list(peer.staged)
         key = peer.public_key
         self.publisher.release(peer, to)
@@ -325,7 +368,7 @@ class ShardPlacement:
 
     def on_tick(self, now: float, wall: float) -> None:
         if self.own_spread:
-            self.spread_sessions()
+            self.spread_sessions(now, wall)
         if self.refresh():
             self.reconcile(now, wall)
         elif self.incoming:

@@ -60,6 +60,10 @@ class Ledger(Protocol):
         """The highest block end any worker published under `index` (or the base)."""
         ...
 
+    def received(self, index: int, but: int) -> bool:
+        """Whether a worker other than `but` accepted a datagram under session `index`."""
+        ...
+
 
 def block_start(worker: int, workers: int, at_least: int, block: int = SPREAD_BLOCK) -> int:
     """First counter of the first block of `worker`'s class that starts at or above `at_least`."""

@@ -6,6 +6,15 @@ runs handshakes and timers and publishes each session (record in the peer's slot
 the secret area); a follower re-reads them only when the slot's sequence moved (a session
 or endpoint change, or the owner's per-block counter publish), once per batch, and draws
 its own counter blocks under the current session. It never writes the slot.
+
+Receive (a spread peer's datagrams steered here by counter): it opens every session the
+owner's peer holds, each with its own replay window and its floor in one of its receive
+cells of the ledger: the previous one (datagrams still in flight after a rekey), the
+current one and the next one (the remote switched already; its first datagrams may land
+here, and our floor above 0 tells the owner to confirm it: engine/adoption.py). A session's
+window starts at our cell's floor. Not at the owner's: that is the highest counter of the
+owner's block class, and ours below it may still be on their way. A worker that owned the
+peer before a move wrote its floors into its cells when it gave the peer away.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ class SpreadFollower:
     """Worker `worker`'s copy of one spread peer's current session and endpoint."""
 
     __slots__ = ("slot", "keys", "blocks", "ledger", "worker", "public_key", "seen", "kp",
-                 "endpoint", "peer", "on_change")
+                 "receiving", "endpoint", "peer", "on_change")
 
     def __init__(
         self,
@@ -43,23 +52,24 @@ class SpreadFollower:
         self.worker = worker
         self.public_key = public_key
         self.peer: Any = None  # the RemotePeer the inner source must route to
-        # Called with (old, new) sessions when the followed one changes (Device.followed).
+        # Called with (removed, added) sessions when the opened ones change (Device.followed).
         self.on_change: Any = None
         self.seen = -1  # the slot sequence last read
-        self.kp: Keypair | None = None
+        self.kp: Keypair | None = None  # the current session, once spread: we seal with it
+        self.receiving: dict[int, Keypair] = {}  # local index -> a session we open
         self.endpoint: tuple[Any, ...] | None = None
 
     def refresh(self) -> Keypair | None:
-        """Re-read the slot if its sequence moved; the followed session (or None)."""
+        """Re-read the slot if its sequence moved; the session to seal with (or None)."""
         seq = self.slot.sequence()
         if seq != self.seen and not seq & 1:
-            old = self.kp
+            before = dict(self.receiving)
             self._reload(seq)
-            if self.kp is not old:
-                if old is not None:
-                    old.recv_floor = None  # its cell now holds the new session's floor
-                if self.on_change is not None:
-                    self.on_change(old, self.kp)
+            after = self.receiving
+            removed = [kp for i, kp in before.items() if after.get(i) is not kp]
+            added = [kp for i, kp in after.items() if before.get(i) is not kp]
+            if (removed or added) and self.on_change is not None:
+                self.on_change(removed, added)
         return self.kp
 
     def session(self) -> Keypair | None:
@@ -74,30 +84,44 @@ class SpreadFollower:
         except Exception:  # torn by a dying owner or mid-write: try again next batch
             return
         self.seen = seq
-        if rec is None or rec.public_key != self.public_key or rec.current is None:
+        if rec is None or rec.public_key != self.public_key:
+            self._drop(set())
             self.kp = None
             return
         self.endpoint = rec.endpoint
-        cur = rec.current
-        kp = self.kp
-        if kp is not None and kp.local_index == cur.local_index:
-            return
-        try:
-            pair = decode_keys(self.keys.read(max_retries=100)).get(cur.local_index)
-        except Exception:
-            pair = None
-        if pair is None:
+        sessions = [s for s in (rec.previous, rec.current, rec.next) if s is not None]
+        keep = {s.local_index for s in sessions}
+        self._drop(keep)  # first: their receive cells may be taken below
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        if any(s.local_index not in self.receiving for s in sessions):
+            try:
+                keys = decode_keys(self.keys.read(max_retries=100))
+            except Exception:
+                keys = {}
+        for s in sessions:
+            if s.local_index in self.receiving:
+                continue
+            pair = keys.get(s.local_index)
+            if pair is None:
+                self.seen = -1  # the keys come before the record; retry next batch
+                continue
+            kp = Keypair(pair[0], pair[1], s.local_index, s.remote_index, s.is_initiator,
+                         s.created)  # fmt: skip
+            kp.recv_floor = self.ledger.claim(self.worker, s.local_index, keep)
+            kp.replay = floor_window(int(kp.recv_floor[0]))
+            kp.peer = self.peer
+            self.receiving[s.local_index] = kp
+        cur = self.receiving.get(rec.current.local_index) if rec.current is not None else None
+        if cur is None:
             self.kp = None
-            self.seen = -1  # the keys come before the record; retry next batch
-            return
-        kp = Keypair(pair[0], pair[1], cur.local_index, cur.remote_index, cur.is_initiator,
-                     cur.created)  # fmt: skip
-        if not self.blocks.follow(kp):
-            self.kp = None
-            self.seen = -1  # the owner has not spread this session yet
-            return
-        # Receive: a replacement of ours rejects what we accepted (floor in our cell).
-        kp.replay = floor_window(self.ledger.recv_floor(self.worker, cur.local_index))
-        kp.recv_floor = self.ledger.claim(self.worker, cur.local_index)
-        kp.peer = self.peer
-        self.kp = kp
+        elif cur is not self.kp:
+            if cur.blocks is not None or self.blocks.follow(cur):
+                self.kp = cur
+            else:
+                self.kp = None
+                self.seen = -1  # the owner has not spread this session yet
+
+    def _drop(self, keep: set[int]) -> None:
+        """Stop opening the sessions the owner no longer holds (their cells are free)."""
+        for index in [i for i in self.receiving if i not in keep]:
+            self.receiving.pop(index).recv_floor = None
