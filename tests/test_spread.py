@@ -581,3 +581,166 @@ def test_a_move_never_accepts_a_steered_datagram_twice(replay_first: int) -> Non
     for _ in range(3000):  # and fresh datagrams still get through
         data = world.remote_datagram()
         assert world.w[_steer(world, data)].receive(data) > 0
+
+
+@pytest.mark.parametrize("how", ["crash", "move"])
+def test_a_new_owner_seals_from_its_own_blocks_before_its_first_tick(how: str) -> None:
+    """The owner of a spread session is replaced (crash) or the peer moves; the new owner
+    seals before its first tick. Its restored counter (the slot's reservation, i.e. the
+    base) must not run on sequentially into a block another worker seals from."""
+    from shardwg.engine.placement import Move
+    from shardwg.shm.placement import Reason
+    from tests.placement_world import GW_ADDR, ip_packet
+
+    world = _spread_world(3)
+    owner = world.owner()
+    sealed: set[tuple[bytes, int]] = set()
+    out = memoryview(bytearray(2048))
+
+    def seal(w: int, count: int) -> None:
+        dev = world.w[w].device
+        if w == world.owner():
+            kp = dev.peers[world.remote_key].current
+        else:
+            kp = dev.remote[world.remote_key].follower.session()
+        assert kp is not None
+        for _ in range(count):
+            pkt = ip_packet("10.0.0.1", "10.9.0.2", b"counter!")
+            n = seal_into(kp, memoryview(pkt), len(pkt) - 16, 1420, out)
+            assert n > 0
+            key = (kp.send_key, _COUNTER.unpack_from(out, 8)[0])
+            assert key not in sealed, f"worker {w} reused counter {key[1]}"
+            sealed.add(key)
+            assert world.remote.receive_transport(out, n, GW_ADDR, memoryview(bytearray(2048)),
+                                                  world.now, world.wall) > 0  # fmt: skip
+
+    for w in range(3):
+        seal(w, 10)
+    if how == "crash":
+        world.crash(owner)  # boots from shared memory; no tick yet
+        new = owner
+    else:
+        new = (owner + 1) % 3
+        world.placer.move(Move(world.remote_key, owner, new), Reason.LOAD)
+        for sim in world.w:  # the move lands (table, release, adoption), no tick after
+            sim.nudge()
+            sim.drain()
+        for sim in world.w:
+            sim.drain()
+        assert world.remote_key in world.w[new].device.peers
+    seal(new, 2 * SPREAD_BLOCK)
+    for w in range(3):
+        if w != new:
+            seal(w, 2 * SPREAD_BLOCK)
+
+
+class SteeredGatewayMachine(RuleBasedStateMachine):
+    """The real engine pieces (tests/placement_world.py: devices, publishers, placements,
+    ledger, rings) of a gateway whose one peer is spread both ways, under random remote
+    sends (steered by counter as the reuseport program does), datagrams held in flight,
+    replays, rekeys by the remote, placement moves, worker crashes and sends by any
+    worker. Safety at every step: no datagram accepted twice (World.accepted), no (key,
+    counter) sealed twice. Liveness once settled: fresh datagrams get through both ways."""
+
+    @initialize(workers=st.integers(2, 3))
+    def start(self, workers: int) -> None:
+        self.world = _spread_world(workers)
+        self.wire: list[bytes] = []
+        self.in_flight: list[bytes] = []
+        self.sealed: set[tuple[bytes, int]] = set()
+
+    def _deliver(self, data: bytes) -> int:
+        return int(self.world.w[_steer(self.world, data)].receive(data))
+
+    @rule(count=st.integers(1, 1200))
+    def remote_sends(self, count: int) -> None:
+        for _ in range(count):
+            data = self.world.remote_datagram()
+            self.wire.append(data)
+            self._deliver(data)
+
+    @rule(count=st.integers(1, 1200))
+    def remote_seals_for_later(self, count: int) -> None:
+        for _ in range(count):
+            self.in_flight.append(self.world.remote_datagram())
+
+    @precondition(lambda self: len(self.in_flight) > 0)
+    @rule(data=st.data())
+    def in_flight_arrive(self, data: st.DataObject) -> None:
+        batch = data.draw(st.permutations(self.in_flight))
+        self.in_flight = []
+        for msg in batch:
+            self.wire.append(msg)
+            self._deliver(msg)
+
+    @precondition(lambda self: len(self.wire) > 0)
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        for msg in data.draw(st.lists(st.sampled_from(self.wire), min_size=1, max_size=50)):
+            assert self._deliver(msg) <= 0
+
+    @rule()
+    def rekey_by_the_remote(self) -> None:
+        _rekey_by_the_remote(self.world)
+
+    @rule(data=st.data())
+    def move(self, data: st.DataObject) -> None:
+        from shardwg.engine.placement import Move
+        from shardwg.shm.placement import Reason
+
+        world = self.world
+        owner = world.owner()
+        to = data.draw(st.integers(0, world.workers - 1).filter(lambda w: w != owner))
+        world.placer.move(Move(world.remote_key, owner, to), Reason.LOAD)
+        world.settle()
+
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        self.world.crash(data.draw(st.integers(0, self.world.workers - 1)))
+
+    @rule(data=st.data(), count=st.integers(1, 300))
+    def gateway_sends(self, data: st.DataObject, count: int) -> None:
+        """Worker w reads `count` packets of the peer from its TUN queue and seals them
+        (owner: its peer's current session; others: the followed one, if spread yet)."""
+        from tests.placement_world import GW_ADDR, ip_packet
+
+        world = self.world
+        w = data.draw(st.integers(0, world.workers - 1))
+        dev = world.w[w].device
+        if w == world.owner() and world.remote_key in dev.peers:
+            kp = dev.peers[world.remote_key].current
+        else:
+            remote = dev.remote.get(world.remote_key)
+            fol = remote.follower if remote is not None else None
+            kp = fol.session() if fol is not None else None
+        if kp is None:
+            return
+        if kp.blocks is not None:
+            kp.blocks.keep_up(kp)
+        out = memoryview(bytearray(2048))
+        for _ in range(count):
+            pkt = ip_packet("10.0.0.1", "10.9.0.2", b"steered!")
+            n = seal_into(kp, memoryview(pkt), len(pkt) - 16, 1420, out)
+            if n <= 0:
+                return  # no counter could be published: nothing sent
+            key = (kp.send_key, _COUNTER.unpack_from(out, 8)[0])
+            assert key not in self.sealed, "a nonce was used twice"
+            self.sealed.add(key)
+            world.remote.receive_transport(out, n, GW_ADDR, memoryview(bytearray(2048)),
+                                           world.now, world.wall)  # fmt: skip
+
+    @rule()
+    def settle_then_both_ways(self) -> None:
+        world = self.world
+        world.settle()
+        for _ in range(2 * 1024 * world.workers):  # every worker's block class
+            data = world.remote_datagram()
+            self.wire.append(data)
+            assert self._deliver(data) > 0, "a fresh datagram was refused"
+        world.settle()  # the owner confirms a next session a follower opened
+        assert world.gateway_send()
+
+
+SteeredGatewayMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=20,
+                                                   deadline=None)  # fmt: skip
+TestSteeredGateway = SteeredGatewayMachine.TestCase
