@@ -44,6 +44,7 @@ class SimWorker:
         self.index = index
         w = world
         self.device = Device(w.gw_private, os.urandom, worker_id=index)
+        self.device.table.allocator.steer_spread = w.steer_spread  # as engine/boot.py
         self.publisher = SessionPublisher(w.layout, w.buf, dict(w.slot_of), index, w.secrets)
         self.mesh = w.layout.mesh(w.buf)
         self.held: list[tuple[bytes, int]] = []
@@ -129,6 +130,7 @@ class SimWorker:
 class World:
     def __init__(self, workers: int = 3) -> None:
         self.workers = workers
+        self.steer_spread = False  # the gateway runs with receive steering (--spread on)
         self.now, self.wall = 1000.0, 1.7e9
         self.layout = Layout(workers, 8)
         self.buf = bytearray(self.layout.total_size)

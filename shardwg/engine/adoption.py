@@ -280,27 +280,35 @@ class ShardPlacement:
         if not (restore and self.publisher.restore(peer, now)):
             self.publisher.track(peer)
         else:
-            self._own_floors(peer)
+            self._resume_spread(peer)
         self.incoming.pop(key, None)
         for kp in (peer.current, peer.previous, peer.next):
             if kp is not None:
                 dev.moved.pop(kp.local_index, None)
 
-    def _own_floors(self, peer: Peer) -> None:
-        """A peer we opened as a follower before (its datagrams steered here by counter) and
-        own now: its sessions' windows also reject what we accepted then (our ledger cells;
-        the slot's floor is only the previous owner's), and the slot keeps that from now on."""
+    def _resume_spread(self, peer: Peer) -> None:
+        """Sessions restored from the slot (a crash, or a move to us) that were spread:
+        - send: each goes on through our counter blocks at once, before our first tick;
+          its restored counter (the base, or the old owner's exact one) would run on
+          sequentially into another worker's block;
+        - receive: a peer we opened as a follower before (its datagrams steered here by
+          counter) rejects what we accepted then too (our ledger cells; the slot's floor
+          is only the previous owner's), and the slot keeps that from now on."""
         index = self.publisher.slot_of.get(peer.public_key)
         if index is None:
             return
         ledger = self.layout.spread_area(self.buf).peer(index)
+        blocks = SpreadBlocks(self.me, self.layout.workers, ledger)
         for kp in (peer.current, peer.previous, peer.next):
-            if kp is None or kp.recv_floor is None:
+            if kp is None:
                 continue
-            mine = ledger.recv_floor(self.me, kp.local_index)
-            if mine > kp.recv_floor[0]:
-                kp.recv_floor[0] = mine
-                kp.replay = floor_window(mine)
+            if kp.blocks is None:
+                blocks.follow(kp)  # False (nothing to do) for a session never spread
+            if kp.recv_floor is not None:
+                mine = ledger.recv_floor(self.me, kp.local_index)
+                if mine > kp.recv_floor[0]:
+                    kp.recv_floor[0] = mine
+                    kp.replay = floor_window(mine)
 
     def _keep_floors(self, peer: Peer) -> None:
         """We give `peer` away and may follow it next (spread, its datagrams steered here by
