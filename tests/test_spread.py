@@ -637,6 +637,36 @@ def test_a_new_owner_seals_from_its_own_blocks_before_its_first_tick(how: str) -
             seal(w, 2 * SPREAD_BLOCK)
 
 
+def test_a_peer_no_longer_spread_still_opens_its_steered_sessions() -> None:
+    """`Spread = off` on a reload while the peer's sessions carry the steering bit: the
+    remote's datagrams are still steered by counter until a new session, and every worker
+    still opens them (none sealed by a non-owner any more); the confirming of a next
+    session still works; once no session of the peer is steered the followers go."""
+    world = _spread_world(2)
+    world.placer.spread_overrides = {world.remote_key: False}
+    world.placer.flush()
+    world.settle()
+    owner = world.owner()
+    other = world.w[1 - owner].device.remote[world.remote_key]
+    assert other.follower is None or other.follower.session() is None  # no sealing
+    for _ in range(4096):
+        data = world.remote_datagram()
+        assert world.w[_steer(world, data)].receive(data) > 0
+    assert world.gateway_send()
+    _rekey_by_the_remote(world)  # the new session is not steered: all to the owner
+    for _ in range(100):
+        assert world.remote_send() > 0
+    world.settle()
+    peer = world.w[owner].device.peers[world.remote_key]
+    assert not peer.current.local_index & SPREAD_INDEX_BIT
+    assert world.gateway_send()
+    _rekey_by_the_remote(world)  # the last steered session is gone from the owner's peer
+    assert world.remote_send() > 0
+    world.settle()
+    assert other.follower is None
+    assert world.w[1 - owner].device.followed == {}
+
+
 class SteeredGatewayMachine(RuleBasedStateMachine):
     """The real engine pieces (tests/placement_world.py: devices, publishers, placements,
     ledger, rings) of a gateway whose one peer is spread both ways, under random remote
