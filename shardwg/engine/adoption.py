@@ -28,6 +28,7 @@ from shardwg.engine import control
 from shardwg.proto import ownership
 from shardwg.proto.constants import REJECT_AFTER_TIME
 from shardwg.proto.device import Device
+from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.proto.peer import Peer
 from shardwg.proto.spread import SpreadBlocks
 from shardwg.shm import counters as C
@@ -37,6 +38,7 @@ from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import PEER_RECORD_SIZE, decode_peer, encode_peer, floor_window
 from shardwg.shm.placement import BOTH_WAYS, SpreadWhy, decode_table
 from shardwg.shm.publisher import SessionPublisher
+from shardwg.shm.spread import PeerLedger
 
 log = logging.getLogger("shardwg.engine.worker")
 UNREADABLE_CLAIM = 3  # checks a torn record must stay torn before we claim it afresh
@@ -73,6 +75,10 @@ class ShardPlacement:
         self.spread: set[int] = set()  # peer slots the table spreads over every worker
         self.spread_why: dict[int, SpreadWhy] = {}  # of those, why (the table's top byte)
         self.own_spread: dict[bytes, SpreadBlocks] = {}  # spread peers we own
+        # Peers we own whose sessions may carry the steering bit (spread, or spread before
+        # and not rekeyed since): their ledgers, to confirm a next session a follower opened.
+        self.steered_own: dict[bytes, PeerLedger] = {}
+        self.receive_only: set[bytes] = set()  # followed for receiving only (no longer spread)
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> bool:
@@ -145,18 +151,20 @@ class ShardPlacement:
     def _apply_spread(self) -> None:
         """Give each spread peer a follower (not ours) or counter blocks (ours); take them
         away from peers no longer spread. Each session stays spread once begun (its
-        counters then come from blocks only), so nothing is reused when spreading stops."""
+        counters then come from blocks only), so nothing is reused when spreading stops.
+        A peer no longer spread whose sessions still carry the steering bit keeps its
+        followers for receiving only: the remote's datagrams are steered by counter until
+        a new session, and the owner's window never saw the other workers' counters."""
         dev = self.device
         workers = self.layout.workers
-        area = self.layout.spread_area(self.buf) if self.spread else None
+        area = self.layout.spread_area(self.buf)
         for key in self.specs:
             index = self.publisher.slot_of.get(key)
-            on = area is not None and index in self.spread
+            on = index is not None and index in self.spread
             remote = dev.remote.get(key)
             if remote is not None:
-                if not on:
-                    remote.follower = None
-                elif remote.follower is None and area is not None and index is not None:
+                fol = remote.follower
+                if on and fol is None and index is not None:
                     slot = self.layout.peer_slot(self.buf, index)
                     fol = SpreadFollower(
                         slot, self.publisher.secrets, index, key, area.peer(index), self.me,
@@ -165,21 +173,45 @@ class ShardPlacement:
                     fol.peer = remote
                     fol.on_change = self._followed_changed
                     remote.follower = fol
+                if fol is not None:
+                    fol.sealing = on
                     fol.refresh()
-            if key in dev.peers and on and area is not None and index is not None:
+                    if on:
+                        self.receive_only.discard(key)
+                    elif self._steering() and fol.steered():
+                        self.receive_only.add(key)
+                    else:
+                        remote.follower = None
+                        self.receive_only.discard(key)
+            peer = dev.peers.get(key)
+            if peer is not None and on and index is not None:
                 # Its next sessions' indices say so, and the other end's datagrams are then
                 # steered by counter: right for a sender that spreads by the same blocks (a
                 # shardwg told so: policy, override), a reordering for one that counts in
                 # sequence. Measured traffic says nothing about the sender: those peers
                 # spread our sealing only, the owner still opens all they send.
-                dev.peers[key].spread = self.spread_why.get(index) in BOTH_WAYS
+                peer.spread = self.spread_why.get(index) in BOTH_WAYS
                 if key not in self.own_spread:
                     self.own_spread[key] = SpreadBlocks(self.me, workers, area.peer(index))
+                self.steered_own[key] = area.peer(index)
             else:
-                if key in dev.peers:
-                    dev.peers[key].spread = False
+                if peer is not None:
+                    peer.spread = False
+                if peer is not None and index is not None and self._steering() and _steered(peer):
+                    self.steered_own[key] = area.peer(index)
+                else:
+                    self.steered_own.pop(key, None)
                 self.own_spread.pop(key, None)
-        # Only the sessions of peers we follow now are opened here.
+        self._sync_followed()
+
+    def _steering(self) -> bool:
+        """Whether the gateway steers by the index's spread bit at all (--spread on or a
+        peer's Spread = on: engine/boot.py); without it the bit is just part of an index."""
+        return bool(self.device.table.allocator.steer_spread)
+
+    def _sync_followed(self) -> None:
+        """Only the sessions of peers we follow now are opened here."""
+        dev = self.device
         followed = {}
         live = False
         for r in dev.remote.values():
@@ -207,21 +239,48 @@ class ShardPlacement:
             if remote.follower is not None:
                 remote.follower.refresh()
 
-    def spread_sessions(self, now: float, wall: float) -> None:
+    def spread_sessions(self) -> None:
         """Owner, every tick: spread each spread peer's current session once it is published
-        (its base fences off the sequential counters used before); confirm a `next` session
-        another worker opened a datagram of (steered there by its counter, the remote has
-        switched to it: we seal with it from now on, as if we had received it)."""
+        (its base fences off the sequential counters used before)."""
         for key, blocks in self.own_spread.items():
             peer = self.device.peers.get(key)
-            if peer is None:
-                continue
-            nxt = peer.next
-            if nxt is not None and blocks.ledger.received(nxt.local_index, self.me):
-                peer.confirm(nxt, now, wall)
-            kp = peer.current
+            kp = peer.current if peer is not None else None
             if kp is not None and kp.blocks is None and kp.on_reserve is not None:
                 blocks.begin(kp)
+
+    def steered_tick(self, now: float, wall: float) -> None:
+        """Every tick, for peers whose sessions carry the steering bit:
+        - ours: confirm a `next` session another worker opened a datagram of (the remote
+          switched to it; its first counters are steered to worker 0, whoever owns it):
+          we seal with it from now on, as if we had received it ourselves;
+        - followed for receiving only (no longer spread): drop the follower once none of
+          the owner's sessions is steered any more."""
+        for key, ledger in list(self.steered_own.items()):
+            peer = self.device.peers.get(key)
+            if peer is None:
+                del self.steered_own[key]
+                continue
+            nxt = peer.next
+            if (nxt is not None and nxt.local_index & SPREAD_INDEX_BIT
+                    and ledger.received(nxt.local_index, self.me)):  # fmt: skip
+                peer.confirm(nxt, now, wall)
+            if key not in self.own_spread and not (self._steering() and _steered(peer)):
+                del self.steered_own[key]
+        if self.receive_only:
+            dropped = False
+            for key in list(self.receive_only):
+                remote = self.device.remote.get(key)
+                fol = remote.follower if remote is not None else None
+                if fol is None or fol.sealing:
+                    self.receive_only.discard(key)
+                    continue
+                fol.refresh()
+                if not (self._steering() and fol.steered()):
+                    remote.follower = None  # type: ignore[union-attr]
+                    self.receive_only.discard(key)
+                    dropped = True
+            if dropped:
+                self._sync_followed()
 
     def forget(self, key: bytes) -> None:
         """The peer was removed from the configuration."""
@@ -376,7 +435,9 @@ class ShardPlacement:
 
     def on_tick(self, now: float, wall: float) -> None:
         if self.own_spread:
-            self.spread_sessions(now, wall)
+            self.spread_sessions()
+        if self.steered_own or self.receive_only:
+            self.steered_tick(now, wall)
         if self.refresh():
             self.reconcile(now, wall)
         elif self.incoming:
@@ -395,3 +456,10 @@ class ShardPlacement:
     def _count(self) -> None:
         if self.v is not None:
             self.v[C.PEERS_OWNED] = len(self.device.peers)
+
+
+def _steered(peer: Peer) -> bool:
+    """Whether any of the peer's sessions carries the steering bit (its datagrams are
+    steered by counter over the workers)."""
+    return any(kp is not None and kp.local_index & SPREAD_INDEX_BIT
+               for kp in (peer.current, peer.previous, peer.next))  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.proto.keypair import Keypair
 from shardwg.proto.spread import SpreadBlocks
 from shardwg.shm.peerslot import decode_peer, floor_window
@@ -33,7 +34,7 @@ class SpreadFollower:
     """Worker `worker`'s copy of one spread peer's current session and endpoint."""
 
     __slots__ = ("slot", "keys", "blocks", "ledger", "worker", "public_key", "seen", "kp",
-                 "receiving", "endpoint", "peer", "on_change")
+                 "receiving", "sealing", "endpoint", "peer", "on_change")
 
     def __init__(
         self,
@@ -57,6 +58,8 @@ class SpreadFollower:
         self.seen = -1  # the slot sequence last read
         self.kp: Keypair | None = None  # the current session, once spread: we seal with it
         self.receiving: dict[int, Keypair] = {}  # local index -> a session we open
+        self.sealing = True  # False: the peer is no longer spread, we only open what is
+        # still steered here (its sessions with the steering bit) until none is left
         self.endpoint: tuple[Any, ...] | None = None
 
     def refresh(self) -> Keypair | None:
@@ -76,7 +79,12 @@ class SpreadFollower:
         """Once per batch: the session to seal with, or None (hand the packet to the owner:
         no session yet, not spread yet, or the slot unreadable right now). The sealer keeps
         up with the other workers' counters before each run (engine/outbound.py)."""
-        return self.refresh()
+        kp = self.refresh()
+        return kp if self.sealing else None
+
+    def steered(self) -> bool:
+        """Whether a session we open carries the steering bit (datagrams reach us)."""
+        return any(index & SPREAD_INDEX_BIT for index in self.receiving)
 
     def _reload(self, seq: int) -> None:
         try:
