@@ -671,9 +671,10 @@ class SteeredGatewayMachine(RuleBasedStateMachine):
     """The real engine pieces (tests/placement_world.py: devices, publishers, placements,
     ledger, rings) of a gateway whose one peer is spread both ways, under random remote
     sends (steered by counter as the reuseport program does), datagrams held in flight,
-    replays, rekeys by the remote, placement moves, worker crashes and sends by any
-    worker. Safety at every step: no datagram accepted twice (World.accepted), no (key,
-    counter) sealed twice. Liveness once settled: fresh datagrams get through both ways."""
+    replays, rekeys by the remote, placement moves, worker crashes, the peer's Spread
+    setting flipped and sends by any worker. Safety at every step: no datagram accepted
+    twice (World.accepted), no (key, counter) sealed twice. Liveness once settled: fresh
+    datagrams get through both ways."""
 
     @initialize(workers=st.integers(2, 3))
     def start(self, workers: int) -> None:
@@ -730,6 +731,14 @@ class SteeredGatewayMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         self.world.crash(data.draw(st.integers(0, self.world.workers - 1)))
+
+    @rule(on=st.booleans())
+    def spread_setting(self, on: bool) -> None:
+        """A reload sets the peer's `Spread` (off: its steered sessions keep flowing)."""
+        world = self.world
+        world.placer.spread_overrides = {world.remote_key: on}
+        world.placer.flush()
+        world.settle()
 
     @rule(data=st.data(), count=st.integers(1, 300))
     def gateway_sends(self, data: st.DataObject, count: int) -> None:

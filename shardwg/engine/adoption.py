@@ -164,7 +164,11 @@ class ShardPlacement:
             remote = dev.remote.get(key)
             if remote is not None:
                 fol = remote.follower
-                if on and fol is None and index is not None:
+                # Also a peer no longer spread that our predecessor (a crash) still opened
+                # sessions of: they may still be steered here.
+                if fol is None and index is not None and (
+                    on or (self._steering() and area.peer(index).opened_by(self.me))
+                ):
                     slot = self.layout.peer_slot(self.buf, index)
                     fol = SpreadFollower(
                         slot, self.publisher.secrets, index, key, area.peer(index), self.me,

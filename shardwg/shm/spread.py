@@ -142,6 +142,11 @@ class PeerLedger:
         cell = self._receive_cell(worker, index)
         return 0 if cell < 0 else self._read(cell, index)
 
+    def opened_by(self, worker: int) -> bool:
+        """Whether `worker` (or a predecessor of it) took a receive cell for this peer."""
+        first = 1 + self.workers + worker * RECEIVE_CELLS
+        return any(self._tag(c) for c in range(first, first + RECEIVE_CELLS))
+
     def received(self, index: int, but: int) -> bool:
         """Whether any worker other than `but` accepted a datagram under session `index`
         (the owner confirms a `next` session a follower opened)."""
