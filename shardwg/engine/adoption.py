@@ -79,6 +79,10 @@ class ShardPlacement:
         # and not rekeyed since): their ledgers, to confirm a next session a follower opened.
         self.steered_own: dict[bytes, PeerLedger] = {}
         self.receive_only: set[bytes] = set()  # followed for receiving only (no longer spread)
+        # A replacement's first pass also follows peers its predecessor opened (ledger
+        # cells); boot clears it for a first start, where every cell is empty (reading
+        # them would fault in the ledger's pages of every peer).
+        self.resume_followers = True
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> bool:
@@ -167,7 +171,8 @@ class ShardPlacement:
                 # Also a peer no longer spread that our predecessor (a crash) still opened
                 # sessions of: they may still be steered here.
                 if fol is None and index is not None and (
-                    on or (self._steering() and area.peer(index).opened_by(self.me))
+                    on or (self.resume_followers and self._steering()
+                           and area.peer(index).opened_by(self.me))  # fmt: skip
                 ):
                     slot = self.layout.peer_slot(self.buf, index)
                     fol = SpreadFollower(
@@ -206,6 +211,7 @@ class ShardPlacement:
                 else:
                     self.steered_own.pop(key, None)
                 self.own_spread.pop(key, None)
+        self.resume_followers = False
         self._sync_followed()
 
     def _steering(self) -> bool:

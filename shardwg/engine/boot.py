@@ -102,6 +102,7 @@ def build_shard(ctx: BootContext, index: int, restarts: int) -> Shard:
         placement = ShardPlacement(
             device, publisher, layout, buf, index, specs, ring_pusher(mesh, index, n), counters.v
         )
+        placement.resume_followers = restarts > 0
         placement.refresh()
         placement.reconcile(now, wall, strict=True)  # ours adopted (restored), others remote
     except (ValueError, OSError) as exc:
