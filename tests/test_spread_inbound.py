@@ -181,3 +181,53 @@ def test_a_replacement_refuses_what_the_kernel_accepted_for_a_followed_session(
     finally:
         tun_us.close()
         tun_host.close()
+
+
+@pytest.mark.parametrize("impl", _impls(), ids=lambda i: i.name)
+def test_a_rekey_through_a_non_owners_inbound_path(impl: datapath_select.Impl) -> None:
+    """Worker 0 does not own the peer. The remote rekeys; the first 1024 counters of its
+    new session (still `next` at the owner) are steered to worker 0 and opened by its real
+    inbound path, the kernel doing all but the first; the owner confirms the session; then
+    the old session's datagrams still in flight reach worker 0 and are opened too (it keeps
+    the previous session), each written to the TUN once, none accepted twice."""
+    from tests.test_spread import _rekey_by_the_remote, _spread_world_not_owned_by_0
+
+    world = _spread_world_not_owned_by_0()
+    tun_us, tun_host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_host.setblocking(False)
+
+    def feed(path: _Path, data: bytes) -> int:
+        buf = bytearray(data)
+        return path._open(buf, len(buf), [len(buf)], [len(buf)], 1, [memoryview(buf)],
+                          [REMOTE_ADDR], world.now, world.wall)  # fmt: skip
+
+    try:
+        path = _Path(world.w[0].device, tun_us.fileno(), impl)
+        old = [world.remote_datagram() for _ in range(3000)]
+        in_flight = [d for d in old[-1500:] if _steer(world, d) == 0]
+        for data in old[:-1500]:
+            if _steer(world, data) == 0:
+                assert feed(path, data) == 1
+                assert len(tun_host.recv(4096)) > 0
+        _rekey_by_the_remote(world)
+        new = [world.remote_datagram() for _ in range(1000)]
+        assert all(_steer(world, d) == 0 for d in new)  # block 0
+        for data in new:
+            assert feed(path, data) == 1
+            assert len(tun_host.recv(4096)) > 0
+        world.settle()
+        owner_peer = world.w[1].device.peers[world.remote_key]
+        assert owner_peer.current.local_index == world.rpeer.current.remote_index
+        assert in_flight
+        for data in in_flight:
+            assert feed(path, data) == 1
+            assert len(tun_host.recv(4096)) > 0
+        for data in in_flight[-20:] + new[-20:]:  # replays
+            feed(path, data)
+        with pytest.raises(BlockingIOError):
+            tun_host.recv(4096)
+        assert path.v[C.DROP_BASE + DropReason.REPLAYED] == 40
+        assert path.v[C.DROP_BASE + DropReason.UNKNOWN_INDEX] == 0
+    finally:
+        tun_us.close()
+        tun_host.close()
