@@ -667,6 +667,33 @@ def test_a_peer_no_longer_spread_still_opens_its_steered_sessions() -> None:
     assert world.w[1 - owner].device.followed == {}
 
 
+def test_an_old_owner_opens_steered_datagrams_itself_after_spreading_is_off() -> None:
+    """Spread = off, then the peer moves: its sessions are still steered by counter, so the
+    old owner still gets its block class. It must open them itself (a receive-only
+    follower), not hand them to the new owner, whose window never saw that class: after
+    the old owner's replacement took its cells over, a replay was accepted twice (found by
+    the state machine)."""
+    from shardwg.engine.placement import Move
+    from shardwg.shm.placement import Reason
+
+    world = _spread_world(2)
+    world.placer.spread_overrides = {world.remote_key: False}
+    world.placer.flush()
+    world.settle()
+    old = world.owner()
+    world.placer.move(Move(world.remote_key, old, 1 - old), Reason.LOAD)
+    world.settle()
+    sent = []
+    for _ in range(3000):
+        data = world.remote_datagram()
+        sent.append(data)
+        assert world.w[_steer(world, data)].receive(data) > 0  # opened where it lands
+    world.crash(old)
+    world.settle()
+    for data in sent:
+        assert world.w[_steer(world, data)].receive(data) <= 0
+
+
 class SteeredGatewayMachine(RuleBasedStateMachine):
     """The real engine pieces (tests/placement_world.py: devices, publishers, placements,
     ledger, rings) of a gateway whose one peer is spread both ways, under random remote
