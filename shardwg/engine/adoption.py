@@ -83,6 +83,7 @@ class ShardPlacement:
         # cells); boot clears it for a first start, where every cell is empty (reading
         # them would fault in the ledger's pages of every peer).
         self.resume_followers = True
+        self.released_steered: set[bytes] = set()  # given away with steered sessions
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> bool:
@@ -170,10 +171,13 @@ class ShardPlacement:
                 fol = remote.follower
                 # Also a peer no longer spread that our predecessor (a crash) still opened
                 # sessions of: they may still be steered here.
+                # And a peer we just gave away whose sessions are still steered: our block
+                # class keeps coming here, and only our window may open it.
                 if fol is None and index is not None and (
-                    on or (self.resume_followers and self._steering()
-                           and area.peer(index).opened_by(self.me))  # fmt: skip
-                ):
+                    on or key in self.released_steered
+                    or (self.resume_followers and self._steering()
+                        and area.peer(index).opened_by(self.me))
+                ):  # fmt: skip
                     slot = self.layout.peer_slot(self.buf, index)
                     fol = SpreadFollower(
                         slot, self.publisher.secrets, index, key, area.peer(index), self.me,
@@ -212,6 +216,7 @@ class ShardPlacement:
                     self.steered_own.pop(key, None)
                 self.own_spread.pop(key, None)
         self.resume_followers = False
+        self.released_steered.clear()
         self._sync_followed()
 
     def _steering(self) -> bool:
@@ -401,6 +406,8 @@ class ShardPlacement:
             if kp is not None:
                 kp.send_reserved = kp.send_counter  # exact: the new owner goes on from here
         self._keep_floors(peer)
+        if self._steering() and _steered(peer):
+            self.released_steered.add(peer.public_key)
         staged = list(peer.staged)
         key = peer.public_key
         self.publisher.release(peer, to)

@@ -149,8 +149,8 @@ class InboundPath:
             if msg[0] != MessageType.TRANSPORT:
                 self._queue_handshake(msg, addrs[m], False, now)
                 continue
-            if msg[5] & _SPREAD_BYTE_BIT and dev.refresh_followed is not None:
-                self._open_followed(msg, size, addrs[m], now, wall)
+            if msg[5] & _SPREAD_BYTE_BIT and dev.table.allocator.steer_spread:
+                self._open_followed(msg, size, addrs[m], now, wall)  # ours alone to open
                 continue
             # an index we gave away with its peer (placement move): pass it to the new owner
             moved = dev.moved.get(_U32.unpack_from(msg, 4)[0])

@@ -217,7 +217,9 @@ class Device:
         index = _U32.unpack_from(msg, 4)[0]
         kp = self.sessions.get(index)
         if kp is None:
-            if msg[5] & _SPREAD_BYTE_BIT and self.refresh_followed is not None:
+            if msg[5] & _SPREAD_BYTE_BIT and self.table.allocator.steer_spread:
+                # steered by its counter: only our own window may open it, never hand it
+                # to the owner (its window never saw our block class)
                 return self._receive_followed(index, msg, n, out, now)
             moved = self.moved.get(index) if self.moved else None
             if moved is None or self.forward is None:
