@@ -230,3 +230,39 @@ def test_a_spread_session_keeps_up_within_one_batch(
     assert len(behind) >= 6
     assert max(behind) <= JUMP_AT + 64 < REPLAY_WINDOW, behind
     assert out.v[C.TX_PACKETS] == 6 * -(-60000 // 1380)
+
+
+def test_a_follower_due_a_rekey_hands_the_owner_one_read(
+    rig: tuple[Pair, Out, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spread peer's reads at a follower whose session is due a rekey: the first goes to
+    the owner (its send starts the rekey: shm/follower.py rekey_due), the rest are sealed
+    here; the next batch is all sealed here."""
+    from shardwg.proto.ownership import RemotePeer
+
+    p, out, _rx = rig
+
+    class Due:
+        asked = 0
+
+        def rekey_due(self, now: float) -> bool:
+            self.asked += 1
+            return self.asked == 1
+
+    remote = RemotePeer(b"r" * 32, 2)
+    remote.follower = Due()
+    p.a.allowed.insert(ipaddress.ip_network("10.9.0.0/16"), remote)
+    sealed: list[tuple[int, int]] = []
+
+    def seal_followed(fol: Any, bufs: Any, hdr: int, i: int, j: int, now: float) -> bool:
+        sealed.append((i, j))
+        return True
+
+    monkeypatch.setattr(out, "_seal_followed", seal_followed)
+    reads = [vnet.ZERO_HDR + ipv4_packet("10.200.0.1", "10.9.0.1", bytes([i]) * 30)
+             for i in range(4)]  # fmt: skip
+    out._send(out._pk_bufs, out._pk_pkt, vnet.VNET_HDR_LEN, _load(out, reads), p.now, p.wall)
+    assert out.handed == [(2, reads[0][10:])]
+    assert sealed == [(1, 4)]
+    out._send(out._pk_bufs, out._pk_pkt, vnet.VNET_HDR_LEN, _load(out, reads), p.now, p.wall)
+    assert out.handed == [(2, reads[0][10:])] and sealed == [(1, 4), (0, 4)]

@@ -819,3 +819,45 @@ class SteeredGatewayMachine(RuleBasedStateMachine):
 SteeredGatewayMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=20,
                                                    deadline=None)  # fmt: skip
 TestSteeredGateway = SteeredGatewayMachine.TestCase
+
+
+def test_a_follower_asks_the_owner_to_rekey_a_session_it_began() -> None:
+    """The gateway began the session (initiator): past REKEY_AFTER_TIME a follower that
+    seals for the peer hands the owner one packet, at most once per REKEY_TIMEOUT, and the
+    owner's send of it starts the rekey. Before, an owner whose peer's flows all hashed to
+    other workers never rekeyed, and the session expired under load."""
+    from shardwg.proto.constants import REKEY_AFTER_TIME, REKEY_TIMEOUT
+    from tests.placement_world import GW_ADDR, REMOTE_ADDR, SOURCE, ip_packet
+
+    world = _spread_world(2)
+    owner = world.w[world.owner()]
+    peer = owner.device.peers[world.remote_key]
+    peer.endpoint = REMOTE_ADDR
+    world.now += 10.0
+    world.wall += 10.0
+    assert peer.send_initiation(world.now, world.wall)
+    ((_p, init),) = owner.device.outbox
+    owner.device.outbox.clear()
+    world.remote.outbox.clear()
+    assert world.remote.receive_handshake(init, GW_ADDR, SOURCE, world.now, world.wall) is None
+    ((_p, resp),) = world.remote.outbox
+    world.remote.outbox.clear()
+    assert owner.device.receive_handshake(resp, REMOTE_ADDR, SOURCE, world.now,
+                                          world.wall) is None  # fmt: skip
+    owner.flush_events()
+    world.settle()
+    assert peer.current is not None and peer.current.is_initiator
+    fol = world.w[1 - world.owner()].device.remote[world.remote_key].follower
+    kp = fol.session()
+    assert kp is not None and kp.local_index == peer.current.local_index
+    assert not fol.rekey_due(world.now + REKEY_AFTER_TIME - 1)
+    late = world.now + REKEY_AFTER_TIME + 1
+    assert fol.rekey_due(late)
+    assert not fol.rekey_due(late + REKEY_TIMEOUT - 0.5)  # asked already
+    assert fol.rekey_due(late + REKEY_TIMEOUT + 0.5)
+    world.now, world.wall = late, world.wall + REKEY_AFTER_TIME + 1
+    pkt = ip_packet("10.0.0.1", "10.9.0.2", b"handed!!")  # the packet the follower handed
+    out = memoryview(bytearray(2048))
+    assert owner.device.send_packet(peer, memoryview(pkt), len(pkt) - 16, out, world.now,
+                                    world.wall) > 0  # fmt: skip
+    assert any(d[0] == 1 for _p, d in owner.device.outbox), "the owner did not rekey"
