@@ -125,8 +125,13 @@ class OutboundPath:
                     v[_NO_ROUTE] += j - i
                 elif type(peer) is RemotePeer:
                     fol = peer.follower
-                    if fol is None or not self._seal_followed(fol, bufs, hdr, i, j, now):
-                        self._hand_over_reads(peer.owner, bufs, ips, hdr, i, j)
+                    k = i
+                    if fol is not None and fol.rekey_due(now):  # the owner's send rekeys
+                        self._hand_over_reads(peer.owner, bufs, ips, hdr, i, i + 1)
+                        k = i + 1
+                    if k < j and (fol is None or not self._seal_followed(fol, bufs, hdr, k, j,
+                                                                         now)):  # fmt: skip
+                        self._hand_over_reads(peer.owner, bufs, ips, hdr, k, j)
                 else:
                     assert isinstance(peer, Peer)
                     self._seal_for(peer, bufs, hdr, i, j, now, wall)

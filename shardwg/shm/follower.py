@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardwg.proto.constants import REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT
 from shardwg.proto.index import SPREAD_INDEX_BIT
 from shardwg.proto.keypair import Keypair
 from shardwg.proto.spread import SpreadBlocks
@@ -34,7 +35,7 @@ class SpreadFollower:
     """Worker `worker`'s copy of one spread peer's current session and endpoint."""
 
     __slots__ = ("slot", "keys", "blocks", "ledger", "worker", "public_key", "seen", "kp",
-                 "receiving", "sealing", "endpoint", "peer", "on_change")
+                 "receiving", "sealing", "endpoint", "peer", "on_change", "rekey_asked")
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class SpreadFollower:
         self.seen = -1  # the slot sequence last read
         self.kp: Keypair | None = None  # the current session, once spread: we seal with it
         self.receiving: dict[int, Keypair] = {}  # local index -> a session we open
+        self.rekey_asked = -REKEY_TIMEOUT  # when we last handed the owner a packet to rekey
         self.sealing = True  # False: the peer is no longer spread, we only open what is
         # still steered here (its sessions with the steering bit) until none is left
         self.endpoint: tuple[Any, ...] | None = None
@@ -81,6 +83,22 @@ class SpreadFollower:
         up with the other workers' counters before each run (engine/outbound.py)."""
         kp = self.refresh()
         return kp if self.sealing else None
+
+    def rekey_due(self, now: float) -> bool:
+        """Whether to hand the owner one packet of this batch so that its send starts a rekey
+        (at most once per REKEY_TIMEOUT). The owner runs the timers, but the rule "an
+        initiator rekeys when it sends on a session older than REKEY_AFTER_TIME" only sees
+        its own sends: a peer whose flows all hash to other workers was never rekeyed, and
+        its session expired under load (REJECT_AFTER_TIME), stalling every flow."""
+        kp = self.kp
+        if kp is None or not self.sealing or not kp.is_initiator:
+            return False
+        if now - kp.created < REKEY_AFTER_TIME and kp.send_counter < REKEY_AFTER_MESSAGES:
+            return False
+        if now - self.rekey_asked < REKEY_TIMEOUT:
+            return False
+        self.rekey_asked = now
+        return True
 
     def steered(self) -> bool:
         """Whether a session we open carries the steering bit (datagrams reach us)."""
