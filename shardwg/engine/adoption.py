@@ -368,10 +368,9 @@ class ShardPlacement:
         - receive: a peer we opened as a follower before (its datagrams steered here by
           counter) rejects what we accepted then too (our ledger cells; the slot's floor
           is only the previous owner's), and the slot keeps that from now on."""
-        index = self.publisher.slot_of.get(peer.public_key)
-        if index is None:
+        ledger = self._ledger_of(peer.public_key)
+        if ledger is None:
             return
-        ledger = self.layout.spread_area(self.buf).peer(index)
         blocks = SpreadBlocks(self.me, self.layout.workers, ledger)
         for kp in (peer.current, peer.previous, peer.next):
             if kp is None:
@@ -384,14 +383,18 @@ class ShardPlacement:
                     kp.recv_floor[0] = mine
                     kp.replay = floor_window(mine)
 
+    def _ledger_of(self, key: bytes) -> PeerLedger | None:
+        """The spread ledger of a peer's slot (None: no slot)."""
+        index = self.publisher.slot_of.get(key)
+        return None if index is None else self.layout.spread_area(self.buf).peer(index)
+
     def _keep_floors(self, peer: Peer) -> None:
         """We give `peer` away and may follow it next (spread, its datagrams steered here by
         counter): our receive cells take its sessions' floors (what we accepted as owner,
         the slot's), so our windows as a follower reject those counters too."""
-        index = self.publisher.slot_of.get(peer.public_key)
-        if index is None:
+        ledger = self._ledger_of(peer.public_key)
+        if ledger is None:
             return
-        ledger = self.layout.spread_area(self.buf).peer(index)
         sessions = [kp for kp in (peer.current, peer.previous, peer.next) if kp is not None]
         keep = {kp.local_index for kp in sessions}
         for kp in sessions:
