@@ -99,11 +99,15 @@ class PeerLedger:
         _WORD.pack_into(self.buf, at + 8, value)
         _WORD.pack_into(self.buf, at, tag)
 
+    def _receive_cells(self, worker: int) -> range:
+        """The cell numbers of `worker`'s receive cells (after every worker's send cell)."""
+        first = 1 + self.workers + worker * RECEIVE_CELLS
+        return range(first, first + RECEIVE_CELLS)
+
     def _receive_cell(self, worker: int, index: int) -> int:
         """The receive cell of `worker` holding session `index`, or -1."""
-        first = 1 + self.workers + worker * RECEIVE_CELLS
         tag = index + 1
-        for cell in range(first, first + RECEIVE_CELLS):
+        for cell in self._receive_cells(worker):
             if self._tag(cell) == tag:
                 return cell
         return -1
@@ -127,9 +131,8 @@ class PeerLedger:
         floor (Keypair.recv_floor: raised before each accept)."""
         cell = self._receive_cell(worker, index)
         if cell < 0:
-            first = 1 + self.workers + worker * RECEIVE_CELLS
             tags = {k + 1 for k in keep}
-            free = [c for c in range(first, first + RECEIVE_CELLS) if self._tag(c) not in tags]
+            free = [c for c in self._receive_cells(worker) if self._tag(c) not in tags]
             if not free:
                 raise ValueError(f"more than {RECEIVE_CELLS} sessions kept")
             cell = free[0]
@@ -144,8 +147,7 @@ class PeerLedger:
 
     def opened_by(self, worker: int) -> bool:
         """Whether `worker` (or a predecessor of it) took a receive cell for this peer."""
-        first = 1 + self.workers + worker * RECEIVE_CELLS
-        return any(self._tag(c) for c in range(first, first + RECEIVE_CELLS))
+        return any(self._tag(c) for c in self._receive_cells(worker))
 
     def received(self, index: int, but: int) -> bool:
         """Whether any worker other than `but` accepted a datagram under session `index`
