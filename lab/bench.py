@@ -140,7 +140,8 @@ class Bench:
         if self.wants("tcp1", "udp"):
             total += s + 8 * (a.udp_seconds + 1)
         total += a.reps * 4 if self.wants("micro") else 0
-        total += a.reps * 6 * (8 * (s + 2) + 20) if self.wants("onepeer") else 0
+        onepeer_runs = 2 * len(bench_onepeer.configs(a.worker_cpu))  # both peer kinds
+        total += a.reps * onepeer_runs * (8 * (s + 2) + 20) if self.wants("onepeer") else 0
         return total + (240 if self.wants("peers") else 0)
 
     def run(self) -> None:
@@ -181,7 +182,8 @@ class Bench:
         if self.wants("onepeer"):  # lab/bench_onepeer.py: one peer over 1 and 2 workers
             self.current = "onepeer "
             bench_onepeer.run_all(a.reps, a.seconds, self.log, self.attempt,
-                                  lambda c, m, v, u: self.results.add("onepeer", c, m, v, u))
+                                  lambda c, m, v, u: self.results.add("onepeer", c, m, v, u),
+                                  a.worker_cpu)  # fmt: skip
             self.current = ""
             for cfg, ms in self.results.sections().get("onepeer", {}).items():
                 self.log(f"onepeer {cfg}: " + ", ".join(
@@ -320,18 +322,21 @@ class Bench:
                  f"{res.generated_live} made live")  # fmt: skip
 
     def scaling(self, tag: str, workers: int) -> None:
-        cfg = f"shardwg-{workers}w"
+        cap = self.args.worker_cpu
+        cfg = f"shardwg-{workers}w" + (f" cap {cap:g}" if cap else "")
         self.current = f"{tag}{'scaling ' + cfg:<18} "
         with Harness() as h:
-            out = self.attempt("4 peers", lambda: scaling_run(h, workers, self.args.seconds,
-                                                              f"sc{workers}-"))  # fmt: skip
+            out = self.attempt("4 peers", lambda: scaling_run(
+                h, workers, self.args.seconds, f"sc{workers}-", worker_cpu=cap))  # fmt: skip
             self.log("tearing down")
         if out is None:
             return
         units = {"gbit_s": "Gbit/s", "cores": "cores", "peer_cores": "cores",
-                 "machine_busy": "fraction of all CPUs", "min_peer_gbit_s": "Gbit/s"}  # fmt: skip
+                 "machine_busy": "fraction of all CPUs", "min_peer_gbit_s": "Gbit/s",
+                 "throttled": "fraction of periods"}  # fmt: skip
         for m, unit in units.items():
-            self.results.add("scaling", cfg, m, out[m], unit)
+            if m in out:
+                self.results.add("scaling", cfg, m, out[m], unit)
         self.log(f"4 peers x 1 TCP stream: {out['gbit_s']:.3f} Gbit/s in all, gateway "
                  f"{out['cores']:.2f} cores, the 4 wireguard-go peers {out['peer_cores']:.2f} "
                  f"cores, machine {100 * out['machine_busy']:.0f}% busy")  # fmt: skip

@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
                    help="batches of 64 packets per microbenchmark path (300; 60 --quick)")
     p.add_argument("--timeout", type=float, help="whole-run limit in seconds (default: 4x the "
                    "estimate, at least 10 min)")  # fmt: skip
+    p.add_argument("--worker-cpu", type=float, default=0, metavar="CORES",
+                   help="cap every shardwg worker at CORES of CPU in the scaling and onepeer "
+                        "sections (lab/cpucap.py), so the workers, not the load generators "
+                        "sharing the cores, are the bottleneck (default 0: no cap)")  # fmt: skip
     p.add_argument("--render", metavar="JSON",
                    help="re-render bench.md and bench.png from a saved bench.json")  # fmt: skip
     args = p.parse_args(argv)
@@ -66,4 +70,6 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
     if (args.reps < 1 or args.seconds <= 0 or args.workers < 1 or args.ping_count < 1
             or args.micro_batches < 1):  # fmt: skip
         p.error("--reps, --seconds, --workers, --ping-count and --micro-batches must be positive")
+    if args.worker_cpu and not 0.01 <= args.worker_cpu <= 64:
+        p.error("--worker-cpu: a budget between 0.01 and 64 cores, or 0 for none")
     return args

@@ -7,8 +7,13 @@ retransmits (iperf3 -J), and A's per-worker UDP datagram counts over the run fro
 `shardwg show --json` (the share each worker carried in each direction).
 
     python -m lab.bench_onepeer [--seconds 5] [--reps 3] [--peer wggo|shardwg] [--out F]
+                                [--worker-cpu CORES]
 
 Configurations alternate inside each repetition; the report gives medians over reps.
+`--worker-cpu 0.3` caps every shardwg worker at 0.3 cores (lab/cpucap.py), so the workers,
+not the load generators sharing this box's cores, are the bottleneck: how the engine scales
+where each worker has a core of its own. `auto` is left out then: it spreads on measured
+saturation of a whole core, which a capped worker never shows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from lab import wgconf
 from lab.bench_measure import IperfJob
 from lab.bench_pairs import TUNNEL, UNDERLAY, WG_PORT, TunnelEnd
+from lab.cpucap import CpuCap
 from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
 from lab.keys import keypair
@@ -32,6 +38,11 @@ from lab.ping import ping_rtts
 
 IPERF_PORT = 5211
 CONFIGS = [(1, "off"), (2, "off"), (2, "auto"), (2, "on")]  # (workers, spread), shardwg ends
+CAPPED_CONFIGS = [(1, "off"), (2, "off"), (2, "on")]  # with --worker-cpu
+
+
+def configs(worker_cpu: float) -> list[tuple[int, str]]:
+    return CAPPED_CONFIGS if worker_cpu else CONFIGS
 
 
 def worker_counts(gw: ShardwgGateway) -> list[tuple[int, int]]:
@@ -43,8 +54,9 @@ class OnePeer:
     """End A: shardwg; end B: `peer_kind` (wggo or shardwg); one peer each."""
 
     def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str,
-                 peer_spread: str = "") -> None:  # fmt: skip
-        """`peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none)."""
+                 peer_spread: str = "", worker_cpu: float = 0) -> None:  # fmt: skip
+        """`peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none);
+        `worker_cpu`: each shardwg worker's CPU budget in cores (0: none)."""
         self.a_ns, self.b_ns = h(2, "op")
         veth_link(self.a_ns, self.b_ns, [f"{UNDERLAY[0]}/24"], [f"{UNDERLAY[1]}/24"])
         (pa, ka), (pb, kb) = keypair(), keypair()
@@ -70,6 +82,9 @@ class OnePeer:
             self.b_gw = gb
         if not ping_rtts(self.b_ns, TUNNEL[0], count=1, timeout=30):
             raise RuntimeError("no reply through the tunnel")
+        self.caps: list[CpuCap] = []
+        if worker_cpu:
+            self.caps = [h.cap_workers(g, worker_cpu) for g in [self.gw, self.b_gw] if g]
 
     def set_peer_spread(self, value: str) -> None:
         """Rewrite the peer's `Spread` in every shardwg end's config and reload it (SIGHUP)."""
@@ -88,7 +103,9 @@ class OnePeer:
             self.a_ns, self.b_ns, TUNNEL[0])  # fmt: skip
         ends = [self.gw] + ([self.b_gw] if self.b_gw is not None else [])
         before = [worker_counts(g) for g in ends]
+        caps_before = [c.periods() for c in self.caps]
         run = IperfJob(server, client, addr, IPERF_PORT, seconds, streams, cport=cport).run()
+        caps_after = [c.periods() for c in self.caps]
         after = [worker_counts(g) for g in ends]
         col = 1 if a_sends else 0  # A's tx datagrams when it sends, rx when it receives
         # per end, per worker: (rx, tx) datagrams over the run
@@ -96,16 +113,20 @@ class OnePeer:
                   for x, y in zip(before, after, strict=True)]  # fmt: skip
         per = [d[col] for d in deltas[0]]
         total = max(sum(per), 1)
+        periods = sum(a[0] - b[0] for a, b in zip(caps_after, caps_before, strict=True))
+        throttled = sum(a[1] - b[1] for a, b in zip(caps_after, caps_before, strict=True))
         return {"gbit_s": run.gbit_s, "retransmits": run.retransmits,
-                "shares": [round(p / total, 3) for p in per], "counts": deltas}  # fmt: skip
+                "shares": [round(p / total, 3) for p in per], "counts": deltas,
+                "throttled": round(throttled / max(periods, 1), 3)}  # fmt: skip
 
 
-def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int]) -> dict[str, Any]:
+def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int],
+        worker_cpu: float = 0) -> dict[str, Any]:  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {}
     for _rep in range(reps):
-        for workers, spread in CONFIGS:
+        for workers, spread in configs(worker_cpu):
             with Harness() as h:
-                op = OnePeer(h, peer_kind, workers, spread)
+                op = OnePeer(h, peer_kind, workers, spread, worker_cpu=worker_cpu)
                 for streams in streams_list:
                     for a_sends in (True, False):
                         key = (f"{workers}w spread={spread} {streams}s "
@@ -119,6 +140,7 @@ def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int]) -> d
             "gbit_s": statistics.median(r["gbit_s"] for r in runs),
             "retransmits": statistics.median(r["retransmits"] for r in runs),
             "shares": runs[len(runs) // 2]["shares"],
+            "throttled": statistics.median(r["throttled"] for r in runs),
             "runs": runs,
         }
     return summary
@@ -130,19 +152,21 @@ def run_all(
     log: Callable[[str], None],
     attempt: Callable[[str, Callable[[], Any]], Any],
     add: Callable[[str, str, float, str], None],
+    worker_cpu: float = 0,
 ) -> None:
     """`scripts/bench --only onepeer`: both peers, 1 and 4 streams, alternating configs; each
     figure goes to add(config, metric, value, unit) (the bench takes medians over reps)."""
+    capped = f" cap {worker_cpu:g}" if worker_cpu else ""
     for rep in range(reps):
         for peer_kind in ("shardwg", "wggo"):
-            for workers, spread in CONFIGS:
-                label = f"shardwg-{peer_kind} {workers}w spread {spread}"
+            for workers, spread in configs(worker_cpu):
+                label = f"shardwg-{peer_kind} {workers}w spread {spread}{capped}"
                 log(f"rep {rep + 1}/{reps} onepeer {label}")
 
                 def one(peer_kind: str = peer_kind, workers: int = workers,
                         spread: str = spread, label: str = label) -> None:  # fmt: skip
                     with Harness() as h:
-                        op = OnePeer(h, peer_kind, workers, spread)
+                        op = OnePeer(h, peer_kind, workers, spread, worker_cpu=worker_cpu)
                         for streams in (1, 4):
                             for a_sends in (True, False):
                                 res = op.tcp(streams, seconds, a_sends)
@@ -150,6 +174,8 @@ def run_all(
                                 add(cfg, "gbit_s", res["gbit_s"], "Gbit/s")
                                 add(cfg, "retransmits", float(res["retransmits"]), "segments")
                                 add(cfg, "min_worker_share", min(res["shares"]), "fraction")
+                                if worker_cpu:
+                                    add(cfg, "throttled", res["throttled"], "fraction")
 
                 attempt(label, one)
 
@@ -161,15 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", choices=("wggo", "shardwg"), default="wggo")
     p.add_argument("--streams", default="1,4")
     p.add_argument("--out")
+    p.add_argument("--worker-cpu", type=float, default=0, metavar="CORES",
+                   help="cap every shardwg worker at this many cores (0: no cap)")
     a = p.parse_args(argv)
-    summary = run(a.seconds, a.reps, a.peer, [int(s) for s in a.streams.split(",")])
+    summary = run(a.seconds, a.reps, a.peer, [int(s) for s in a.streams.split(",")],
+                  a.worker_cpu)  # fmt: skip
     text = json.dumps(summary, indent=1)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
     for key, s in summary.items():
         print(f"{key:32s} {s['gbit_s']:.3f} Gbit/s  retrans {s['retransmits']:.0f}  "
-              f"shares {s['shares']}")  # fmt: skip
+              f"shares {s['shares']}  throttled {s['throttled']}")  # fmt: skip
     return 0
 
 

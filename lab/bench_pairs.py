@@ -243,17 +243,21 @@ def handshake_run(
 
 
 def scaling_run(
-    h: Harness, workers: int, seconds: float, name: str, n_peers: int = 4
+    h: Harness, workers: int, seconds: float, name: str, n_peers: int = 4,
+    worker_cpu: float = 0,
 ) -> dict[str, float]:
     """A shardwg gateway with `workers` and n_peers wireguard-go peers on a bridged underlay;
     one iperf3 TCP stream from every peer to the gateway at once. Aggregate Gbit/s and the
-    gateway's CPU."""
+    gateway's CPU. `worker_cpu`: each worker's CPU budget in cores (0: none; lab/cpucap.py),
+    and then also the fraction of budget periods in which a worker was throttled."""
     star = Star(h, n_peers, name=name).build().start(workers=workers)
     gw, gw_ns = star.gateway, star.gw_ns
     assert gw is not None and gw_ns is not None
     for p in star.peers:
         if not ping_rtts(p.ns, star.gw_tunnel4, count=1, timeout=15):
             raise LabError(f"scaling: {p.name} got no reply through the tunnel")
+    cap = h.cap_workers(gw, worker_cpu) if worker_cpu else None
+    cap_before = cap.periods() if cap else (0, 0)
     end = TunnelEnd("shardwg", gw_ns, gw.proc.pid)
     peer_ends = [TunnelEnd("wggo", p.ns, p.wg.proc.pid) for p in star.peers
                  if p.wg is not None and p.wg.proc is not None]  # fmt: skip
@@ -277,5 +281,9 @@ def scaling_run(
     busy = machine_busy(ticks, machine_ticks())
     cores = cpu_delta(before, cpu_snapshot(end.tracked())) / max(wall, 1e-9)
     peer_cores = cpu_delta(peers_before, cpu_snapshot(peer_procs)) / max(wall, 1e-9)
-    return {"gbit_s": sum(r.gbit_s for r in runs), "cores": cores, "peer_cores": peer_cores,
-            "machine_busy": busy, "min_peer_gbit_s": min(r.gbit_s for r in runs)}  # fmt: skip
+    out = {"gbit_s": sum(r.gbit_s for r in runs), "cores": cores, "peer_cores": peer_cores,
+           "machine_busy": busy, "min_peer_gbit_s": min(r.gbit_s for r in runs)}  # fmt: skip
+    if cap is not None:
+        seen, throttled = (a - b for a, b in zip(cap.periods(), cap_before, strict=True))
+        out["throttled"] = throttled / max(seen, 1)
+    return out

@@ -5,14 +5,16 @@ from __future__ import annotations
 from types import FrameType
 from typing import Any
 
+from lab.cpucap import CpuCap
 from lab.gateway_proc import ShardwgGateway
 from lab.netns import Namespace, make_namespaces, root_netns_problem
 from lab.wggo import WireguardGo, wireguard_go_problem
 
 
 class Harness:
-    """Tracks namespaces, wireguard-go peers and gateways; close() stops the processes first,
-    then deletes the namespaces, and keeps going past errors (the first is raised at the end).
+    """Tracks namespaces, wireguard-go peers, gateways and CPU caps; close() stops the
+    processes first, then removes the caps and the namespaces, and keeps going past errors
+    (the first is raised at the end).
 
     `a, b = harness(2)` makes namespaces; `harness.namespace("site-a", exact=True)` one by name.
     """
@@ -21,6 +23,7 @@ class Harness:
         self.namespaces: list[Namespace] = []
         self.peers: list[WireguardGo] = []
         self.gateways: list[ShardwgGateway] = []
+        self.cpu_caps: list[CpuCap] = []
 
     def __call__(self, n: int = 1, label: str = "") -> list[Namespace]:
         made = make_namespaces(n, label)
@@ -42,10 +45,19 @@ class Harness:
         self.gateways.append(gw)
         return gw
 
+    def cap_workers(self, gw: ShardwgGateway, cores: float) -> CpuCap:
+        """Give every worker process of `gw` a budget of `cores` of CPU (lab/cpucap.py); the
+        groups go when the harness closes, after the processes."""
+        cap = CpuCap(cores)
+        self.cpu_caps.append(cap)
+        for w in gw.show_json(timeout=20)["worker_stats"]:
+            cap.add(int(w["pid"]), f"{gw.ifname}-w{w['worker']}")
+        return cap
+
     def close(self) -> None:
         errors: list[BaseException] = []
-        closers: list[ShardwgGateway | WireguardGo | Namespace] = [
-            *self.gateways, *self.peers, *reversed(self.namespaces)
+        closers: list[ShardwgGateway | WireguardGo | CpuCap | Namespace] = [
+            *self.gateways, *self.peers, *self.cpu_caps, *reversed(self.namespaces)
         ]
         for obj in closers:
             try:
@@ -54,6 +66,7 @@ class Harness:
                 errors.append(e)
         self.gateways.clear()
         self.peers.clear()
+        self.cpu_caps.clear()
         self.namespaces.clear()
         if errors:
             raise errors[0]
