@@ -153,24 +153,30 @@ def handshake_table(doc: Doc) -> str:
 
 
 def scaling_table(doc: Doc) -> str:
+    """1 against 2 workers; a run with `--worker-cpu` names its configs "shardwg-Nw cap C"
+    and is compared with its own 1-worker row, never with an uncapped one."""
     sec = doc["sections"].get("scaling") or {}
     if not sec:
         return ""
     head = ["shardwg workers", "aggregate Gbit/s (4 peers × 1 TCP stream)", "slowest peer Gbit/s",
             "gateway cores", "wireguard-go peers' cores", "machine busy",
-            "vs 1 worker"]  # fmt: skip
+            "workers throttled", "vs 1 worker"]  # fmt: skip
     lines = _head(head)
-    one = med(doc, "scaling", "shardwg-1w", "gbit_s")
-    for cfg, n in (("shardwg-1w", "1"), ("shardwg-2w", "2")):
-        if cfg in sec:
-            g = med(doc, "scaling", cfg, "gbit_s")
-            slowest = med(doc, "scaling", cfg, "min_peer_gbit_s")
-            cores = med(doc, "scaling", cfg, "cores")
-            peers = med(doc, "scaling", cfg, "peer_cores")
-            busy = med(doc, "scaling", cfg, "machine_busy_pct")
-            busy_text = "—" if busy is None else f"{busy:.0f}%"
-            lines.append(_row([n, fmt(g, 3), fmt(slowest, 3), fmt(cores), fmt(peers), busy_text,
-                               fx(ratio(g, one))]))  # fmt: skip
+    for cfg in sorted(sec, key=lambda c: (c.partition(" ")[2], c)):
+        workers, _, cap = cfg.removeprefix("shardwg-").partition(" ")
+        one = med(doc, "scaling", " ".join(filter(None, ["shardwg-1w", cap])), "gbit_s")
+        g = med(doc, "scaling", cfg, "gbit_s")
+        slowest = med(doc, "scaling", cfg, "min_peer_gbit_s")
+        cores = med(doc, "scaling", cfg, "cores")
+        peers = med(doc, "scaling", cfg, "peer_cores")
+        busy = med(doc, "scaling", cfg, "machine_busy_pct")
+        busy_text = "—" if busy is None else f"{busy:.0f}%"
+        throttled = med(doc, "scaling", cfg, "throttled")
+        throttled_text = "—" if throttled is None else f"{100 * throttled:.0f}% of periods"
+        name = workers.removesuffix("w") + (f", each capped at {cap.split()[-1]} cores"
+                                            if cap else "")  # fmt: skip
+        lines.append(_row([name, fmt(g, 3), fmt(slowest, 3), fmt(cores), fmt(peers), busy_text,
+                           throttled_text, fx(ratio(g, one))]))  # fmt: skip
     return "\n".join(lines)
 
 
