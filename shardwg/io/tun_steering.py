@@ -1,4 +1,5 @@
-"""TUN queue steering by flow hash: our own few eBPF instructions, run by the TUN per packet.
+"""TUN queue steering while a peer is spread: our own few eBPF instructions, run by the TUN
+per packet, that give each new flow the next queue in turn.
 
 Why: without a steering program a multiqueue TUN sends a flow's packets to the queue that
 last wrote that flow's packets (its automatic flow steering). For a peer one worker owns
@@ -9,19 +10,26 @@ written by the owner, so their outbound packets stay on the owner's queue for go
 between two shardwg ends each side then keeps the other on one worker (measured: A's worker
 shares 1.0 / 0.0 sending with 4 streams; tests/test_spread_netns.py). So while any peer is
 spread the supervisor attaches this program (TUNSETSTEERINGEBPF, any queue's fd: it is the
-device's), which gives each flow a queue by a hash of its addresses and ports, whatever
-queue wrote its inbound packets; with no spread peer it detaches it (fd -1) and the
-automatic steering is back. The hash is symmetric (a flow and its reverse get one queue), so
-between two shardwg ends with the same worker count both directions of a flow keep one
-worker index end to end (receive steering maps the sender's worker to the same index).
+device's) and with no spread peer it detaches it (fd -1): the automatic steering is back.
 
-The program (BPF_PROG_TYPE_SOCKET_FILTER, loaded with bpf(2); the TUN calls it with skb->data
-at the IP header and uses `(u16) return % queues`): IPv4 or IPv6 source xor destination
-address words, xor (source port xor destination port) for TCP and UDP that are not
-fragments (IPv6: no extension headers), folded and multiplied by 2^32 / golden ratio; the
-top 16 bits are the result. `flow_hash` is the same in Python (tests compare the two). A
-kernel that refuses (no bpf(2), no CAP_BPF, an old kernel) is logged once; the automatic
-steering then stays, as before.
+Which queue: a hash of the flow alone leaves queues idle by chance (4 flows on 2 queues all
+land on one 1 time in 8; 16 flows on 16 queues use about 10 of them), so the program hands
+out queues in turn. It keys an LRU hash map by the flow's hash; a flow it has not seen takes
+the next value of a counter (an atomic fetch-and-add in an array map) and keeps it while it
+lives; the TUN uses `(u16) value % queues`. Any run of new flows is thus spread evenly over
+the queues, whatever their ports. A sender worker's counter blocks are opened by the same
+worker index at a shardwg receiver (receive steering), so each direction of a flow stays on
+one worker end to end; the two directions of one flow may use different indexes (each end
+counts its own flows), which costs nothing: neither direction is reordered.
+
+The key (`flow_key`): IPv4 or IPv6 source xor destination address words, xor (source port
+xor destination port) for TCP and UDP that are not fragments (IPv6: no extension headers),
+folded and multiplied by 2^32 / golden ratio (BPF_PROG_TYPE_SOCKET_FILTER, loaded with
+bpf(2); the TUN calls it with skb->data at the IP header). `FlowQueues` is the same in
+Python (tests compare the two). A kernel without the maps or the atomic (before 5.12) gets
+the stateless program instead, which returns the key's top 16 bits (`flow_hash`): flows then
+take queues by hash. A kernel that refuses both (no bpf(2), no CAP_BPF) is logged once; the
+automatic steering then stays, as before.
 """
 
 from __future__ import annotations
@@ -37,19 +45,27 @@ import struct
 log = logging.getLogger("shardwg.io.tun_steering")
 
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
+BPF_MAP_CREATE = 0
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_LRU_HASH = 9
+FLOWS = 65536  # flows remembered (LRU); a forgotten flow that comes back takes a new turn
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386,
             "ppc64le": 361, "s390x": 351}  # fmt: skip
 GOLDEN = 0x9E3779B1
 
 # eBPF opcodes (<linux/bpf.h>)
-_LD, _ALU, _JMP, _ALU64 = 0x00, 0x04, 0x05, 0x07
-_W, _H, _B = 0x00, 0x08, 0x10
-_ABS, _IND = 0x20, 0x40
+_LD, _LDX, _ST, _STX, _ALU, _JMP, _ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
+_W, _H, _B, _DW = 0x00, 0x08, 0x10, 0x18
+_IMM, _ABS, _IND, _MEM, _ATOMIC = 0x00, 0x20, 0x40, 0x60, 0xC0
+_CALL = 0x80
+_FETCH_ADD = 0x01  # BPF_ADD | BPF_FETCH
+_PSEUDO_MAP_FD = 1
+_MAP_LOOKUP, _MAP_UPDATE = 1, 2  # helper numbers
 _K, _X = 0x00, 0x08
-_MUL, _AND, _LSH, _RSH, _XOR, _MOV = 0x20, 0x50, 0x60, 0x70, 0xA0, 0xB0
+_ADD, _MUL, _AND, _LSH, _RSH, _XOR, _MOV = 0x00, 0x20, 0x50, 0x60, 0x70, 0xA0, 0xB0
 _JA, _JEQ, _JNE, _EXIT = 0x00, 0x10, 0x50, 0x90
 _INSN = struct.Struct("<BBhi")
 
@@ -89,8 +105,9 @@ def _jump(op: int, reg: int, imm: int, label: str) -> _Insn:
     return (_JMP | op | _K, reg, 0, label, imm)
 
 
-def program() -> bytes:
-    """The steering program's bytecode (r6 = skb, r7 = hash, r8 = IPv4 header length)."""
+def _key_insns() -> list[_Insn | str]:
+    """Instructions leaving the flow's 32-bit key in r0 (r6 = skb, r7 = hash, r8 = IPv4
+    header length); `flow_key` in Python."""
     exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
     items: list[_Insn | str] = [
         _alu64x(_MOV, 6, 1),
@@ -141,14 +158,61 @@ def program() -> bytes:
         _alu64(_RSH, 1, 16),
         _alu64x(_XOR, 0, 1),
         (_ALU | _MUL | _K, 0, 0, 0, GOLDEN - (1 << 32)),  # 32-bit multiply (imm is signed)
-        (_ALU | _RSH | _K, 0, 0, 0, 16),
+    ]
+    return items
+
+
+def program() -> bytes:
+    """The stateless program: a flow's queue is the top 16 bits of its key (`flow_hash`)."""
+    return _asm(_key_insns() + [(_ALU | _RSH | _K, 0, 0, 0, 16), (_JMP | _EXIT, 0, 0, 0, 0)])
+
+
+def _map_fd(reg: int, fd: int) -> list[_Insn | str]:
+    """reg = the map behind `fd` (a 16-byte wide load; the loader resolves the fd)."""
+    return [(_LD | _DW | _IMM, reg, _PSEUDO_MAP_FD, 0, fd), (0, 0, 0, 0, 0)]
+
+
+def turn_program(flows_fd: int, turn_fd: int) -> bytes:
+    """The program that hands out queues in turn (see the module): key -> the flow's turn in
+    `flows_fd` (LRU hash, u32 -> u32), else the next value of `turn_fd` (array of one u32),
+    remembered for the flow. r9 = the flow's turn."""
+    exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
+    items = _key_insns() + [
+        (_STX | _MEM | _W, 10, 0, -4, 0),  # stack[-4] = key
+        *_map_fd(1, flows_fd),
+        _alu64x(_MOV, 2, 10),
+        _alu64(_ADD, 2, -4),
+        (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
+        _jump(_JEQ, 0, 0, "new"),
+        (_LDX | _MEM | _W, 0, 0, 0, 0),  # a known flow: its turn
+        exit_,
+        "new",
+        (_ST | _MEM | _W, 10, 0, -8, 0),  # stack[-8] = 0, the counter's index
+        *_map_fd(1, turn_fd),
+        _alu64x(_MOV, 2, 10),
+        _alu64(_ADD, 2, -8),
+        (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
+        _jump(_JNE, 0, 0, "count"),
+        exit_,  # unreachable (an array's index 0 exists), but the verifier wants the check
+        "count",
+        _alu64(_MOV, 9, 1),
+        (_STX | _ATOMIC | _W, 0, 9, 0, _FETCH_ADD),  # r9 = counter++, atomically
+        (_STX | _MEM | _W, 10, 9, -12, 0),  # stack[-12] = the flow's turn
+        *_map_fd(1, flows_fd),
+        _alu64x(_MOV, 2, 10),
+        _alu64(_ADD, 2, -4),
+        _alu64x(_MOV, 3, 10),
+        _alu64(_ADD, 3, -12),
+        _alu64(_MOV, 4, 0),  # BPF_ANY
+        (_JMP | _CALL, 0, 0, 0, _MAP_UPDATE),
+        _alu64x(_MOV, 0, 9),
         exit_,
     ]
     return _asm(items)
 
 
-def flow_hash(packet: bytes) -> int:
-    """What the program returns for `packet` (an IP packet), in Python."""
+def flow_key(packet: bytes) -> int:
+    """The flow's 32-bit key as the program computes it from `packet` (an IP packet)."""
     if not packet:
         return 0
     version = packet[0] >> 4
@@ -172,7 +236,48 @@ def flow_hash(packet: bytes) -> int:
         p = int.from_bytes(ports, "big")
         h ^= (p ^ p >> 16) & 0xFFFF
     h ^= h >> 16
-    return (h * GOLDEN & 0xFFFFFFFF) >> 16
+    return h * GOLDEN & 0xFFFFFFFF
+
+
+def flow_hash(packet: bytes) -> int:
+    """What the stateless program returns for `packet`: the key's top 16 bits."""
+    return flow_key(packet) >> 16
+
+
+def _unkeyed(packet: bytes) -> bool:
+    """Packets the program returns 0 for before it looks at any map: not IPv4 or IPv6, or
+    too short for one of its loads (the kernel then ends the program with 0)."""
+    if not packet or packet[0] >> 4 not in (4, 6):
+        return True
+    version = packet[0] >> 4
+    if version == 4:
+        if len(packet) < 20:
+            return True
+        if int.from_bytes(packet[6:8], "big") & 0x3FFF or packet[9] not in (6, 17):
+            return False
+        return len(packet) < (packet[0] & 0x0F) * 4 + 4
+    if len(packet) < 40:
+        return True
+    return packet[6] in (6, 17) and len(packet) < 44
+
+
+class FlowQueues:
+    """What the turn program returns, in Python: a flow seen before keeps its turn, a new
+    one takes the next (the TUN then uses the value modulo its queues)."""
+
+    def __init__(self) -> None:
+        self.turns: dict[int, int] = {}
+        self.next = 0
+
+    def __call__(self, packet: bytes) -> int:
+        if _unkeyed(packet):
+            return 0
+        key = flow_key(packet)
+        turn = self.turns.get(key)
+        if turn is None:
+            turn = self.turns[key] = self.next
+            self.next = (self.next + 1) & 0xFFFFFFFF
+        return turn
 
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
@@ -188,9 +293,9 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return int(ret)
 
 
-def load() -> int:
-    """Load the program; its fd (close-on-exec), or OSError with the verifier's words."""
-    code = program()
+def _load(code: bytes) -> int:
+    """Load `code` as a socket filter; its fd (close-on-exec), or OSError with the verifier's
+    words."""
     insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"MIT")
     log_buf = ctypes.create_string_buffer(4096)
@@ -201,12 +306,12 @@ def load() -> int:
             ctypes.addressof(insns), ctypes.addressof(lic), level,
             len(log_buf) if level else 0, ctypes.addressof(log_buf) if level else 0, 0, 0,
             b"shardwg_tunq",
-        ), 64)  # fmt: skip
+        ), 128)  # fmt: skip
 
     try:
         return _bpf(BPF_PROG_LOAD, attr(0))
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
+        if exc.errno not in (errno.EINVAL, errno.EACCES):
             raise
         first = exc
     try:  # once more with the verifier's log, to say why
@@ -214,6 +319,32 @@ def load() -> int:
     except OSError:
         why = log_buf.value.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
         raise OSError(first.errno, f"the verifier refused it: {why[0]}") from None
+
+
+def _map(kind: int, entries: int) -> int:
+    """A map of u32 -> u32 with `entries` (its fd, close-on-exec)."""
+    attr = ctypes.create_string_buffer(struct.pack(
+        "<IIIIIII16s", kind, 4, 4, entries, 0, 0, 0, b"shardwg_tunq"), 128)  # fmt: skip
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def load() -> int:
+    """The stateless program (flows take queues by hash); its fd."""
+    return _load(program())
+
+
+def load_turns() -> int:
+    """The turn program with fresh maps (flows take queues in turn); its fd. The program
+    holds the maps, so they go when the last reference to it does."""
+    flows = _map(BPF_MAP_TYPE_LRU_HASH, FLOWS)
+    try:
+        turn = _map(BPF_MAP_TYPE_ARRAY, 1)
+        try:
+            return _load(turn_program(flows, turn))
+        finally:
+            os.close(turn)
+    finally:
+        os.close(flows)
 
 
 def run_once(prog_fd: int, packet: bytes) -> int:
@@ -234,35 +365,49 @@ def attach(tun_fd: int, prog_fd: int) -> None:
 
 
 class TunSteering:
-    """Flow-hash steering on while any peer is spread, off otherwise (see the module)."""
+    """Steering on while any peer is spread, off otherwise (see the module): flows take
+    queues in turn, or by hash where the kernel refuses the turn program."""
 
     def __init__(self, tun_fd: int) -> None:
         self.tun_fd = tun_fd
         self.on = False
-        self.refused = ""  # why the kernel refused (then we stay on automatic steering)
+        self.kind = ""  # "turns" or "hash" while attached
+        self.refused = ""  # why the kernel refused both (then we stay on automatic steering)
+
+    def _attach(self) -> str:
+        try:
+            fd, kind = load_turns(), "turns"
+        except OSError as exc:
+            log.warning("TUN steering: the turn program was refused (%s); flows take queues "
+                        "by hash", exc)  # fmt: skip
+            fd, kind = load(), "hash"
+        try:
+            attach(self.tun_fd, fd)  # the TUN keeps its own reference
+        finally:
+            os.close(fd)
+        return kind
 
     def set(self, spread: bool) -> bool:
-        """Attach or detach as `spread` says; True while the program steers."""
+        """Attach or detach as `spread` says; True while the program steers. Each attach
+        starts from fresh maps: flows take their turns anew."""
         if spread == self.on or (spread and self.refused):
             return self.on
         try:
             if spread:
-                fd = load()
-                try:
-                    attach(self.tun_fd, fd)  # the TUN keeps its own reference
-                finally:
-                    os.close(fd)
+                self.kind = self._attach()
             else:
                 attach(self.tun_fd, -1)
+                self.kind = ""
         except OSError as exc:
             if spread:
                 self.refused = str(exc)
-                log.warning("TUN flow-hash steering unavailable (%s): a spread peer's flows "
-                            "stay on the TUN queue that wrote them first", exc)  # fmt: skip
+                log.warning("TUN steering unavailable (%s): a spread peer's flows stay on "
+                            "the TUN queue that wrote them first", exc)  # fmt: skip
             else:
-                log.warning("TUN flow-hash steering: detaching failed (%s)", exc)
+                log.warning("TUN steering: detaching failed (%s)", exc)
             return self.on
         self.on = spread
-        log.info("TUN queues steered by %s", "flow hash (a peer is spread)" if spread
-                 else "the kernel's flow table (no peer is spread)")  # fmt: skip
+        log.info("TUN queues steered by %s", {"turns": "flow, in turn (a peer is spread)",
+                 "hash": "flow hash (a peer is spread)"}.get(self.kind,
+                 "the kernel's flow table (no peer is spread)"))  # fmt: skip
         return spread
