@@ -312,3 +312,36 @@ def test_auto_with_fewer_peers_than_workers_spreads_our_sealing_only() -> None:
         if not both_ways:
             for _ in range(3000):  # sequential counters: every one reaches the owner
                 assert world.remote_send() > 0
+
+
+@pytest.mark.parametrize(("quota", "spread"), [(None, True), (4.0, True), (2.0, False)])
+def test_a_cpu_quota_without_headroom_is_no_idle_core(quota: float | None, spread: bool) -> None:
+    """In a container limited to 2 CPUs on a bigger host, /proc/stat shows the host's idle
+    cores, but with both workers saturated the quota has none left for a third seal: A is
+    not spread. With room in the quota (4 CPUs), or none set, it is."""
+    lay = Layout(2, 16)
+    buf = bytearray(lay.total_size)
+    t = [100.0]
+    cpu = {1001: 0.0, 1002: 0.0}
+    idle = [0.0]
+    p = Placer(Mode.COUNT, 2, lay, buf, lambda: None, clock=lambda: t[0],
+               cpu_of=lambda pid: cpu.get(pid, 0.0), idle_of=lambda: idle[0],
+               quota_of=lambda: quota)  # fmt: skip
+    p.spread_policy = "auto"
+    p.start([A, B], {A: 0, B: 1})
+    blocks = [C.WorkerCounters.for_worker(buf, lay.counters_offset, w) for w in range(2)]
+    for w, b in enumerate(blocks):
+        b.set(C.PID, 1001 + w)
+    sent = 0
+    for _ in range(4 * SPREAD_HOT_INTERVALS):  # both peers saturate their own worker
+        sent += int(RATE * 0.97)
+        _write(lay, buf, 0, A, 0, sent)
+        _write(lay, buf, 1, B, 1, sent)
+        for w, b in enumerate(blocks):
+            b.v[C.RX_BYTES] = sent
+            cpu[1001 + w] += 0.97
+            b.flush()
+        idle[0] += 6.0  # six of the host's cores idle
+        p.tick(t[0])
+        t[0] += 1.0
+    assert (A in p.spread_now) is spread, (p.spread_now, p.idle)

@@ -29,7 +29,7 @@ from shardwg.engine.placement import (
     spread_by_traffic,
     spread_reasons,
 )
-from shardwg.observe.cpus import cpu_seconds, idle_seconds
+from shardwg.observe.cpus import cgroup_cpu_quota, cpu_seconds, idle_seconds
 from shardwg.shm import counters as C
 from shardwg.shm.layout import Layout
 from shardwg.shm.peerslot import decode_peer
@@ -67,6 +67,7 @@ class Placer:
         wall_clock: Callable[[], float] = time.time,
         cpu_of: Callable[[int], float] = cpu_seconds,
         idle_of: Callable[[], float] = idle_seconds,
+        quota_of: Callable[[], float | None] = cgroup_cpu_quota,
     ) -> None:
         self.mode = mode
         self.workers = workers
@@ -77,6 +78,7 @@ class Placer:
         self.wall_clock = wall_clock
         self.cpu_of = cpu_of  # a worker's CPU seconds by pid (/proc)
         self.idle_of = idle_of  # idle CPU seconds of our cores so far (/proc/stat)
+        self.quota_of = quota_of  # our cgroup's CPU quota in cores (None: none)
         self.slot_of: dict[bytes, int] = {}
         self.owners: dict[bytes, int] = {}
         self.table = PlacementTable(mode, [-1] * layout.peer_capacity)

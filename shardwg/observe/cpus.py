@@ -20,11 +20,12 @@ def affinity_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cgroup_cpu_limit(
+def cgroup_cpu_quota(
     root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
-) -> int | None:
-    """Whole CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max
-    or v1 cfs quota), rounded up; None when unlimited or unknown."""
+) -> float | None:
+    """CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max or
+    v1 cfs quota), as a fraction (1.5: one and a half cores); None when unlimited or
+    unknown."""
     limits: list[float] = []
     try:
         with open(proc_cgroup) as f:
@@ -55,9 +56,16 @@ def cgroup_cpu_limit(
                 continue
             if quota_text not in ("max", "-1") and int(period_text) > 0:
                 limits.append(int(quota_text) / int(period_text))
-    if not limits:
-        return None
-    return max(1, math.ceil(min(limits)))
+    return min(limits) if limits else None
+
+
+def cgroup_cpu_limit(
+    root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
+) -> int | None:
+    """Whole CPUs allowed by the tightest CPU quota (cgroup_cpu_quota), rounded up; None
+    when unlimited or unknown."""
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    return None if quota is None else max(1, math.ceil(quota))
 
 
 def default_workers(cores: int | None = None, limit: int | None = -1) -> int:
