@@ -253,6 +253,12 @@ class Placer:
                 self.worker_rates.append(max(0, b - b0) / dt)
                 # a replaced worker's CPU time starts again from zero
                 self.cpu.append(max(0.0, c - c0) / dt if pid == pid0 and pid else 0.0)
+        if workers:
+            # under a CPU quota (a container's --cpus) the host's idle cores are no use
+            # once the quota is spent: what is left of it is all another worker could get
+            quota = self.quota_of()
+            if quota is not None:
+                self.idle = min(self.idle, max(0.0, quota - sum(self.cpu)))
 
     def _by_traffic(self) -> bool:
         """--spread auto: step spread_by_traffic over this interval; True if its set changed
