@@ -29,6 +29,7 @@ from lab.ping import ping
 from lab.wggo import UAPI_DIR
 from shardwg.config.model import parse_config
 from shardwg.container import command, privileges
+from shardwg.observe.cpus import cgroup_cpu_quota
 
 GW_PORT, PEER_PORT = 51820, 51821
 ENTRYPOINT = [sys.executable, "-m", "shardwg.container"]
@@ -390,6 +391,7 @@ def test_cgroup_cpu_limit(tmp_path: Path) -> None:
     cg = tmp_path / "cgroup"
     cg.write_text("0::/pod/ctr\n")
     assert command.cgroup_cpu_limit(str(v2), str(cg)) == 3  # 2.5 CPUs, from the parent
+    assert cgroup_cpu_quota(str(v2), str(cg)) == 2.5  # what --spread auto counts
     (v2 / "pod" / "cpu.max").write_text("max 100000\n")
     assert command.cgroup_cpu_limit(str(v2), str(cg)) is None
     v1 = tmp_path / "v1"
@@ -398,6 +400,7 @@ def test_cgroup_cpu_limit(tmp_path: Path) -> None:
     (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_period_us").write_text("100000\n")
     cg.write_text("4:cpu,cpuacct:/docker/x\n3:memory:/docker/x\n")
     assert command.cgroup_cpu_limit(str(v1), str(cg)) == 1
+    assert cgroup_cpu_quota(str(v1), str(cg)) == 0.5
 
 
 def test_run_supports_reads_the_cli() -> None:
