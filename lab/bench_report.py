@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,34 @@ def scaling_table(doc: Doc) -> str:
     return "\n".join(lines)
 
 
+_ONEPEER = re.compile(r"(?P<kind>\S+) (?P<workers>\d+)w spread (?P<spread>\S+)(?P<cap> cap \S+)? "
+                      r"(?P<flows>\d+s \S+)")  # fmt: skip
+
+
+def onepeer_table(doc: Doc) -> str:
+    """One peer over 1 and 2 workers (lab/bench_onepeer.py): each configuration against the
+    1-worker row of the same peer, streams, direction and CPU cap."""
+    sec = doc["sections"].get("onepeer") or {}
+    if not sec:
+        return ""
+    head = ["configuration", "Gbit/s", "vs 1 worker", "TCP retransmits",
+            "smallest worker share", "workers throttled"]  # fmt: skip
+    lines = _head(head)
+    for cfg in sec:
+        m = _ONEPEER.fullmatch(cfg)
+        one = None
+        if m:
+            one = med(doc, "onepeer", f"{m['kind']} 1w spread off{m['cap'] or ''} {m['flows']}",
+                      "gbit_s")  # fmt: skip
+        g = med(doc, "onepeer", cfg, "gbit_s")
+        throttled = med(doc, "onepeer", cfg, "throttled_pct")
+        lines.append(_row([cfg, fmt(g, 3), fx(ratio(g, one)),
+                           fmt(med(doc, "onepeer", cfg, "retransmits"), 0),
+                           fmt(med(doc, "onepeer", cfg, "min_worker_share")),
+                           "—" if throttled is None else f"{throttled:.0f}%"]))  # fmt: skip
+    return "\n".join(lines)
+
+
 def targets(doc: Doc) -> list[dict[str, Any]]:
     """Each target with what was measured and whether it was met (None: not measured).
     The throughput goals are issue 11's, against the wireguard-go the run raced."""
@@ -302,6 +331,10 @@ def markdown(doc: Doc) -> str:
     sc = scaling_table(doc)
     if sc:
         parts += ["### Scaling: 1 vs 2 workers, 4 wireguard-go peers", sc]
+    op = onepeer_table(doc)
+    if op:
+        parts += ["### One peer over 1 and 2 workers (`shardwg-<peer> <workers> spread "
+                  "<setting> <streams> <direction>`)", op]
     parts += ["### Targets", targets_table(doc)]
     parts += ["\n".join(f"- {n}" for n in footnotes(doc))]
     return "\n\n".join(parts) + "\n"

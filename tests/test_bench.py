@@ -145,3 +145,29 @@ def test_microbenchmark_pushes_real_packets_both_ways() -> None:
     assert [open_one(m) for m in batch] == [bench_micro.PACKET] * len(batch)
     assert bytes(out[: bench_micro.PACKET]) == bytes(bench_micro.ipv4_packet())
     assert all(open_one(m) < 0 for m in batch)
+
+
+def test_the_report_compares_capped_runs_with_their_own_one_worker_rows() -> None:
+    """bench.md's scaling and onepeer tables: each configuration against the 1-worker row
+    of the same peer, streams, direction and CPU cap, never across a cap."""
+    from lab.bench import Results
+    from lab.bench_report import markdown
+
+    r = Results()
+    for cfg, g in (("shardwg-1w", 2.0), ("shardwg-2w", 2.5),
+                   ("shardwg-1w cap 0.3", 1.0), ("shardwg-2w cap 0.3", 2.0)):  # fmt: skip
+        r.add("scaling", cfg, "gbit_s", g, "Gbit/s")
+    r.add("scaling", "shardwg-2w cap 0.3", "throttled", 0.8, "fraction")
+    for cfg, g in (("shardwg-wggo 1w spread off 4s A->B", 3.0),
+                   ("shardwg-wggo 2w spread on 4s A->B", 3.3),
+                   ("shardwg-wggo 1w spread off cap 0.3 4s A->B", 1.2),
+                   ("shardwg-wggo 2w spread on cap 0.3 4s A->B", 2.4)):  # fmt: skip
+        r.add("onepeer", cfg, "gbit_s", g, "Gbit/s")
+        r.add("onepeer", cfg, "retransmits", 7, "segments")
+    text = markdown({"sections": r.sections(), "meta": {}})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    assert "| 1.25x |" in rows["2"]
+    assert "| 2.00x |" in rows["2, each capped at 0.3 cores"] and "80% of periods" in rows[
+        "2, each capped at 0.3 cores"]  # fmt: skip
+    assert "| 1.10x |" in rows["shardwg-wggo 2w spread on 4s A->B"]
+    assert "| 2.00x |" in rows["shardwg-wggo 2w spread on cap 0.3 4s A->B"]
