@@ -453,9 +453,16 @@ def tcp_handshake(fd: int, v6: bool) -> tuple[socket.socket, int, int, int, list
     synack = tcp_packet(v6, isn_s, b"", SYN | ACK, ack=isn_c + 1, window=65535,
                         opts=struct.pack("!BBH", 2, 4, mss), sport=5201, dport=port)  # fmt: skip
     synack = swap_direction(synack, v6)
-    assert write_packet(fd, vnet.ZERO_HDR + synack)
-    raw = read_raw(fd, is_tcp_from(port))
-    assert raw is not None, "no ACK for our SYN-ACK"
+    # Answer every SYN until the ACK comes: in a fresh namespace the kernel sometimes drops
+    # the first SYN-ACK as addressed to no local address (Ip6InAddrErrors: the new address is
+    # not yet usable on input), and the SYN's retransmission 1 s later has to be answered too.
+    for _ in range(4):
+        assert write_packet(fd, vnet.ZERO_HDR + synack)
+        raw = read_raw(fd, is_tcp_from(port), timeout=3.0)
+        assert raw is not None, "no ACK for our SYN-ACK"
+        if not raw[10:][l4(raw[10:])[1] + 13] & SYN:
+            break
+    assert raw is not None and not raw[10:][l4(raw[10:])[1] + 13] & SYN, "only SYNs"
     s.setblocking(True)
     return s, port, isn_c, isn_s, [syn, *split_raw(raw)]
 
