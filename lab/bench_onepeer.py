@@ -105,7 +105,7 @@ class OnePeer:
         before = [worker_counts(g) for g in ends]
         caps_before = [c.periods() for c in self.caps]
         run = IperfJob(server, client, addr, IPERF_PORT, seconds, streams, cport=cport).run()
-        caps_after = [c.periods() for c in self.caps]
+        throttled = [c.throttled_since(b) for c, b in zip(self.caps, caps_before, strict=True)]
         after = [worker_counts(g) for g in ends]
         col = 1 if a_sends else 0  # A's tx datagrams when it sends, rx when it receives
         # per end, per worker: (rx, tx) datagrams over the run
@@ -113,11 +113,9 @@ class OnePeer:
                   for x, y in zip(before, after, strict=True)]  # fmt: skip
         per = [d[col] for d in deltas[0]]
         total = max(sum(per), 1)
-        periods = sum(a[0] - b[0] for a, b in zip(caps_after, caps_before, strict=True))
-        throttled = sum(a[1] - b[1] for a, b in zip(caps_after, caps_before, strict=True))
         return {"gbit_s": run.gbit_s, "retransmits": run.retransmits,
                 "shares": [round(p / total, 3) for p in per], "counts": deltas,
-                "throttled": round(throttled / max(periods, 1), 3)}  # fmt: skip
+                "throttled": round(statistics.fmean(throttled), 3) if throttled else 0.0}
 
 
 def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int],

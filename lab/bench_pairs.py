@@ -284,6 +284,5 @@ def scaling_run(
     out = {"gbit_s": sum(r.gbit_s for r in runs), "cores": cores, "peer_cores": peer_cores,
            "machine_busy": busy, "min_peer_gbit_s": min(r.gbit_s for r in runs)}  # fmt: skip
     if cap is not None:
-        seen, throttled = (a - b for a, b in zip(cap.periods(), cap_before, strict=True))
-        out["throttled"] = throttled / max(seen, 1)
+        out["throttled"] = cap.throttled_since(cap_before)
     return out

@@ -88,6 +88,11 @@ class CpuCap:
                     throttled += int(value)
         return seen, throttled
 
+    def throttled_since(self, before: tuple[int, int]) -> float:
+        """The share of periods since `before` (a periods() reading) that were throttled."""
+        seen, throttled = (a - b for a, b in zip(self.periods(), before, strict=True))
+        return throttled / max(seen, 1)
+
     def close(self) -> None:
         errors: list[OSError] = []
         for group in reversed(self.groups):

@@ -50,6 +50,7 @@ def test_a_capped_busy_loop_gets_its_budget_and_no_more(cap_ok: None) -> None:
     try:
         group = cap.add(child.pid, "busy")
         assert _group_of(child.pid).endswith(group.name)
+        before = cap.periods()
         start, t0 = _cpu_seconds(child.pid), time.monotonic()
         time.sleep(1.5)
         used = (_cpu_seconds(child.pid) - start) / (time.monotonic() - t0)
@@ -58,6 +59,7 @@ def test_a_capped_busy_loop_gets_its_budget_and_no_more(cap_ok: None) -> None:
         assert used < 0.35, used
         assert used > 0.1, used
         assert throttled > seen / 2, (seen, throttled)
+        assert cap.throttled_since(before) > 0.5
     finally:
         child.kill()
         child.wait()
