@@ -1,9 +1,10 @@
 """One peer over several workers (issue 12): throughput, retransmits and each worker's share.
 
-A pair of namespaces on a veth: end A is shardwg (1 or 2 workers, `--spread off|auto|on`), end B is
-wireguard-go or shardwg with the same worker count and spread setting. iperf3 TCP with 1 or 4
-streams, each direction (B -> A: A receives; A -> B: A sends). For each run: Gbit/s, TCP
-retransmits (iperf3 -J), and A's per-worker UDP datagram counts over the run from
+A pair of namespaces on a veth: end A is shardwg (1 or 2 workers, `--spread off|auto|on`, or
+`packets`: `--spread on` with the peer's `Spread = packets`, so one flow's packets are spread
+too), end B is wireguard-go or shardwg with the same worker count and spread setting. iperf3
+TCP with 1 or 4 streams, each direction (B -> A: A receives; A -> B: A sends). For each run:
+Gbit/s, TCP retransmits (iperf3 -J), and A's per-worker UDP datagram counts over the run from
 `shardwg show --json` (the share each worker carried in each direction).
 
     python -m lab.bench_onepeer [--seconds 5] [--reps 3] [--peer wggo|shardwg] [--out F]
@@ -37,8 +38,8 @@ from lab.netns import unique_ifname, veth_link
 from lab.ping import ping_rtts
 
 IPERF_PORT = 5211
-CONFIGS = [(1, "off"), (2, "off"), (2, "auto"), (2, "on")]  # (workers, spread), shardwg ends
-CAPPED_CONFIGS = [(1, "off"), (2, "off"), (2, "on")]  # with --worker-cpu
+CONFIGS = [(1, "off"), (2, "off"), (2, "auto"), (2, "on"), (2, "packets")]  # (workers, spread)
+CAPPED_CONFIGS = [(1, "off"), (2, "off"), (2, "on"), (2, "packets")]  # with --worker-cpu
 
 
 def configs(worker_cpu: float) -> list[tuple[int, str]]:
@@ -55,11 +56,14 @@ class OnePeer:
 
     def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str,
                  peer_spread: str = "", worker_cpu: float = 0) -> None:  # fmt: skip
-        """`peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none);
+        """`spread`: --spread, or "packets" (--spread on and the peer's `Spread = packets`);
+        `peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none);
         `worker_cpu`: each shardwg worker's CPU budget in cores (0: none)."""
         self.a_ns, self.b_ns = h(2, "op")
         veth_link(self.a_ns, self.b_ns, [f"{UNDERLAY[0]}/24"], [f"{UNDERLAY[1]}/24"])
         (pa, ka), (pb, kb) = keypair(), keypair()
+        if spread == "packets":
+            spread, peer_spread = "on", peer_spread or "packets"
         extra = ["--placement", "count", "--spread", spread]
 
         def peer(i: int, pub: str) -> dict[str, Any]:

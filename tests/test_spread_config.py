@@ -1,4 +1,4 @@
-"""A peer's own `Spread = on|off|auto` (shardwg's key in a [Peer]): parsed with its line in
+"""A peer's own `Spread = on|off|auto|packets` (shardwg's key in a [Peer]): parsed with its line in
 every error, written back by SaveConfig, kept across UAPI changes (which cannot say it), and
 fed to the placement table at start and on every reload, where real workers act on it
 without a restart."""
@@ -49,12 +49,34 @@ def test_spread_values_and_round_trip() -> None:
     assert "Spread" not in format_config(parse_config(_text("Spread = auto", "")))
 
 
+def test_spread_packets_is_on_with_packet_turns_and_round_trips() -> None:
+    cfg = parse_config(_text("Spread = Packets", "Spread = on"))
+    assert [(p.spread, p.spread_packets) for p in cfg.peers] == [(True, True), (True, False)]
+    assert spread_settings(cfg) == {A: True, B: True}  # placement: spread by override
+    text = format_config(cfg)
+    assert "Spread = packets" in text and "Spread = on" in text
+    assert parse_config(text) == cfg
+    later = parse_config(_text("Spread = packets\nSpread = off", ""))  # the last one counts
+    assert (later.peers[0].spread, later.peers[0].spread_packets) == (False, False)
+
+
+def test_packet_turn_prefixes_are_those_of_spread_packets_peers() -> None:
+    from shardwg.engine.placement import packet_turn_prefixes
+
+    allowed = {A: ["10.0.0.0/24", "fd00::/64"], B: ["10.0.1.0/24"]}
+    both = {A: SpreadWhy.PACKETS, B: SpreadWhy.OVERRIDE}
+    assert packet_turn_prefixes(allowed, both) == {"10.0.0.0/24", "fd00::/64"}
+    assert packet_turn_prefixes(allowed, {B: SpreadWhy.OVERRIDE}) == set()  # A not spread
+    assert packet_turn_prefixes(allowed, {A: SpreadWhy.POLICY}) == set()  # not by its setting
+
+
 @pytest.mark.parametrize("value", ["yes", "1", "", "on off", "true"])
 def test_a_bad_spread_names_its_line(value: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(_text("", f"Spread = {value}"), "wg9.conf")
     assert e.value.line == 11, str(e.value)
-    assert str(e.value).startswith("wg9.conf:11: Spread:") and "on, off or auto" in str(e.value)
+    assert str(e.value).startswith("wg9.conf:11: Spread:")
+    assert "on, off, auto or packets" in str(e.value)
 
 
 def test_spread_is_a_peer_key_only() -> None:
@@ -75,18 +97,21 @@ def test_a_spread_change_is_not_a_peer_update() -> None:
     assert [p.public_key for p in d.spread_changed] == [A, B]
     assert [n.public_key for _o, n in d.updated] == [A]
     assert diff_configs(old, old).empty()
+    packets = parse_config(_text("", "Spread = packets"))
+    d = diff_configs(old, packets)  # on -> packets: still the placement's business only
+    assert [p.public_key for p in d.spread_changed] == [B] and not d.updated
 
 
 def test_uapi_changes_keep_the_setting() -> None:
     """`wg set` / `wg syncconf` cannot say Spread; a peer they rewrite keeps it."""
-    cfg = parse_config(_text("Spread = on", "Spread = off"))
+    cfg = parse_config(_text("Spread = packets", "Spread = off"))
     own = new_key()[1]
     req = SetRequest(replace_peers=True, peers=[
         PeerChange(public_key=A, allowed_ips_add=["10.0.0.0/24"], replace_allowed_ips=True),
         PeerChange(public_key=B, persistent_keepalive=5),
     ])  # fmt: skip
     out = config_from_set(cfg, req, own)
-    assert [p.spread for p in out.peers] == [True, False]
+    assert [(p.spread, p.spread_packets) for p in out.peers] == [(True, True), (False, False)]
     req = SetRequest(peers=[PeerChange(public_key=A, persistent_keepalive=9)])
     assert config_from_set(cfg, req, own).peers[0].spread is True
     gone = config_from_set(cfg, SetRequest(replace_peers=True, peers=[]), own)
@@ -117,6 +142,13 @@ def test_overrides_reach_the_table_with_their_reason() -> None:
     assert not placer.set_overrides({A: True})  # unchanged: no write, no nudge
     assert placer.set_overrides({A: False, B: True})
     assert _table(placer) == ({1}, {1: SpreadWhy.OVERRIDE}) and nudges == [1]
+    assert placer.set_overrides({A: False, B: True}, packets={B})  # on -> packets: a change
+    assert _table(placer) == ({1}, {1: SpreadWhy.PACKETS}) and nudges == [1, 1]
+    told: list[dict] = []
+    placer.on_spread = told.append
+    placer.announce()
+    assert told == [{B: SpreadWhy.PACKETS}]
+    placer.on_spread = None
     assert placer.set_overrides({})  # auto again: 2 peers on 2 workers is not fewer
     assert _table(placer) == (set(), {})
     one, _ = _placer("auto")
@@ -133,6 +165,8 @@ def test_overrides_reach_the_table_with_their_reason() -> None:
     off.set_overrides({A: True}, write=False)
     off.start([A], {A: 0})
     assert _table(off) == (set(), {})  # --spread off is off for every peer
+    assert off.set_overrides({A: True}, packets={A})
+    assert _table(off) == (set(), {})  # packets too
 
 
 def test_reload_flips_one_peer_on_real_workers(gateways: list[MemoryGateway]) -> None:
@@ -197,7 +231,7 @@ def test_the_placer_says_when_any_peer_is_spread() -> None:
     """What switches the TUN's flow-hash steering on and off (io/tun_steering.py)."""
     placer, _ = _placer("auto")
     said: list[bool] = []
-    placer.on_spread = said.append
+    placer.on_spread = lambda now: said.append(bool(now))
     placer.start([A, B], {A: 0, B: 1})
     placer.set_overrides({A: True})
     placer.set_overrides({A: True, B: True})
@@ -212,7 +246,9 @@ def test_the_container_environment_says_spread_too() -> None:
            "WG_PEER_1_ALLOWED_IPS": "10.0.0.0/24", "WG_PEER_1_SPREAD": "off"}  # fmt: skip
     text, _warnings = config_from_env(env)
     assert parse_config(text).peers[0].spread is False
-    with pytest.raises(EntrypointError, match="WG_PEER_1_SPREAD: 'yes' is not on, off or auto"):
+    text, _warnings = config_from_env({**env, "WG_PEER_1_SPREAD": "packets"})
+    assert parse_config(text).peers[0].spread_packets is True
+    with pytest.raises(EntrypointError, match="WG_PEER_1_SPREAD: 'yes' is not on, off, auto or"):
         config_from_env({**env, "WG_PEER_1_SPREAD": "yes"})
 
 

@@ -90,3 +90,32 @@ def test_flows_begun_before_spreading_spread_once_the_peer_is() -> None:
     after = [b[1] - a[1] for a, b in zip(c2, c3, strict=True)]
     assert before[1] == 0 and before[0] > 1000, before  # not spread: the owner seals all
     assert min(after) >= 0.25 * sum(after), (after, run)
+
+
+def test_one_flow_over_two_workers_with_spread_packets() -> None:
+    """`Spread = packets` at both shardwg ends: a single TCP stream each way puts at least a
+    quarter of the peer's datagrams on each of A's workers in each direction (each packet
+    takes the next TUN queue; receive steering gives what A's worker w sealed to B's worker
+    w), a 20 MB single-flow transfer each way keeps its sha256, and a reload back to
+    `Spread = on` keeps the next stream whole on one worker again."""
+    with Harness() as h:
+        op = OnePeer(h, "shardwg", 2, "packets")
+        assert all(g.show_json(timeout=20)["peers"][0]["spread"] == "packets"
+                   for g in (op.gw, op.b_gw) if g is not None)  # fmt: skip
+        for a_sends in (True, False):
+            res = op.tcp(1, 3, a_sends)
+            assert min(res["shares"]) >= 0.25, (a_sends, res)
+            (a_counts, b_counts) = res["counts"]
+            for (a_rx, a_tx), (b_rx, b_tx) in zip(a_counts, b_counts, strict=True):
+                assert abs(a_tx - b_rx) <= 0.01 * max(a_tx, 1) + 20, res
+                assert abs(b_tx - a_rx) <= 0.01 * max(b_tx, 1) + 20, res
+        size = 20 << 20
+        for server, client, addr, port in ((op.b_ns, op.a_ns, TUNNEL[1], 5303),
+                                           (op.a_ns, op.b_ns, TUNNEL[0], 5304)):  # fmt: skip
+            got = Transfer(server, client, addr, port, size, seed=port).run()
+            assert got.ok and got.received_bytes == size, got
+        op.set_peer_spread("on")
+        assert wait_for(lambda: all(g.show_json(timeout=20)["peers"][0]["spread"] == "override"
+                                    for g in (op.gw, op.b_gw) if g is not None), 10)  # fmt: skip
+        res = op.tcp(1, 3, True)
+        assert max(res["shares"]) >= 0.95, res  # flows whole again: one worker seals it

@@ -63,9 +63,18 @@ def _random_packets(rng: random.Random, n: int) -> list[bytes]:
     return out
 
 
-def _loaded(turns: bool = False) -> int:
+def _loaded(turns: bool = False, packets: list[str] | None = None) -> int:
+    """The stateless program, or the turn program (with `packets`: their trie filled)."""
     try:
-        return ts.load_turns() if turns else ts.load()
+        if packets is None:
+            return ts.load_turns() if turns else ts.load()
+        trie = ts.packet_trie()
+        try:
+            for prefix in packets:
+                ts.trie_add(trie, prefix)
+            return ts.load_turns(trie)
+        finally:
+            os.close(trie)  # the program keeps the trie
     except OSError as exc:
         pytest.skip(f"bpf(2) refused here: {exc}")
 
@@ -102,6 +111,83 @@ def test_the_kernel_hands_out_turns_as_the_model_says() -> None:
         assert model.next > 300  # most were new flows, and they counted up
     finally:
         os.close(fd)
+
+
+PACKET_PREFIXES = ["10.99.0.0/24", "10.20.0.0/16", "fd00::2/128", "fd00:9::/64"]
+
+
+def test_packets_to_packet_prefixes_take_turns_one_by_one_as_the_model_says() -> None:
+    """`Spread = packets`: a packet whose destination is in the trie (IPv4 and IPv6, longest
+    prefix) takes the next packet turn whatever its flow; any other keeps its flow's turn.
+    The kernel and the model agree on every return value."""
+    fd = _loaded(packets=PACKET_PREFIXES)
+    try:
+        rng = random.Random(33)
+        fresh = [p for p in _random_packets(rng, 400)
+                 if len(p) >= (40 if p[0] >> 4 == 6 else 20)]  # fmt: skip
+        to_prefixes = [_ip4("10.0.0.1", f"10.99.0.{i}", 6, 1000 + i, 80) for i in range(9)]
+        to_prefixes += [_ip4("10.0.0.1", f"10.20.{i}.7", 17, 5, 5) for i in range(9)]
+        to_prefixes += [_ip6("fd00::1", f"fd00:9::{i:x}", 6, 7, 7) for i in range(9)]
+        near = [_ip4("10.0.0.1", "10.99.1.5", 6, 1, 2), _ip6("fd00::1", "fd00::3", 6, 1, 2)]
+        packets = fresh + to_prefixes + near
+        packets += [rng.choice(packets) for _ in range(600)]
+        rng.shuffle(packets)
+        model = ts.FlowQueues(PACKET_PREFIXES)
+        got = [ts.run_once(fd, p) for p in packets]
+        assert got == [model(p) for p in packets]
+        assert model.packet_next > 60 and model.next > 200  # both kinds of turn were taken
+    finally:
+        os.close(fd)
+
+
+def test_one_flow_to_a_packet_prefix_alternates_until_the_prefix_goes() -> None:
+    """The property `Spread = packets` is for: one TCP flow's packets go to the queues in
+    turn (both of 2, all of 4); removed from the trie, the flow keeps one queue again."""
+    try:
+        trie = ts.packet_trie()
+    except OSError as exc:
+        pytest.skip(f"bpf(2) refused here: {exc}")
+    try:
+        fd = ts.load_turns(trie)
+        flow = _ip4("10.0.0.1", "10.9.0.5", 6, 40000, 5201, frag=0x4000)
+        other = _ip4("10.0.0.1", "10.8.0.5", 6, 40000, 5201, frag=0x4000)
+        ts.trie_add(trie, "10.9.0.0/24")
+        for queues in (2, 4):
+            assert [ts.run_once(fd, flow) % queues for _ in range(4 * queues)] == list(
+                range(queues)
+            ) * 4
+        assert len({ts.run_once(fd, other) for _ in range(8)}) == 1
+        ts.trie_remove(trie, "10.9.0.0/24")
+        assert len({ts.run_once(fd, flow) for _ in range(8)}) == 1
+        os.close(fd)
+    finally:
+        os.close(trie)
+
+
+def test_steering_keeps_its_trie_as_told_and_refills_it_on_attach() -> None:
+    """TunSteering.set_packets while attached and while not, detach and attach again:
+    the attached trie holds exactly the prefixes last told (on a TUN-less fd the attach
+    ioctl fails, so the check is on the maps TunSteering keeps)."""
+    steer = ts.TunSteering(-1)
+    steer.set_packets(["10.9.0.0/24"])
+    assert steer.in_trie == set()  # not attached: nothing to fill
+    try:
+        trie = ts.packet_trie()
+    except OSError as exc:
+        pytest.skip(f"bpf(2) refused here: {exc}")
+    steer._trie = trie  # as _attach leaves it
+    steer._sync()
+    assert steer.in_trie == {"10.9.0.0/24"}
+    steer.set_packets(["fd00:9::/64", "10.20.0.0/16"])
+    assert steer.in_trie == {"fd00:9::/64", "10.20.0.0/16"}
+    fd = ts.load_turns(trie)
+    try:
+        assert len({ts.run_once(fd, _ip4("1.1.1.1", "10.20.3.4", 6, 1, 2)) for _ in range(4)}) == 4
+        assert len({ts.run_once(fd, _ip4("1.1.1.1", "10.9.0.4", 6, 1, 2)) for _ in range(4)}) == 1
+    finally:
+        os.close(fd)
+        steer._drop_trie()
+    assert steer.in_trie == set() and steer.packets == {"fd00:9::/64", "10.20.0.0/16"}
 
 
 @pytest.mark.parametrize("queues", [2, 4, 16])
@@ -168,7 +254,7 @@ def _replies_by_queue(dev: TunDevice, sock: socket.socket, ports: range) -> dict
 
 def _steer_a_real_tun(hash_only: bool) -> dict[str, object]:
     if hash_only:  # a kernel that refuses the turn program
-        def refused() -> int:
+        def refused(packets_fd: int = -1) -> int:
             raise OSError(22, "refused, as by an old kernel")
 
         ts.load_turns = refused
@@ -215,3 +301,52 @@ def test_a_real_tun_steers_by_the_program_only_while_attached(  # type: ignore[n
         assert changes >= 28, queues
     assert set(queues) == {0, 1}
     assert r["off"] is False and r["after"] == {0}  # detached: the flow table again
+
+
+def _one_flow_queues(packets: bool) -> list[int]:
+    """One UDP flow's 16 replies through a real 2-queue TUN with the turn program attached
+    (and, if `packets`, the remote's prefix in its trie): the queue each came out of."""
+    dev = TunDevice.create("tq1", queues=2)
+    nl.set_link_up("tq1", 1420)
+    nl.add_addresses("tq1", [f"{LOCAL}/24"])
+    nl.add_routes("tq1", ["10.201.0.0/24"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 7000))
+    sock.settimeout(5)
+    steer = ts.TunSteering(dev.fds[1])
+    out: list[int] = []
+    bufs = [bytearray(2048) for _ in range(16)]
+    sizes = [0] * 16
+    try:
+        assert steer.set(True) and steer.kind == "turns"
+        steer.set_packets(["10.201.0.0/24"] if packets else [])
+        assert write_packet(dev.fds[0], ipv4_udp(REMOTE, LOCAL, 40000, 7000, b"in"))
+        _data, addr = sock.recvfrom(64)
+        for _ in range(16):
+            sock.sendto(b"out", addr)
+            deadline = time.monotonic() + 5
+            got = False
+            while not got and time.monotonic() < deadline:
+                for fd in select.select(dev.fds, [], [], 0.5)[0]:
+                    for i in range(read_batch(fd, bufs, sizes, 16)):
+                        pkt = bytes(bufs[i][: sizes[i]])
+                        if pkt[0] >> 4 == 4 and pkt[16:20] == socket.inet_aton(REMOTE):
+                            out.append(dev.fds.index(fd))
+                            got = True
+    finally:
+        steer.set(False)
+        sock.close()
+        dev.close()
+    return out
+
+
+@pytest.mark.netns
+def test_a_real_tun_spreads_one_flow_to_a_packet_prefix(netns_factory) -> None:  # type: ignore[no-untyped-def]
+    """`Spread = packets` on a real TUN: one flow's replies alternate between the two
+    queues; without the prefix the same flow keeps one queue."""
+    (ns,) = netns_factory(1)
+    spread = ns.call(_one_flow_queues, True)
+    whole = ns.call(_one_flow_queues, False)
+    assert len(spread) == 16 and len(whole) == 16
+    assert sum(a != b for a, b in zip(spread, spread[1:], strict=False)) >= 13, spread
+    assert len(set(whole)) == 1, whole

@@ -44,7 +44,7 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
     if not req.replace_peers:
         peers = {p.public_key: p for p in cfg.peers}
     # The UAPI cannot say Spread (shardwg's own key): a peer `wg syncconf` re-adds keeps it.
-    spread = {p.public_key: p.spread for p in cfg.peers if p.spread is not None}
+    spread = {p.public_key: (p.spread, p.spread_packets) for p in cfg.peers if p.spread is not None}
     holder: dict[str, bytes] = {a: p.public_key for p in peers.values() for a in p.allowed_ips}
     # Prefixes taken from a peer by a later one, struck from its list once: when the request
     # changes that peer next, or at the end (not one list scan per prefix moved).
@@ -63,7 +63,8 @@ def config_from_set(cfg: Config, req: SetRequest, own_public: bytes) -> Config:
         if p is None:
             if change.update_only:
                 continue
-            p = PeerConfig(public_key=key, spread=spread.get(key))
+            setting, packets = spread.get(key, (None, False))
+            p = PeerConfig(public_key=key, spread=setting, spread_packets=packets)
         if change.preshared_key is not UNSET:
             p = msgspec.structs.replace(p, preshared_key=change.preshared_key)
         if change.endpoint is not UNSET:
@@ -138,9 +139,9 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         o = before.get(k)
         if o is None or o == p:
             continue
-        if o.spread != p.spread:  # no worker message: the placement table says it
-            d.spread_changed.append(p)
-            if msgspec.structs.replace(o, spread=p.spread) == p:
+        if (o.spread, o.spread_packets) != (p.spread, p.spread_packets):
+            d.spread_changed.append(p)  # no worker message: the placement table says it
+            if msgspec.structs.replace(o, spread=p.spread, spread_packets=p.spread_packets) == p:
                 continue
         d.updated.append((o, p))
     return d

@@ -34,6 +34,7 @@ __all__ = [
     "parse_config",
     "private_key_file_warning",
     "spread_settings",
+    "packet_spread_peers",
 ]
 
 MAX_CONFIG_BYTES = 16 << 20  # ~80k peers; anything bigger is a wrong file, not a config
@@ -129,8 +130,11 @@ class PeerConfig(msgspec.Struct, frozen=True):
     allowed_ips: list[str] = msgspec.field(default_factory=list)  # normalised, host bits off
     endpoint: Endpoint | None = None
     persistent_keepalive: int = 0
-    # shardwg's own `Spread = on|off|auto`: True/False override `--spread`, None (auto) not
+    # shardwg's own `Spread = on|off|auto|packets`: True/False override `--spread`, None
+    # (auto) not; packets is on, and each packet to the peer takes the next TUN queue, so
+    # one flow's packets are sealed by every worker (io/tun_steering.py)
     spread: bool | None = None
+    spread_packets: bool = False
 
     def __repr__(self) -> str:
         return _redacted_repr(self, "preshared_key")
@@ -193,24 +197,34 @@ def _bool(text: str) -> bool:
     raise ValueError(f"{text!r} is neither true nor false")
 
 
-_SPREAD = {"on": True, "off": False, "auto": None}
+_SPREAD: dict[str, tuple[bool | None, bool]] = {
+    "on": (True, False), "off": (False, False), "auto": (None, False), "packets": (True, True),
+}
 
 
-def _spread(text: str) -> bool | None:
-    """shardwg's per-peer `Spread`: on, off or auto (follow `shardwg run --spread`)."""
+def _spread(text: str) -> tuple[bool | None, bool]:
+    """shardwg's per-peer `Spread`: on, off, auto (follow `shardwg run --spread`) or
+    packets (on, and one flow's packets over every worker): (spread, spread_packets)."""
     try:
         return _SPREAD[text.lower()]
     except KeyError:
-        raise ValueError(f"{text!r} is not on, off or auto") from None
+        raise ValueError(f"{text!r} is not on, off, auto or packets") from None
 
 
-def format_spread(value: bool | None) -> str:
+def format_spread(value: bool | None, packets: bool = False) -> str:
+    if packets:
+        return "packets"
     return "auto" if value is None else "on" if value else "off"
 
 
 def spread_settings(cfg: Config) -> dict[bytes, bool]:
     """Each peer's `Spread` that is not auto: placement's per-peer overrides."""
     return {p.public_key: p.spread for p in cfg.peers if p.spread is not None}
+
+
+def packet_spread_peers(cfg: Config) -> set[bytes]:
+    """The peers set to `Spread = packets`."""
+    return {p.public_key for p in cfg.peers if p.spread_packets}
 
 
 def _words(text: str) -> list[str]:
@@ -274,7 +288,7 @@ _PEER_KEYS: dict[str, _Spec] = {
     "endpoint": ("endpoint", "set", Endpoint.parse),
     "persistentkeepalive": ("persistent_keepalive", "set", _keepalive),
     # shardwg's own (wg has no such key): in the file we read, never sent over the UAPI
-    "spread": ("spread", "set", _spread),
+    "spread": ("spread", "pair", _spread),  # sets spread and spread_packets
 }
 
 
@@ -289,6 +303,9 @@ class _Section:
         parsed = parse(value)
         if how == "set":  # like wg, a repeated singular key overrides
             self.fields[field] = parsed
+        elif how == "pair":  # one key, two fields: `field` and `field`_packets
+            assert isinstance(parsed, tuple)
+            self.fields[field], self.fields[f"{field}_packets"] = parsed
         else:
             items = self.fields.setdefault(field, [])
             assert isinstance(items, list)
@@ -442,5 +459,5 @@ def format_config(cfg: Config) -> str:
         if p.persistent_keepalive:
             out.append(f"PersistentKeepalive = {p.persistent_keepalive}")
         if p.spread is not None:
-            out.append(f"Spread = {format_spread(p.spread)}")
+            out.append(f"Spread = {format_spread(p.spread, p.spread_packets)}")
     return "\n".join(out) + "\n"

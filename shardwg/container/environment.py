@@ -6,7 +6,7 @@
     WG_PEER_<N>_PUBLIC_KEY                      one peer per number N (any order, any gaps)
     WG_PEER_<N>_ENDPOINT  WG_PEER_<N>_ALLOWED_IPS  WG_PEER_<N>_PERSISTENT_KEEPALIVE
     WG_PEER_<N>_PRESHARED_KEY | WG_PEER_<N>_PRESHARED_KEY_FILE
-    WG_PEER_<N>_SPREAD                          shardwg's own Spread: on, off or auto
+    WG_PEER_<N>_SPREAD                          shardwg's own Spread: on, off, auto or packets
 
 A mistake raises EntrypointError naming the variable at fault, never a key.
 """

@@ -31,6 +31,7 @@ from shardwg.config.model import (
     PeerConfig,
     format_config,
     load_config,
+    packet_spread_peers,
     spread_settings,
 )
 from shardwg.engine import control
@@ -181,7 +182,8 @@ class LiveConfig:
         self._publish_high_water()  # before any worker writes a new slot
         spread_moved = False  # a peer's `Spread` changed: the table says it, no worker message
         if self.placer is not None:
-            spread_moved = self.placer.set_overrides(spread_settings(new), write=False)
+            spread_moved = self.placer.set_overrides(spread_settings(new), write=False,
+                                                     packets=packet_spread_peers(new))  # fmt: skip
         if self.placer is not None and (d.added or d.removed or spread_moved):
             self.placer.flush()  # one table write for the whole change
         for o, n in d.updated:
@@ -194,6 +196,8 @@ class LiveConfig:
             self.placer.notify()  # every worker re-reads the table
         if self.placer is not None and (d.added or d.removed):
             self.placer.rebalance()  # a few moves at most, so counts stay even
+        if self.placer is not None and (d.updated or spread_moved):
+            self.placer.announce()  # a packets peer's prefixes may have changed (TUN steering)
         self._routes(changed)
         if d.fwmark_changed:
             self.engine.set_fwmark(new.interface.fwmark)

@@ -138,6 +138,17 @@ class LoadBalancer:
         return Move(best[1], src, dst, round(load[src] / mean, 3))
 
 
+def packet_turn_prefixes(
+    allowed: Mapping[bytes, Iterable[str]], spread_now: Mapping[bytes, SpreadWhy]
+) -> set[str]:
+    """The prefixes whose packets take the TUN queues in turn one by one
+    (io/tun_steering.py): the allowed IPs (`allowed`, by peer) of each peer the table
+    spreads for its `Spread = packets`, which spreads both ways (the other end steers our
+    blocks by counter, so each of our workers' shares reaches one worker there)."""
+    return {a for key, why in spread_now.items() if why == SpreadWhy.PACKETS
+            for a in allowed.get(key, ())}  # fmt: skip
+
+
 def spread_reasons(
     mode: Mode,
     keys: list[bytes],
@@ -145,6 +156,7 @@ def spread_reasons(
     policy: str,
     overrides: Mapping[bytes, bool],
     traffic: AbstractSet[bytes] = frozenset(),
+    packets: AbstractSet[bytes] = frozenset(),
 ) -> dict[bytes, SpreadWhy]:
     """The peers every worker seals for (issue 12 item 2) and why, by `policy`:
     "off" none; "on" all; "auto" (the default) those in `traffic`: spread_by_traffic found
@@ -152,7 +164,8 @@ def spread_reasons(
     peers than workers, where a busy owner is enough, else TRAFFIC: a saturated one). A
     per-peer override (the configuration's `Spread`) wins over "auto" and "on"; hash
     placement (`--placement hash`, today's behaviour) and "off" never spread. What "auto"
-    spreads is our sealing only (shm/placement.BOTH_WAYS)."""
+    spreads is our sealing only (shm/placement.BOTH_WAYS). An override peer in `packets`
+    (`Spread = packets`) is spread for that reason (PACKETS)."""
     if mode == Mode.HASH or workers < 2 or policy == "off":
         return {}
     by_traffic = SpreadWhy.FEWER if len(keys) < workers else SpreadWhy.TRAFFIC
@@ -161,7 +174,7 @@ def spread_reasons(
         o = overrides.get(k)
         if o is not None:
             if o:
-                out[k] = SpreadWhy.OVERRIDE
+                out[k] = SpreadWhy.PACKETS if k in packets else SpreadWhy.OVERRIDE
         elif policy == "on":
             out[k] = SpreadWhy.POLICY
         elif policy == "auto" and k in traffic:

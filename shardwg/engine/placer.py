@@ -93,13 +93,14 @@ class Placer:
         self.rates: dict[bytes, float] = {}
         self.spread_policy = "off"  # "off", "auto" or "on" (engine/placement.spread_reasons)
         self.spread_overrides: dict[bytes, bool] = {}  # per-peer setting, wins over the policy
+        self.spread_packets: frozenset[bytes] = frozenset()  # of those, `Spread = packets`
         self.spread_now: dict[bytes, SpreadWhy] = {}  # as last written to the table
         self.traffic = TrafficSpread()  # --spread auto: peers spread by measured traffic
         self.worker_rates: list[float] = []  # bytes/s per worker, sampled with `rates`...
         self.cpu: list[float] = []  # ...and cores per worker (only under --spread auto)
         self.idle = 0.0  # ...and our cores that sat idle (ditto)
-        # told after every table write whether any peer is spread (io/tun_steering.py)
-        self.on_spread: Callable[[bool], object] | None = None
+        # told after every table write which peers are spread and why (io/tun_steering.py)
+        self.on_spread: Callable[[Mapping[bytes, SpreadWhy]], object] | None = None
 
     # ------------------------------------------------------------------ the table
     def _write(self) -> None:
@@ -113,23 +114,30 @@ class Placer:
             t.owners[slot] = self.owners.get(key, -1)
         self.spread_now = spread_reasons(self.mode, list(self.slot_of), self.workers,
                                          self.spread_policy, self.spread_overrides,
-                                         self.traffic.spread)  # fmt: skip
+                                         self.traffic.spread, self.spread_packets)  # fmt: skip
         t.spread = {self.slot_of[k] for k in self.spread_now}
         t.spread_why = {self.slot_of[k]: why for k, why in self.spread_now.items()}
-        if self.on_spread is not None:
-            self.on_spread(bool(self.spread_now))
+        self.announce()
         encode_table(t, self._scratch)
         size = table_size(len(t.owners))
         self.layout.placement_slot(self.buf).write(memoryview(self._scratch)[:size])
 
-    def set_overrides(self, overrides: Mapping[bytes, bool], write: bool = True) -> bool:
-        """The configuration's per-peer `Spread` (on: True, off: False, auto peers absent).
-        True if they changed; then (with `write`) the table is rewritten and the workers
-        re-read it, so a reload re-marks a peer without a restart."""
-        new = dict(overrides)
-        if new == self.spread_overrides:
+    def announce(self) -> None:
+        """Tell `on_spread` the peers spread now (after every table write, and after a
+        configuration change that may have moved their prefixes)."""
+        if self.on_spread is not None:
+            self.on_spread(dict(self.spread_now))
+
+    def set_overrides(self, overrides: Mapping[bytes, bool], write: bool = True,
+                      packets: Iterable[bytes] = ()) -> bool:  # fmt: skip
+        """The configuration's per-peer `Spread` (on and packets: True, off: False, auto
+        peers absent; `packets`: the peers set to packets). True if they changed; then
+        (with `write`) the table is rewritten and the workers re-read it, so a reload
+        re-marks a peer without a restart."""
+        new, by_packet = dict(overrides), frozenset(packets)
+        if new == self.spread_overrides and by_packet == self.spread_packets:
             return False
-        self.spread_overrides = new
+        self.spread_overrides, self.spread_packets = new, by_packet
         if any(new.values()) and (self.spread_policy == "off" or self.mode == Mode.HASH):
             log.warning("placement: Spread = on in the configuration has no effect with "
                         "--spread off or --placement hash")  # fmt: skip

@@ -24,12 +24,12 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardwg.config.keys import encode_key
-from shardwg.config.model import Config, spread_settings
+from shardwg.config.model import Config, packet_spread_peers, spread_settings
 from shardwg.datapath import select as datapath_select
 from shardwg.engine import control
 from shardwg.engine.boot import boot_worker
@@ -38,6 +38,7 @@ from shardwg.engine.exits import EXIT_FOREIGN_QUEUE
 from shardwg.engine.global_block import GlobalBlock
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig, warn_low_order
+from shardwg.engine.placement import packet_turn_prefixes
 from shardwg.engine.placer import Placer
 from shardwg.engine.workers import WorkerPool, WorkerSlot, no_core_dumps
 from shardwg.io import netlink, steering
@@ -51,7 +52,7 @@ from shardwg.shm import counters as C
 from shardwg.shm import ordering
 from shardwg.shm.handoff import HandoffMesh
 from shardwg.shm.layout import MAX_PEERS, GlobalState, Layout
-from shardwg.shm.placement import Mode
+from shardwg.shm.placement import Mode, SpreadWhy
 from shardwg.shm.region import RegionError, SharedRegion, region_name
 from shardwg.shm.secrets import SecretArea
 from shardwg.uapi.server import UapiServer
@@ -109,6 +110,15 @@ class Supervisor:
         return self.live.config if self.live is not None else self.start_config
 
     # ------------------------------------------------------------------ set-up
+    def _steer_tun(self, spread_now: Mapping[bytes, SpreadWhy]) -> None:
+        """The TUN's steering follows the placement table: on while any peer is spread, and
+        packets to a spread `Spread = packets` peer take the queues one by one."""
+        if self.tun_steering is None:
+            return
+        self.tun_steering.set(bool(spread_now))
+        allowed = {p.public_key: p.allowed_ips for p in self.config.peers}
+        self.tun_steering.set_packets(packet_turn_prefixes(allowed, spread_now))
+
     def wants_tun_offload(self) -> bool:
         """TSO/USO reads pay off when the native kernel cuts and checksums the super-packets;
         the pure-Python path does that at ~2.5 us per segment, a net loss, so auto keeps it
@@ -158,7 +168,8 @@ class Supervisor:
         self.live.memory = SharedMemory(self.layout, self.region, self.secrets)
         self.placer = Placer(Mode[self.placement.upper()], n, self.layout, buf, self._nudge)
         self.placer.spread_policy = self.spread
-        self.placer.set_overrides(spread_settings(self.config), write=False)
+        self.placer.set_overrides(spread_settings(self.config), write=False,
+                                  packets=packet_spread_peers(self.config))  # fmt: skip
         self.placer.start([p.public_key for p in self.config.peers], self.slot_of)
         self.live.placer = self.placer
         try:
@@ -178,10 +189,10 @@ class Supervisor:
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
                     steering.attach(group[0], n, spread=self.spread != "off")
-            if n > 1 and self.gateway.tun is not None:  # flow-hash TUN queues while spread
+            if n > 1 and self.gateway.tun is not None:  # TUN queues in turn while spread
                 self.tun_steering = TunSteering(self.gateway.tun.fds[0])
-                self.placer.on_spread = self.tun_steering.set
-                self.tun_steering.set(bool(self.placer.spread_now))
+                self.placer.on_spread = self._steer_tun
+                self.placer.announce()
             self.hooks.set_dns()
         except HookError as exc:
             self._teardown()

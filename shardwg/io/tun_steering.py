@@ -37,10 +37,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import platform
 import struct
+from collections.abc import Iterable
 
 log = logging.getLogger("shardwg.io.tun_steering")
 
@@ -50,8 +52,13 @@ BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
 FLOWS = 65536  # flows remembered (LRU); a forgotten flow that comes back takes a new turn
+PACKET_PREFIXES = 4096  # destinations whose packets take turns one by one (`Spread = packets`)
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386,
             "ppc64le": 361, "s390x": 351}  # fmt: skip
 GOLDEN = 0x9E3779B1
@@ -65,7 +72,8 @@ _FETCH_ADD = 0x01  # BPF_ADD | BPF_FETCH
 _PSEUDO_MAP_FD = 1
 _MAP_LOOKUP, _MAP_UPDATE = 1, 2  # helper numbers
 _K, _X = 0x00, 0x08
-_ADD, _MUL, _AND, _LSH, _RSH, _XOR, _MOV = 0x00, 0x20, 0x50, 0x60, 0x70, 0xA0, 0xB0
+_ADD, _MUL, _AND, _LSH, _RSH, _XOR, _MOV, _END = 0x00, 0x20, 0x50, 0x60, 0x70, 0xA0, 0xB0, 0xD0
+_TO_BE = 0x08
 _JA, _JEQ, _JNE, _EXIT = 0x00, 0x10, 0x50, 0x90
 _INSN = struct.Struct("<BBhi")
 
@@ -105,12 +113,12 @@ def _jump(op: int, reg: int, imm: int, label: str) -> _Insn:
     return (_JMP | op | _K, reg, 0, label, imm)
 
 
-def _key_insns() -> list[_Insn | str]:
+def _key_insns(prologue: bool = True) -> list[_Insn | str]:
     """Instructions leaving the flow's 32-bit key in r0 (r6 = skb, r7 = hash, r8 = IPv4
-    header length); `flow_key` in Python."""
+    header length); `flow_key` in Python. `prologue`: set r6 from r1 (False: already set)."""
     exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
-    items: list[_Insn | str] = [
-        _alu64x(_MOV, 6, 1),
+    items: list[_Insn | str] = [_alu64x(_MOV, 6, 1)] if prologue else []
+    items += [
         _ld(_B, 0),
         _alu64x(_MOV, 8, 0),
         _alu64(_RSH, 0, 4),
@@ -172,12 +180,74 @@ def _map_fd(reg: int, fd: int) -> list[_Insn | str]:
     return [(_LD | _DW | _IMM, reg, _PSEUDO_MAP_FD, 0, fd), (0, 0, 0, 0, 0)]
 
 
-def turn_program(flows_fd: int, turn_fd: int) -> bytes:
-    """The program that hands out queues in turn (see the module): key -> the flow's turn in
-    `flows_fd` (LRU hash, u32 -> u32), else the next value of `turn_fd` (array of one u32),
-    remembered for the flow. r9 = the flow's turn."""
+def _next_turn(turn_fd: int, index: int) -> list[_Insn | str]:
+    """r0 = the next value of counter `index` in `turn_fd` (an atomic fetch-and-add), exit."""
     exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
-    items = _key_insns() + [
+    label = f"count{index}"
+    return [
+        (_ST | _MEM | _W, 10, 0, -8, index),  # stack[-8] = the counter's index
+        *_map_fd(1, turn_fd),
+        _alu64x(_MOV, 2, 10),
+        _alu64(_ADD, 2, -8),
+        (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
+        _jump(_JNE, 0, 0, label),
+        exit_,  # unreachable (the array's indices exist), but the verifier wants the check
+        label,
+        _alu64(_MOV, 9, 1),
+        (_STX | _ATOMIC | _W, 0, 9, 0, _FETCH_ADD),  # r9 = counter++, atomically
+        _alu64x(_MOV, 0, 9),
+        exit_,
+    ]
+
+
+def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
+    """A packet whose destination is in `packets_fd` (LPM trie over IPv6 addresses, IPv4 as
+    ::ffff:a.b.c.d) takes the next value of counter 1; any other goes on to "flows"."""
+    be32: _Insn = (_ALU | _END | _TO_BE, 0, 0, 0, 32)  # _ld gives host order; the key wants
+    items: list[_Insn | str] = [  # network order
+        _alu64x(_MOV, 6, 1),
+        _ld(_B, 0),
+        _alu64(_RSH, 0, 4),
+        _jump(_JEQ, 0, 4, "pk4"),
+        _jump(_JEQ, 0, 6, "pk6"),
+        (_JMP | _JA, 0, 0, "flows", 0),
+        "pk4",
+        (_ST | _MEM | _W, 10, 0, -40, 128),  # the key: prefix length, then the address
+        (_ST | _MEM | _W, 10, 0, -36, 0),
+        (_ST | _MEM | _W, 10, 0, -32, 0),
+        (_ST | _MEM | _W, 10, 0, -28, -0x10000),  # bytes 00 00 ff ff
+        _ld(_W, 16),
+        be32,
+        (_STX | _MEM | _W, 10, 0, -24, 0),
+        (_JMP | _JA, 0, 0, "lookup", 0),
+        "pk6",
+        (_ST | _MEM | _W, 10, 0, -40, 128),
+    ]
+    for i, off in enumerate(range(24, 40, 4)):
+        items += [_ld(_W, off), be32, (_STX | _MEM | _W, 10, 0, -36 + 4 * i, 0)]
+    items += [
+        "lookup",
+        *_map_fd(1, packets_fd),
+        _alu64x(_MOV, 2, 10),
+        _alu64(_ADD, 2, -40),
+        (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
+        _jump(_JEQ, 0, 0, "flows"),
+        *_next_turn(turn_fd, 1),
+        "flows",
+    ]
+    return items
+
+
+def turn_program(flows_fd: int, turn_fd: int, packets_fd: int = -1) -> bytes:
+    """The program that hands out queues in turn (see the module): key -> the flow's turn in
+    `flows_fd` (LRU hash, u32 -> u32), else the next value of counter 0 in `turn_fd` (array
+    of two u32), remembered for the flow. With `packets_fd` (LPM trie), a packet to one of
+    its prefixes takes the next value of counter 1 instead: each packet its own turn."""
+    exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
+    items: list[_Insn | str] = []
+    if packets_fd >= 0:
+        items += _packet_insns(packets_fd, turn_fd)
+    items += _key_insns(prologue=packets_fd < 0) + [
         (_STX | _MEM | _W, 10, 0, -4, 0),  # stack[-4] = key
         *_map_fd(1, flows_fd),
         _alu64x(_MOV, 2, 10),
@@ -261,15 +331,40 @@ def _unkeyed(packet: bytes) -> bool:
     return packet[6] in (6, 17) and len(packet) < 44
 
 
+def _destination(packet: bytes) -> bytes | None:
+    """The destination address as the packet program loads it (IPv4 as ::ffff:a.b.c.d), or
+    None where it goes straight on to the flow program (neither IPv4 nor IPv6, or short)."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return bytes(10) + b"\xff\xff" + packet[16:20]
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return packet[24:40]
+    return None
+
+
 class FlowQueues:
     """What the turn program returns, in Python: a flow seen before keeps its turn, a new
-    one takes the next (the TUN then uses the value modulo its queues)."""
+    one takes the next (the TUN then uses the value modulo its queues); a packet to one of
+    `packets` (prefixes) takes the next of its own turns, flow or no flow."""
 
-    def __init__(self) -> None:
+    def __init__(self, packets: Iterable[str] = ()) -> None:
         self.turns: dict[int, int] = {}
         self.next = 0
+        self.packets = [ipaddress.ip_network(p) for p in packets]
+        self.packet_next = 0
+
+    def _to_packets(self, packet: bytes) -> bool:
+        dst = _destination(packet)
+        if dst is None or not self.packets:
+            return False
+        a6 = ipaddress.IPv6Address(dst)
+        addr = a6.ipv4_mapped or a6
+        return any(addr in net for net in self.packets)
 
     def __call__(self, packet: bytes) -> int:
+        if self._to_packets(packet):
+            own = self.packet_next
+            self.packet_next = (own + 1) & 0xFFFFFFFF
+            return own
         if _unkeyed(packet):
             return 0
         key = flow_key(packet)
@@ -321,10 +416,10 @@ def _load(code: bytes) -> int:
         raise OSError(first.errno, f"the verifier refused it: {why[0]}") from None
 
 
-def _map(kind: int, entries: int) -> int:
-    """A map of u32 -> u32 with `entries` (its fd, close-on-exec)."""
+def _map(kind: int, entries: int, key_size: int = 4, flags: int = 0) -> int:
+    """A map with `key_size`-byte keys and u32 values (its fd, close-on-exec)."""
     attr = ctypes.create_string_buffer(struct.pack(
-        "<IIIIIII16s", kind, 4, 4, entries, 0, 0, 0, b"shardwg_tunq"), 128)  # fmt: skip
+        "<IIIIIII16s", kind, key_size, 4, entries, flags, 0, 0, b"shardwg_tunq"), 128)  # fmt: skip
     return _bpf(BPF_MAP_CREATE, attr)
 
 
@@ -333,14 +428,49 @@ def load() -> int:
     return _load(program())
 
 
-def load_turns() -> int:
-    """The turn program with fresh maps (flows take queues in turn); its fd. The program
-    holds the maps, so they go when the last reference to it does."""
+def packet_trie() -> int:
+    """An empty LPM trie for the packet program's destinations (`trie_add`); its fd."""
+    return _map(BPF_MAP_TYPE_LPM_TRIE, PACKET_PREFIXES, 20, BPF_F_NO_PREALLOC)
+
+
+def _trie_key(prefix: str) -> bytes:
+    """struct bpf_lpm_trie_key for `prefix`: its length, then 16 address bytes."""
+    net = ipaddress.ip_network(prefix, strict=False)
+    addr = net.network_address.packed
+    if net.version == 4:
+        return struct.pack("<I", 96 + net.prefixlen) + bytes(10) + b"\xff\xff" + addr
+    return struct.pack("<I", net.prefixlen) + addr
+
+
+def _elem(cmd: int, fd: int, key: bytes, value: bytes | None) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value or b"", max(1, len(value or b"")))
+    at_value = ctypes.addressof(v) if value else 0
+    attr = ctypes.create_string_buffer(
+        struct.pack("<IIQQQ", fd, 0, ctypes.addressof(k), at_value, 0), 128
+    )
+    _bpf(cmd, attr)
+
+
+def trie_add(fd: int, prefix: str) -> None:
+    """Packets to `prefix` take turns one by one (OSError: e.g. ENOSPC when full)."""
+    _elem(BPF_MAP_UPDATE_ELEM, fd, _trie_key(prefix), struct.pack("<I", 1))
+
+
+def trie_remove(fd: int, prefix: str) -> None:
+    """Packets to `prefix` go back to their flow's turn (ENOENT if it was not there)."""
+    _elem(BPF_MAP_DELETE_ELEM, fd, _trie_key(prefix), None)
+
+
+def load_turns(packets_fd: int = -1) -> int:
+    """The turn program with fresh flow maps (flows take queues in turn), and with
+    `packets_fd` (`packet_trie`) the packet turns too; its fd. The program holds the maps,
+    so they go when the last reference to it does."""
     flows = _map(BPF_MAP_TYPE_LRU_HASH, FLOWS)
     try:
-        turn = _map(BPF_MAP_TYPE_ARRAY, 1)
+        turn = _map(BPF_MAP_TYPE_ARRAY, 2)
         try:
-            return _load(turn_program(flows, turn))
+            return _load(turn_program(flows, turn, packets_fd))
         finally:
             os.close(turn)
     finally:
@@ -366,26 +496,47 @@ def attach(tun_fd: int, prog_fd: int) -> None:
 
 class TunSteering:
     """Steering on while any peer is spread, off otherwise (see the module): flows take
-    queues in turn, or by hash where the kernel refuses the turn program."""
+    queues in turn, or by hash where the kernel refuses the turn program; packets to the
+    prefixes of `set_packets` take turns one by one while the turn program steers."""
 
     def __init__(self, tun_fd: int) -> None:
         self.tun_fd = tun_fd
         self.on = False
         self.kind = ""  # "turns" or "hash" while attached
         self.refused = ""  # why the kernel refused both (then we stay on automatic steering)
+        self.packets: frozenset[str] = frozenset()  # prefixes whose packets take turns
+        self.in_trie: set[str] = set()  # of those, the ones the attached program has
+        self._trie = -1  # the attached turn program's LPM trie
+        self._told = False  # a prefix the trie could not take was logged
 
     def _attach(self) -> str:
         try:
-            fd, kind = load_turns(), "turns"
+            trie = packet_trie()
+            try:
+                fd = load_turns(trie)
+            except OSError:
+                os.close(trie)
+                raise
+            kind = "turns"
         except OSError as exc:
             log.warning("TUN steering: the turn program was refused (%s); flows take queues "
-                        "by hash", exc)  # fmt: skip
-            fd, kind = load(), "hash"
+                        "by hash, and Spread = packets keeps each flow whole", exc)  # fmt: skip
+            fd, kind, trie = load(), "hash", -1
         try:
             attach(self.tun_fd, fd)  # the TUN keeps its own reference
+        except OSError:
+            if trie >= 0:
+                os.close(trie)
+            raise
         finally:
             os.close(fd)
+        self._trie, self.in_trie = trie, set()
         return kind
+
+    def _drop_trie(self) -> None:
+        if self._trie >= 0:
+            os.close(self._trie)
+        self._trie, self.in_trie = -1, set()
 
     def set(self, spread: bool) -> bool:
         """Attach or detach as `spread` says; True while the program steers. Each attach
@@ -398,6 +549,7 @@ class TunSteering:
             else:
                 attach(self.tun_fd, -1)
                 self.kind = ""
+                self._drop_trie()
         except OSError as exc:
             if spread:
                 self.refused = str(exc)
@@ -410,4 +562,34 @@ class TunSteering:
         log.info("TUN queues steered by %s", {"turns": "flow, in turn (a peer is spread)",
                  "hash": "flow hash (a peer is spread)"}.get(self.kind,
                  "the kernel's flow table (no peer is spread)"))  # fmt: skip
+        self._sync()
         return spread
+
+    def set_packets(self, prefixes: Iterable[str]) -> None:
+        """Packets to `prefixes` take the queues in turn one by one (`Spread = packets`),
+        from now on while the turn program is attached, and from its next attach."""
+        self.packets = frozenset(prefixes)
+        self._sync()
+
+    def _sync(self) -> None:
+        """The attached trie holds exactly `packets` (as far as it has room)."""
+        if self._trie < 0:
+            return
+        for prefix in sorted(self.in_trie - self.packets):
+            try:
+                trie_remove(self._trie, prefix)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("TUN steering: %s stays in packet turns (%s)", prefix, exc)
+                    continue
+            self.in_trie.discard(prefix)
+        for prefix in sorted(self.packets - self.in_trie):
+            try:
+                trie_add(self._trie, prefix)
+            except OSError as exc:
+                if not self._told:
+                    log.warning("TUN steering: packets to %s keep their flow's queue (%s)",
+                                prefix, exc)  # fmt: skip
+                    self._told = True
+                continue
+            self.in_trie.add(prefix)

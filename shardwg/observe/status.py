@@ -40,7 +40,8 @@ class PeerStatus(msgspec.Struct):
     persistent_keepalive: int = 0
     # over every worker, why: "policy" (--spread on), "override" (its Spread = on), "traffic"
     # (--spread auto: its worker was saturated by it), "fewer" (--spread auto: fewer peers
-    # than workers); "" when one worker carries it
+    # than workers), "packets" (its Spread = packets: one flow's packets too); "" when one
+    # worker carries it
     spread: str = ""
 
 

@@ -46,13 +46,14 @@ class SpreadWhy(IntEnum):
     OVERRIDE = 2  # the peer's own `Spread = on` in the configuration
     TRAFFIC = 3  # --spread auto: its owner stayed saturated, and mostly by this peer
     FEWER = 4  # --spread auto (the default) with fewer peers than workers
+    PACKETS = 5  # the peer's own `Spread = packets`: OVERRIDE, and one flow's packets too
 
 
 # Why-s that also steer the peer's received datagrams by counter (bit 8 of its indices):
 # only where we are told the other end spreads by the same blocks. The others spread our
 # sealing only: against a sender that counts in sequence (wireguard-go, or a shardwg end
 # not spreading this peer), counter steering would reorder every flow.
-BOTH_WAYS = frozenset({SpreadWhy.POLICY, SpreadWhy.OVERRIDE})
+BOTH_WAYS = frozenset({SpreadWhy.POLICY, SpreadWhy.OVERRIDE, SpreadWhy.PACKETS})
 
 
 class Reason(IntEnum):
