@@ -30,7 +30,7 @@ from typing import Any
 from lab import wgconf
 from lab.bench_measure import IperfJob
 from lab.bench_pairs import TUNNEL, UNDERLAY, WG_PORT, TunnelEnd
-from lab.cpucap import CpuCap
+from lab.cpucap import PERIOD_US, CpuCap
 from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
 from lab.keys import keypair
@@ -55,10 +55,12 @@ class OnePeer:
     """End A: shardwg; end B: `peer_kind` (wggo or shardwg); one peer each."""
 
     def __init__(self, h: Harness, peer_kind: str, workers: int, spread: str,
-                 peer_spread: str = "", worker_cpu: float = 0) -> None:  # fmt: skip
+                 peer_spread: str = "", worker_cpu: float = 0,
+                 cap_period_us: int = PERIOD_US) -> None:  # fmt: skip
         """`spread`: --spread, or "packets" (--spread on and the peer's `Spread = packets`);
         `peer_spread`: the peer's own `Spread` in the shardwg ends' configs ("" = none);
-        `worker_cpu`: each shardwg worker's CPU budget in cores (0: none)."""
+        `worker_cpu`: each shardwg worker's CPU budget in cores (0: none), per
+        `cap_period_us`."""
         self.a_ns, self.b_ns = h(2, "op")
         veth_link(self.a_ns, self.b_ns, [f"{UNDERLAY[0]}/24"], [f"{UNDERLAY[1]}/24"])
         (pa, ka), (pb, kb) = keypair(), keypair()
@@ -88,7 +90,8 @@ class OnePeer:
             raise RuntimeError("no reply through the tunnel")
         self.caps: list[CpuCap] = []
         if worker_cpu:
-            self.caps = [h.cap_workers(g, worker_cpu) for g in [self.gw, self.b_gw] if g]
+            self.caps = [h.cap_workers(g, worker_cpu, cap_period_us)
+                         for g in [self.gw, self.b_gw] if g]  # fmt: skip
 
     def set_peer_spread(self, value: str) -> None:
         """Rewrite the peer's `Spread` in every shardwg end's config and reload it (SIGHUP)."""
@@ -123,12 +126,13 @@ class OnePeer:
 
 
 def run(seconds: float, reps: int, peer_kind: str, streams_list: list[int],
-        worker_cpu: float = 0) -> dict[str, Any]:  # fmt: skip
+        worker_cpu: float = 0, cap_period_us: int = PERIOD_US) -> dict[str, Any]:  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {}
     for _rep in range(reps):
         for workers, spread in configs(worker_cpu):
             with Harness() as h:
-                op = OnePeer(h, peer_kind, workers, spread, worker_cpu=worker_cpu)
+                op = OnePeer(h, peer_kind, workers, spread, worker_cpu=worker_cpu,
+                             cap_period_us=cap_period_us)  # fmt: skip
                 for streams in streams_list:
                     for a_sends in (True, False):
                         key = (f"{workers}w spread={spread} {streams}s "
@@ -191,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("--worker-cpu", type=float, default=0, metavar="CORES",
                    help="cap every shardwg worker at this many cores (0: no cap)")
+    p.add_argument("--cap-period-us", type=int, default=PERIOD_US, metavar="US",
+                   help="the cap's period: a worker that spends its budget stalls for the "
+                   "rest of it, and a long stall reorders a spread flow (default 10000)")
     a = p.parse_args(argv)
     summary = run(a.seconds, a.reps, a.peer, [int(s) for s in a.streams.split(",")],
-                  a.worker_cpu)  # fmt: skip
+                  a.worker_cpu, a.cap_period_us)  # fmt: skip
     text = json.dumps(summary, indent=1)
     if a.out:
         with open(a.out, "w") as f:

@@ -47,9 +47,14 @@ class CpuCap:
     Group names carry this run's prefix, so cleanup never touches another run's groups.
     """
 
-    def __init__(self, cores: float) -> None:
+    def __init__(self, cores: float, period_us: int = PERIOD_US) -> None:
+        """`period_us`: the budget's period; a capped process that spends its budget early
+        stalls for the rest of it (the kernel takes at least 1 ms of budget per period)."""
         if not 0.01 <= cores <= 64:
             raise LabError(f"a CPU cap of {cores} cores is out of range (0.01..64)")
+        if not 1000 <= period_us <= 1_000_000 or cores * period_us < 1000:
+            raise LabError(f"a period of {period_us} us gives {cores} cores less than the "
+                           "kernel's 1 ms of budget, or is out of range (1 ms..1 s)")  # fmt: skip
         problem = cpu_cap_problem()
         if problem:
             raise LabError(problem)
@@ -57,6 +62,7 @@ class CpuCap:
         assert found is not None
         self.version, self.root = found
         self.cores = cores
+        self.period_us = period_us
         self.groups: list[Path] = []
 
     def add(self, pid: int, tag: str) -> Path:
@@ -64,14 +70,14 @@ class CpuCap:
         group = self.root / f"{RUN_PREFIX}cap-{os.getpid()}-{tag}"
         group.mkdir()
         self.groups.append(group)
-        quota = max(1000, round(self.cores * PERIOD_US))
+        quota = max(1000, round(self.cores * self.period_us))
         if self.version == "v1":
-            (group / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+            (group / "cpu.cfs_period_us").write_text(f"{self.period_us}\n")
             (group / "cpu.cfs_quota_us").write_text(f"{quota}\n")
         else:
             if "cpu" not in (self.root / "cgroup.subtree_control").read_text().split():
                 (self.root / "cgroup.subtree_control").write_text("+cpu\n")
-            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}\n")
+            (group / "cpu.max").write_text(f"{quota} {self.period_us}\n")
         (group / "cgroup.procs").write_text(f"{pid}\n")
         return group
 

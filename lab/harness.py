@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import FrameType
 from typing import Any
 
-from lab.cpucap import CpuCap
+from lab.cpucap import PERIOD_US, CpuCap
 from lab.gateway_proc import ShardwgGateway
 from lab.netns import Namespace, make_namespaces, root_netns_problem
 from lab.wggo import WireguardGo, wireguard_go_problem
@@ -45,10 +45,11 @@ class Harness:
         self.gateways.append(gw)
         return gw
 
-    def cap_workers(self, gw: ShardwgGateway, cores: float) -> CpuCap:
-        """Give every worker process of `gw` a budget of `cores` of CPU (lab/cpucap.py); the
-        groups go when the harness closes, after the processes."""
-        cap = CpuCap(cores)
+    def cap_workers(self, gw: ShardwgGateway, cores: float,
+                    period_us: int = PERIOD_US) -> CpuCap:  # fmt: skip
+        """Give every worker process of `gw` a budget of `cores` of CPU per `period_us`
+        (lab/cpucap.py); the groups go when the harness closes, after the processes."""
+        cap = CpuCap(cores, period_us)
         self.cpu_caps.append(cap)
         for w in gw.show_json(timeout=20)["worker_stats"]:
             cap.add(int(w["pid"]), f"{gw.ifname}-w{w['worker']}")
