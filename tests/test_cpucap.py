@@ -87,6 +87,30 @@ def test_a_budget_out_of_range_is_refused(cores: float) -> None:
         CpuCap(cores)
 
 
+@pytest.mark.parametrize(("cores", "period_us"), [(0.3, 2000), (1, 999), (1, 2_000_000)])
+def test_a_period_without_the_kernels_minimum_budget_is_refused(
+    cores: float, period_us: int
+) -> None:
+    with pytest.raises(LabError, match="1 ms"):
+        CpuCap(cores, period_us)
+
+
+def test_the_period_is_what_the_group_gets(cap_ok: None) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    cap = CpuCap(0.3, 3400)
+    try:
+        group = cap.add(child.pid, "period")
+        if cap.version == "v2":
+            assert (group / "cpu.max").read_text().split() == ["1020", "3400"]
+        else:
+            assert (group / "cpu.cfs_period_us").read_text().strip() == "3400"
+            assert (group / "cpu.cfs_quota_us").read_text().strip() == "1020"
+    finally:
+        child.kill()
+        child.wait()
+        cap.close()
+
+
 @pytest.mark.netns
 def test_the_harness_caps_each_worker_of_a_gateway(netns_factory: Harness, cap_ok: None) -> None:
     (ns,) = netns_factory(1, "cap")
