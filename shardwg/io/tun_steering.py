@@ -22,6 +22,11 @@ worker index at a shardwg receiver (receive steering), so each direction of a fl
 one worker end to end; the two directions of one flow may use different indexes (each end
 counts its own flows), which costs nothing: neither direction is reordered.
 
+One flow thus stays on one queue. For a peer set to `Spread = packets` (one big flow worth
+spreading, reordered though it gets) the supervisor puts its allowed IPs in an LPM trie that
+the turn program checks first: a packet whose destination is in it takes the next value of a
+second counter, packet by packet (`packet_trie`, `trie_add`; `TunSteering.set_packets`).
+
 The key (`flow_key`): IPv4 or IPv6 source xor destination address words, xor (source port
 xor destination port) for TCP and UDP that are not fragments (IPv6: no extension headers),
 folded and multiplied by 2^32 / golden ratio (BPF_PROG_TYPE_SOCKET_FILTER, loaded with
