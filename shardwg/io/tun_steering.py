@@ -573,7 +573,13 @@ class TunSteering:
     def set_packets(self, prefixes: Iterable[str]) -> None:
         """Packets to `prefixes` take the queues in turn one by one (`Spread = packets`),
         from now on while the turn program is attached, and from its next attach."""
-        self.packets = frozenset(prefixes)
+        new = frozenset(prefixes)
+        if new != self.packets:
+            log.info("TUN steering: packets to %d prefixes take the queues one by one "
+                     "(Spread = packets)%s", len(new),
+                     "" if self.kind == "turns" or not new else
+                     ", once the turn program is attached")  # fmt: skip
+        self.packets = new
         self._sync()
 
     def _sync(self) -> None:
