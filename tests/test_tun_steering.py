@@ -252,20 +252,26 @@ def _replies_by_queue(dev: TunDevice, sock: socket.socket, ports: range) -> dict
     return out
 
 
+def _tun_and_socket(name: str) -> tuple[TunDevice, socket.socket, ts.TunSteering]:
+    """A 2-queue TUN routing the remote's /24, a UDP socket on our address, and the
+    steering of the TUN (any queue's fd names the device)."""
+    dev = TunDevice.create(name, queues=2)
+    nl.set_link_up(name, 1420)
+    nl.add_addresses(name, [f"{LOCAL}/24"])
+    nl.add_routes(name, ["10.201.0.0/24"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 7000))
+    sock.settimeout(5)
+    return dev, sock, ts.TunSteering(dev.fds[1])
+
+
 def _steer_a_real_tun(hash_only: bool) -> dict[str, object]:
     if hash_only:  # a kernel that refuses the turn program
         def refused(packets_fd: int = -1) -> int:
             raise OSError(22, "refused, as by an old kernel")
 
         ts.load_turns = refused
-    dev = TunDevice.create("tq0", queues=2)
-    nl.set_link_up("tq0", 1420)
-    nl.add_addresses("tq0", [f"{LOCAL}/24"])
-    nl.add_routes("tq0", ["10.201.0.0/24"])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((LOCAL, 7000))
-    sock.settimeout(5)
-    steer = ts.TunSteering(dev.fds[1])
+    dev, sock, steer = _tun_and_socket("tq0")
     try:
         before = _replies_by_queue(dev, sock, range(40000, 40032))
         on = steer.set(True)
@@ -306,14 +312,7 @@ def test_a_real_tun_steers_by_the_program_only_while_attached(  # type: ignore[n
 def _one_flow_queues(packets: bool) -> list[int]:
     """One UDP flow's 16 replies through a real 2-queue TUN with the turn program attached
     (and, if `packets`, the remote's prefix in its trie): the queue each came out of."""
-    dev = TunDevice.create("tq1", queues=2)
-    nl.set_link_up("tq1", 1420)
-    nl.add_addresses("tq1", [f"{LOCAL}/24"])
-    nl.add_routes("tq1", ["10.201.0.0/24"])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((LOCAL, 7000))
-    sock.settimeout(5)
-    steer = ts.TunSteering(dev.fds[1])
+    dev, sock, steer = _tun_and_socket("tq1")
     out: list[int] = []
     bufs = [bytearray(2048) for _ in range(16)]
     sizes = [0] * 16
