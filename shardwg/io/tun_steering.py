@@ -185,9 +185,8 @@ def _map_fd(reg: int, fd: int) -> list[_Insn | str]:
     return [(_LD | _DW | _IMM, reg, _PSEUDO_MAP_FD, 0, fd), (0, 0, 0, 0, 0)]
 
 
-def _next_turn(turn_fd: int, index: int) -> list[_Insn | str]:
-    """r0 = the next value of counter `index` in `turn_fd` (an atomic fetch-and-add), exit."""
-    exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
+def _fetch_add(turn_fd: int, index: int) -> list[_Insn | str]:
+    """r9 = the next value of counter `index` in `turn_fd` (an atomic fetch-and-add)."""
     label = f"count{index}"
     return [
         (_ST | _MEM | _W, 10, 0, -8, index),  # stack[-8] = the counter's index
@@ -196,12 +195,10 @@ def _next_turn(turn_fd: int, index: int) -> list[_Insn | str]:
         _alu64(_ADD, 2, -8),
         (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
         _jump(_JNE, 0, 0, label),
-        exit_,  # unreachable (the array's indices exist), but the verifier wants the check
-        label,
+        (_JMP | _EXIT, 0, 0, 0, 0),  # unreachable (the array's indices exist), but the
+        label,  # verifier wants the check
         _alu64(_MOV, 9, 1),
         (_STX | _ATOMIC | _W, 0, 9, 0, _FETCH_ADD),  # r9 = counter++, atomically
-        _alu64x(_MOV, 0, 9),
-        exit_,
     ]
 
 
@@ -237,7 +234,9 @@ def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
         _alu64(_ADD, 2, -40),
         (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
         _jump(_JEQ, 0, 0, "flows"),
-        *_next_turn(turn_fd, 1),
+        *_fetch_add(turn_fd, 1),
+        _alu64x(_MOV, 0, 9),
+        (_JMP | _EXIT, 0, 0, 0, 0),
         "flows",
     ]
     return items
@@ -262,16 +261,7 @@ def turn_program(flows_fd: int, turn_fd: int, packets_fd: int = -1) -> bytes:
         (_LDX | _MEM | _W, 0, 0, 0, 0),  # a known flow: its turn
         exit_,
         "new",
-        (_ST | _MEM | _W, 10, 0, -8, 0),  # stack[-8] = 0, the counter's index
-        *_map_fd(1, turn_fd),
-        _alu64x(_MOV, 2, 10),
-        _alu64(_ADD, 2, -8),
-        (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
-        _jump(_JNE, 0, 0, "count"),
-        exit_,  # unreachable (an array's index 0 exists), but the verifier wants the check
-        "count",
-        _alu64(_MOV, 9, 1),
-        (_STX | _ATOMIC | _W, 0, 9, 0, _FETCH_ADD),  # r9 = counter++, atomically
+        *_fetch_add(turn_fd, 0),
         (_STX | _MEM | _W, 10, 9, -12, 0),  # stack[-12] = the flow's turn
         *_map_fd(1, flows_fd),
         _alu64x(_MOV, 2, 10),
