@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "peers than workers, half a core) while a core sits idle, our sealing only; "
         "on: every peer, and its datagrams are opened by the worker their counter names "
         "(for a shardwg at the other end with --spread on or Spread = on); "
-        "off: one worker per peer; never with --placement hash",
+        "off: one worker per peer; never with --placement hash. A peer's own Spread = "
+        "on|off|packets in the config file overrides it (packets: even one flow's packets "
+        "go to every worker, reordered)",
     )
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)
