@@ -139,8 +139,9 @@ def peer_families(st: GatewayStatus) -> Iterator[Metric]:
     spread = GaugeMetricFamily(
         "shardwg_peer_spread",
         "1 for a peer every worker carries, with why (policy: --spread on, override: its "
-        "Spread = on, traffic: --spread auto found its worker saturated by it, fewer: "
-        "--spread auto with fewer peers than workers found its worker busy with it)",
+        "Spread = on, packets: its Spread = packets, traffic: --spread auto found its worker "
+        "saturated by it, fewer: --spread auto with fewer peers than workers found its "
+        "worker busy with it)",
         labels=[*labels, "reason"],
     )
     now = time.time()
