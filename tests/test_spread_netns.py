@@ -6,15 +6,20 @@ to end between two shardwg ends, and 20 MB transfers each way keep their sha256.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from typing import Any
 
 import pytest
 
 from lab.bench_measure import IperfJob
 from lab.bench_onepeer import IPERF_PORT, OnePeer, worker_counts
 from lab.bench_pairs import TUNNEL
+from lab.gateway_proc import ShardwgGateway
 from lab.harness import Harness
 from lab.netns import wait_for
+from lab.ping import ping_rtts
 from lab.transfer import Transfer
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
@@ -119,3 +124,96 @@ def test_one_flow_over_two_workers_with_spread_packets() -> None:
                                     for g in (op.gw, op.b_gw) if g is not None), 10)  # fmt: skip
         res = op.tcp(1, 3, True)
         assert max(res["shares"]) >= 0.95, res  # flows whole again: one worker seals it
+
+
+def _replace(gw: ShardwgGateway, worker: int, timeout: float = 10) -> float:
+    """SIGKILL `gw`'s worker `worker`; seconds until a new process beats in its slot."""
+    old = gw.show_json(timeout=20)["worker_stats"][worker]["pid"]
+    t0 = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+
+    def back() -> bool:
+        w = gw.show_json(timeout=20)["worker_stats"][worker]
+        return bool(w["alive"]) and w["pid"] not in (0, old) and w["heartbeat_age"] < 1
+
+    assert wait_for(back, timeout, interval=0.05), f"worker {worker} ({old}) not replaced"
+    return time.monotonic() - t0
+
+
+def _moved(gw: ShardwgGateway, nbytes: int, timeout: float = 30) -> bool:
+    """Whether `gw`'s workers send `nbytes` more UDP bytes within `timeout` seconds."""
+
+    def sent() -> int:
+        return sum(w["tx_bytes"] for w in gw.show_json(timeout=20)["worker_stats"])
+
+    start = sent()
+    return wait_for(lambda: sent() > start + nbytes, timeout)
+
+
+def _sessions(gw: ShardwgGateway) -> dict[str, Any]:
+    """What a handshake or an accepted replay would change: the peer's last handshake, the
+    handshakes completed by all workers, and the replay drops."""
+    st = gw.show_json(timeout=20)
+    return {"latest": st["peers"][0]["latest_handshake"],
+            "completed": sum(w["handshakes_completed"] for w in st["worker_stats"]),
+            "replayed": st["drops_total"].get("replayed", 0)}  # fmt: skip
+
+
+def test_workers_killed_mid_transfer_while_spread_cost_no_handshake() -> None:
+    """Issue 12's fault promise, run for real. Both shardwg ends spread one peer's single
+    flow over 2 workers (`Spread = packets`), and workers die by SIGKILL: A's non-owner
+    under light traffic (pings); then, while a transfer runs each way, A's non-owner (it
+    seals under counter blocks of its own), B's owner (it runs the peer's handshakes and
+    timers) and A's owner. Each replacement resumes from the peer's shared-memory slot:
+    both transfers keep their sha256, neither end completes a handshake, no datagram is
+    dropped as a replay (a replacement that reused a dead worker's counters would cause
+    that), and afterwards both of A's workers seal one flow again, each read by the same
+    worker index at B."""
+    with Harness() as h:
+        op = OnePeer(h, "shardwg", 2, "packets")
+        assert op.b_gw is not None
+        ends = (op.gw, op.b_gw)
+        # 150 Mbit/s each way on the underlay, so the transfers outlast three replacements
+        for ns in (op.a_ns, op.b_ns):
+            ns.run(["tc", "qdisc", "add", "dev", "veth0", "root", "tbf", "rate", "150mbit",
+                    "burst", "64kb", "latency", "50ms"])  # fmt: skip
+        before = [_sessions(g) for g in ends]
+        assert all(b["latest"] > 0 for b in before), before
+        owners = [g.show_json(timeout=20)["peers"][0]["owner"] for g in ends]
+        # Light traffic first: the front has not run far ahead, so a replacement that took
+        # its dead predecessor's counters again would not jump past them, and B would drop
+        # what it seals as replays (heavy traffic hides that: a lagging worker jumps).
+        assert len(ping_rtts(op.a_ns, TUNNEL[1], 40, 10, 0.01)) == 40
+        took = [_replace(op.gw, 1 - owners[0])]
+        assert len(ping_rtts(op.a_ns, TUNNEL[1], 40, 10, 0.01)) == 40
+        assert _sessions(op.b_gw)["replayed"] == 0
+        size = 48 << 20
+        runs = [(t, t.start_client()) for t in (
+            Transfer(op.b_ns, op.a_ns, TUNNEL[1], 5305, size, seed=5305),
+            Transfer(op.a_ns, op.b_ns, TUNNEL[0], 5306, size, seed=5306))]  # fmt: skip
+        for gw, worker in ((op.gw, 1 - owners[0]), (op.b_gw, owners[1]), (op.gw, owners[0])):
+            assert _moved(gw, 2 << 20), "no traffic"
+            took.append(_replace(gw, worker))
+        for t, c in runs:
+            got = t.finish(c)
+            assert got.ok and got.received_bytes == size, got
+        for ns in (op.a_ns, op.b_ns):
+            ns.run(["tc", "qdisc", "del", "dev", "veth0", "root"])
+        after = [_sessions(g) for g in ends]
+        for b, a in zip(before, after, strict=True):
+            assert a["latest"] == b["latest"] and a["completed"] == b["completed"], (before, after)
+            assert a["replayed"] == 0, after
+        restarts = [[0, 0], [0, 0]]
+        restarts[0][1 - owners[0]] += 2
+        restarts[0][owners[0]] += 1
+        restarts[1][owners[1]] += 1
+        assert [[w["restarts"] for w in g.show_json(timeout=20)["worker_stats"]]
+                for g in ends] == restarts  # fmt: skip
+        res = op.tcp(1, 2, True)
+        assert min(res["shares"]) >= 0.25, res
+        (a_counts, b_counts) = res["counts"]
+        for (_a_rx, a_tx), (b_rx, _b_tx) in zip(a_counts, b_counts, strict=True):
+            assert abs(a_tx - b_rx) <= 0.01 * max(a_tx, 1) + 20, res
+        took_ms = ", ".join(f"{t * 1000:.0f} ms" for t in took)
+        print(f"\nspread, SIGKILL A's follower (pings), A's follower, B's owner, A's owner: "
+              f"replaced in {took_ms}; 2 x 48 MiB intact, no handshake, no replay")  # fmt: skip
