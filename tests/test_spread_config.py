@@ -65,9 +65,28 @@ def test_packet_turn_prefixes_are_those_of_spread_packets_peers() -> None:
 
     allowed = {A: ["10.0.0.0/24", "fd00::/64"], B: ["10.0.1.0/24"]}
     both = {A: SpreadWhy.PACKETS, B: SpreadWhy.OVERRIDE}
-    assert packet_turn_prefixes(allowed, both) == {"10.0.0.0/24", "fd00::/64"}
-    assert packet_turn_prefixes(allowed, {B: SpreadWhy.OVERRIDE}) == set()  # A not spread
-    assert packet_turn_prefixes(allowed, {A: SpreadWhy.POLICY}) == set()  # not by its setting
+    assert packet_turn_prefixes(allowed, both) == {"10.0.0.0/24": True, "fd00::/64": True}
+    assert packet_turn_prefixes(allowed, {B: SpreadWhy.OVERRIDE}) == {}  # A not spread
+    assert packet_turn_prefixes(allowed, {A: SpreadWhy.POLICY}) == {}  # not by its setting
+
+
+def test_another_peers_more_specific_route_keeps_its_flows_whole() -> None:
+    """A `Spread = packets` peer with the default routes, another with a site's subnet:
+    cryptokey routing gives the subnet's packets to the other peer (longest prefix), so the
+    trie holds the subnet too, marked False (its flows keep one queue), and the kernel's
+    longest match decides as routing does. Before, the subnet's packets matched the default
+    route in the trie and were spread packet by packet, though that peer never asked for
+    it. Another peer's prefix that does not lie inside a packets prefix stays out."""
+    from shardwg.engine.placement import packet_turn_prefixes
+
+    c = bytes(range(32))
+    allowed = {A: ["0.0.0.0/0", "fd00::/16"], B: ["10.1.0.0/16", "fd00:1::/64", "2001:db8::/32"],
+               c: ["10.0.0.0/8"]}  # fmt: skip
+    got = packet_turn_prefixes(allowed, {A: SpreadWhy.PACKETS, B: SpreadWhy.OVERRIDE})
+    assert got == {"0.0.0.0/0": True, "fd00::/16": True, "10.1.0.0/16": False,
+                   "fd00:1::/64": False, "10.0.0.0/8": False}  # fmt: skip
+    allowed = {A: ["10.5.0.0/16"], c: ["10.0.0.0/8"]}  # c's route holds A's: no need for it
+    assert packet_turn_prefixes(allowed, {A: SpreadWhy.PACKETS}) == {"10.5.0.0/16": True}
 
 
 @pytest.mark.parametrize("value", ["yes", "1", "", "on off", "true"])

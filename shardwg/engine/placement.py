@@ -11,6 +11,7 @@ two by a margin, so one hot peer alone on a worker is never bounced between work
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -138,15 +139,39 @@ class LoadBalancer:
         return Move(best[1], src, dst, round(load[src] / mean, 3))
 
 
+def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(prefix, strict=False)
+
+
 def packet_turn_prefixes(
     allowed: Mapping[bytes, Iterable[str]], spread_now: Mapping[bytes, SpreadWhy]
-) -> set[str]:
-    """The prefixes whose packets take the TUN queues in turn one by one
-    (io/tun_steering.py): the allowed IPs (`allowed`, by peer) of each peer the table
-    spreads for its `Spread = packets`, which spreads both ways (the other end steers our
-    blocks by counter, so each of our workers' shares reaches one worker there)."""
-    return {a for key, why in spread_now.items() if why == SpreadWhy.PACKETS
+) -> dict[str, bool]:
+    """What the TUN's packet trie holds (io/tun_steering.py; longest match decides): True
+    for the allowed IPs (`allowed`, by peer) of each peer the table spreads for its
+    `Spread = packets`, whose packets take the queues in turn one by one (both ways: the
+    other end steers our blocks by counter, so each of our workers' shares reaches one
+    worker there); False for another peer's prefix inside one of those, which cryptokey
+    routing gives to that peer (longest prefix) and whose flows stay whole. A prefix named
+    both ways is False."""
+    turn = {a for key, why in spread_now.items() if why == SpreadWhy.PACKETS
             for a in allowed.get(key, ())}  # fmt: skip
+    if not turn:
+        return {}
+    v4 = [n for n in map(_net, turn) if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in map(_net, turn) if isinstance(n, ipaddress.IPv6Network)]
+    out = dict.fromkeys(turn, True)
+    for key, prefixes in allowed.items():
+        if spread_now.get(key) == SpreadWhy.PACKETS:
+            continue
+        for a in prefixes:
+            net = _net(a)
+            if isinstance(net, ipaddress.IPv4Network):
+                inside = any(net.subnet_of(n) for n in v4)
+            else:
+                inside = any(net.subnet_of(n) for n in v6)
+            if inside:
+                out[a] = False
+    return out
 
 
 def spread_reasons(

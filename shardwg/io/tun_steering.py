@@ -24,8 +24,12 @@ counts its own flows), which costs nothing: neither direction is reordered.
 
 One flow thus stays on one queue. For a peer set to `Spread = packets` (one big flow worth
 spreading, reordered though it gets) the supervisor puts its allowed IPs in an LPM trie that
-the turn program checks first: a packet whose destination is in it takes the next value of a
-second counter, packet by packet (`packet_trie`, `trie_add`; `TunSteering.set_packets`).
+the turn program checks first: a packet whose destination's longest match there is such a
+prefix takes the next value of a second counter, packet by packet (`packet_trie`,
+`trie_add`; `TunSteering.set_packets`). The trie answers as cryptokey routing does: another
+peer's more specific route inside such a prefix (a site's subnet under a default route) is in
+it too, marked to keep its flows whole, and so is `V4_GUARD`, so that an IPv6 prefix like ::/0
+never catches IPv4 packets (stored as ::ffff:a.b.c.d).
 
 The key (`flow_key`): IPv4 or IPv6 source xor destination address words, xor (source port
 xor destination port) for TCP and UDP that are not fragments (IPv6: no extension headers),
@@ -47,7 +51,8 @@ import logging
 import os
 import platform
 import struct
-from collections.abc import Iterable
+from collections.abc import Mapping
+from types import MappingProxyType
 
 log = logging.getLogger("shardwg.io.tun_steering")
 
@@ -63,7 +68,10 @@ BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1
 FLOWS = 65536  # flows remembered (LRU); a forgotten flow that comes back takes a new turn
-PACKET_PREFIXES = 4096  # destinations whose packets take turns one by one (`Spread = packets`)
+PACKET_PREFIXES = 1 << 18  # trie entries at most (`Spread = packets` peers' prefixes and the
+# other peers' routes inside them: a hub's default route holds every spoke's); not preallocated
+V4_GUARD = "::ffff:0.0.0.0/96"  # where the trie keeps IPv4; an entry of its own (flows) stops
+# a shorter IPv6 prefix (::/0) from matching IPv4 packets
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386,
             "ppc64le": 361, "s390x": 351}  # fmt: skip
 GOLDEN = 0x9E3779B1
@@ -203,8 +211,9 @@ def _fetch_add(turn_fd: int, index: int) -> list[_Insn | str]:
 
 
 def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
-    """A packet whose destination is in `packets_fd` (LPM trie over IPv6 addresses, IPv4 as
-    ::ffff:a.b.c.d) takes the next value of counter 1; any other goes on to "flows"."""
+    """A packet whose destination's longest match in `packets_fd` (LPM trie over IPv6
+    addresses, IPv4 as ::ffff:a.b.c.d) has a non-zero value takes the next value of counter
+    1; any other goes on to "flows"."""
     be32: _Insn = (_ALU | _END | _TO_BE, 0, 0, 0, 32)  # _ld gives host order; the key wants
     items: list[_Insn | str] = [  # network order
         _alu64x(_MOV, 6, 1),
@@ -234,6 +243,8 @@ def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
         _alu64(_ADD, 2, -40),
         (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
         _jump(_JEQ, 0, 0, "flows"),
+        (_LDX | _MEM | _W, 1, 0, 0, 0),  # the match's value: 0 = another peer's route
+        _jump(_JEQ, 1, 0, "flows"),
         *_fetch_add(turn_fd, 1),
         _alu64x(_MOV, 0, 9),
         (_JMP | _EXIT, 0, 0, 0, 0),
@@ -336,24 +347,42 @@ def _destination(packet: bytes) -> bytes | None:
     return None
 
 
+def trie_entries(turns: Mapping[str, bool]) -> dict[str, bool]:
+    """What the trie holds for `turns` (prefix -> whether its packets take turns one by
+    one): those, and `V4_GUARD` as flows unless `turns` names it or is empty."""
+    if not turns:
+        return {}
+    return {V4_GUARD: False, **turns}
+
+
+def _trie_net(prefix: str) -> tuple[int, int]:
+    """`prefix` as the trie keys it: (prefix length, 128-bit address), IPv4 in ::ffff:0:0/96."""
+    key = _trie_key(prefix)
+    return struct.unpack_from("<I", key)[0], int.from_bytes(key[4:], "big")
+
+
 class FlowQueues:
     """What the turn program returns, in Python: a flow seen before keeps its turn, a new
-    one takes the next (the TUN then uses the value modulo its queues); a packet to one of
-    `packets` (prefixes) takes the next of its own turns, flow or no flow."""
+    one takes the next (the TUN then uses the value modulo its queues); a packet whose
+    destination's longest match in `packets` (prefix -> True, as `TunSteering.set_packets`
+    takes them) is True takes the next of its own turns, flow or no flow."""
 
-    def __init__(self, packets: Iterable[str] = ()) -> None:
+    def __init__(self, packets: Mapping[str, bool] = MappingProxyType({})) -> None:
         self.turns: dict[int, int] = {}
         self.next = 0
-        self.packets = [ipaddress.ip_network(p) for p in packets]
+        entries = [(*_trie_net(p), turn) for p, turn in trie_entries(packets).items()]
+        self.packets = sorted(entries, reverse=True)  # longest prefix first
         self.packet_next = 0
 
     def _to_packets(self, packet: bytes) -> bool:
         dst = _destination(packet)
-        if dst is None or not self.packets:
+        if dst is None:
             return False
-        a6 = ipaddress.IPv6Address(dst)
-        addr = a6.ipv4_mapped or a6
-        return any(addr in net for net in self.packets)
+        addr = int.from_bytes(dst, "big")
+        for length, net, turn in self.packets:
+            if addr >> (128 - length) == net >> (128 - length):
+                return turn
+        return False
 
     def __call__(self, packet: bytes) -> int:
         if self._to_packets(packet):
@@ -447,13 +476,14 @@ def _elem(cmd: int, fd: int, key: bytes, value: bytes | None) -> None:
     _bpf(cmd, attr)
 
 
-def trie_add(fd: int, prefix: str) -> None:
-    """Packets to `prefix` take turns one by one (OSError: e.g. ENOSPC when full)."""
-    _elem(BPF_MAP_UPDATE_ELEM, fd, _trie_key(prefix), struct.pack("<I", 1))
+def trie_add(fd: int, prefix: str, turn: bool = True) -> None:
+    """Packets to `prefix` (longest match) take turns one by one, or with `turn` False keep
+    their flow's turn; adds or changes the entry (OSError: e.g. ENOSPC when full)."""
+    _elem(BPF_MAP_UPDATE_ELEM, fd, _trie_key(prefix), struct.pack("<I", int(turn)))
 
 
 def trie_remove(fd: int, prefix: str) -> None:
-    """Packets to `prefix` go back to their flow's turn (ENOENT if it was not there)."""
+    """`prefix` leaves the trie: the next shorter match decides (ENOENT if it was not there)."""
     _elem(BPF_MAP_DELETE_ELEM, fd, _trie_key(prefix), None)
 
 
@@ -491,16 +521,17 @@ def attach(tun_fd: int, prog_fd: int) -> None:
 
 class TunSteering:
     """Steering on while any peer is spread, off otherwise (see the module): flows take
-    queues in turn, or by hash where the kernel refuses the turn program; packets to the
-    prefixes of `set_packets` take turns one by one while the turn program steers."""
+    queues in turn, or by hash where the kernel refuses the turn program; packets whose
+    longest match among the prefixes of `set_packets` is True take turns one by one while
+    the turn program steers."""
 
     def __init__(self, tun_fd: int) -> None:
         self.tun_fd = tun_fd
         self.on = False
         self.kind = ""  # "turns" or "hash" while attached
         self.refused = ""  # why the kernel refused both (then we stay on automatic steering)
-        self.packets: frozenset[str] = frozenset()  # prefixes whose packets take turns
-        self.in_trie: set[str] = set()  # of those, the ones the attached program has
+        self.packets: dict[str, bool] = {}  # prefix -> its packets take turns (or flows)
+        self.in_trie: dict[str, bool] = {}  # the entries the attached program's trie has
         self._trie = -1  # the attached turn program's LPM trie
         self._told = False  # a prefix the trie could not take was logged
 
@@ -525,13 +556,13 @@ class TunSteering:
             raise
         finally:
             os.close(fd)
-        self._trie, self.in_trie = trie, set()
+        self._trie, self.in_trie = trie, {}
         return kind
 
     def _drop_trie(self) -> None:
         if self._trie >= 0:
             os.close(self._trie)
-        self._trie, self.in_trie = -1, set()
+        self._trie, self.in_trie = -1, {}
 
     def set(self, spread: bool) -> bool:
         """Attach or detach as `spread` says; True while the program steers. Each attach
@@ -560,37 +591,41 @@ class TunSteering:
         self._sync()
         return spread
 
-    def set_packets(self, prefixes: Iterable[str]) -> None:
-        """Packets to `prefixes` take the queues in turn one by one (`Spread = packets`),
-        from now on while the turn program is attached, and from its next attach."""
-        new = frozenset(prefixes)
+    def set_packets(self, turns: Mapping[str, bool]) -> None:
+        """Packets whose longest match in `turns` is True take the queues in turn one by one
+        (`Spread = packets`; False: another peer's more specific route keeps its flows
+        whole), from now on while the turn program is attached, and from its next attach."""
+        new = dict(turns)
         if new != self.packets:
             log.info("TUN steering: packets to %d prefixes take the queues one by one "
-                     "(Spread = packets)%s", len(new),
+                     "(Spread = packets)%s", sum(new.values()),
                      "" if self.kind == "turns" or not new else
                      ", once the turn program is attached")  # fmt: skip
         self.packets = new
         self._sync()
 
     def _sync(self) -> None:
-        """The attached trie holds exactly `packets` (as far as it has room)."""
+        """The attached trie holds exactly `trie_entries(packets)` (as far as it has room)."""
         if self._trie < 0:
             return
-        for prefix in sorted(self.in_trie - self.packets):
+        want = trie_entries(self.packets)
+        for prefix in sorted(self.in_trie.keys() - want.keys()):
             try:
                 trie_remove(self._trie, prefix)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
-                    log.warning("TUN steering: %s stays in packet turns (%s)", prefix, exc)
+                    log.warning("TUN steering: %s stays in the packet trie (%s)", prefix, exc)
                     continue
-            self.in_trie.discard(prefix)
-        for prefix in sorted(self.packets - self.in_trie):
+            del self.in_trie[prefix]
+        for prefix, turn in sorted(want.items()):
+            if self.in_trie.get(prefix) == turn:
+                continue
             try:
-                trie_add(self._trie, prefix)
+                trie_add(self._trie, prefix, turn)
             except OSError as exc:
                 if not self._told:
-                    log.warning("TUN steering: packets to %s keep their flow's queue (%s)",
-                                prefix, exc)  # fmt: skip
+                    log.warning("TUN steering: the packet trie did not take %s (%s); packets "
+                                "to it follow its next shorter match", prefix, exc)  # fmt: skip
                     self._told = True
                 continue
-            self.in_trie.add(prefix)
+            self.in_trie[prefix] = turn
