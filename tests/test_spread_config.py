@@ -60,33 +60,23 @@ def test_spread_packets_is_on_with_packet_turns_and_round_trips() -> None:
     assert (later.peers[0].spread, later.peers[0].spread_packets) == (False, False)
 
 
-def test_packet_turn_prefixes_are_those_of_spread_packets_peers() -> None:
-    from shardwg.engine.placement import packet_turn_prefixes
-
-    allowed = {A: ["10.0.0.0/24", "fd00::/64"], B: ["10.0.1.0/24"]}
-    both = {A: SpreadWhy.PACKETS, B: SpreadWhy.OVERRIDE}
-    assert packet_turn_prefixes(allowed, both) == {"10.0.0.0/24": True, "fd00::/64": True}
-    assert packet_turn_prefixes(allowed, {B: SpreadWhy.OVERRIDE}) == {}  # A not spread
-    assert packet_turn_prefixes(allowed, {A: SpreadWhy.POLICY}) == {}  # not by its setting
-
-
-def test_another_peers_more_specific_route_keeps_its_flows_whole() -> None:
-    """A `Spread = packets` peer with the default routes, another with a site's subnet:
-    cryptokey routing gives the subnet's packets to the other peer (longest prefix), so the
-    trie holds the subnet too, marked False (its flows keep one queue), and the kernel's
-    longest match decides as routing does. Before, the subnet's packets matched the default
-    route in the trie and were spread packet by packet, though that peer never asked for
-    it. Another peer's prefix that does not lie inside a packets prefix stays out."""
-    from shardwg.engine.placement import packet_turn_prefixes
+def test_tun_routes_send_each_peers_prefixes_where_its_packets_are_sealed() -> None:
+    """The TUN steering program's routes: an unspread peer's prefixes to its owner's queue,
+    a spread peer's to the flow turns, a `Spread = packets` peer's to the packet turns
+    (only when the table spreads it for that reason); nothing while no peer is spread."""
+    from shardwg.engine.placement import tun_routes
+    from shardwg.io.tun_steering import FLOW_TURNS, PACKET_TURNS
 
     c = bytes(range(32))
-    allowed = {A: ["0.0.0.0/0", "fd00::/16"], B: ["10.1.0.0/16", "fd00:1::/64", "2001:db8::/32"],
-               c: ["10.0.0.0/8"]}  # fmt: skip
-    got = packet_turn_prefixes(allowed, {A: SpreadWhy.PACKETS, B: SpreadWhy.OVERRIDE})
-    assert got == {"0.0.0.0/0": True, "fd00::/16": True, "10.1.0.0/16": False,
-                   "fd00:1::/64": False, "10.0.0.0/8": False}  # fmt: skip
-    allowed = {A: ["10.5.0.0/16"], c: ["10.0.0.0/8"]}  # c's route holds A's: no need for it
-    assert packet_turn_prefixes(allowed, {A: SpreadWhy.PACKETS}) == {"10.5.0.0/16": True}
+    allowed = {A: ["0.0.0.0/0", "fd00::/16"], B: ["10.1.0.0/16", "fd00:1::/64"], c: ["10.2.0.0/16"]}
+    owners = {A: 0, B: 1, c: 1}
+    got = tun_routes(allowed, owners, {A: SpreadWhy.PACKETS, c: SpreadWhy.OVERRIDE})
+    assert got == {"0.0.0.0/0": PACKET_TURNS, "fd00::/16": PACKET_TURNS, "10.1.0.0/16": 1,
+                   "fd00:1::/64": 1, "10.2.0.0/16": FLOW_TURNS}  # fmt: skip
+    got = tun_routes(allowed, owners, {A: SpreadWhy.POLICY})  # spread, but not for packets
+    assert got["0.0.0.0/0"] == FLOW_TURNS and got["10.2.0.0/16"] == 1
+    assert tun_routes(allowed, owners, {}) == {}
+    assert tun_routes(allowed, {}, {B: SpreadWhy.OVERRIDE})["0.0.0.0/0"] == FLOW_TURNS  # no owner
 
 
 @pytest.mark.parametrize("value", ["yes", "1", "", "on off", "true"])

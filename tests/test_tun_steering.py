@@ -63,15 +63,15 @@ def _random_packets(rng: random.Random, n: int) -> list[bytes]:
     return out
 
 
-def _loaded(turns: bool = False, packets: dict[str, bool] | None = None) -> int:
-    """The stateless program, or the turn program (with `packets`: their trie filled)."""
+def _loaded(turns: bool = False, routes: dict[str, int] | None = None) -> int:
+    """The stateless program, or the turn program (with `routes`: their trie filled)."""
     try:
-        if packets is None:
+        if routes is None:
             return ts.load_turns() if turns else ts.load()
-        trie = ts.packet_trie()
+        trie = ts.route_trie()
         try:
-            for prefix, turn in ts.trie_entries(packets).items():
-                ts.trie_add(trie, prefix, turn)
+            for prefix, route in ts.trie_entries(routes).items():
+                ts.trie_add(trie, prefix, route)
             return ts.load_turns(trie)
         finally:
             os.close(trie)  # the program keeps the trie
@@ -113,23 +113,21 @@ def test_the_kernel_hands_out_turns_as_the_model_says() -> None:
         os.close(fd)
 
 
-# True: packets take turns one by one (`Spread = packets`); False: another peer's more
-# specific route inside one of those, whose flows keep their turn
-PACKET_PREFIXES = {"10.99.0.0/24": True, "10.20.0.0/16": True, "10.20.5.0/24": False,
-                   "fd00::2/128": True, "fd00:9::/64": True, "fd00:9::/112": False}  # fmt: skip
-DEFAULT_V6 = {"::/0": True, "10.99.0.0/24": False, "fd00:9::/64": False}
+P, F = ts.PACKET_TURNS, ts.FLOW_TURNS
+# a `Spread = packets` peer's prefixes (P), another peer's more specific route inside them
+# (unspread: its owner's queue 1; spread: F), a spread peer's (F), an unspread one's (0)
+ROUTES = {"10.99.0.0/24": P, "10.20.0.0/16": P, "10.20.5.0/24": 1, "10.20.6.0/24": F,
+          "fd00::2/128": P, "fd00:9::/64": P, "fd00:9::/112": 0, "10.40.0.0/16": 0}  # fmt: skip
+DEFAULT_V6 = {"::/0": P, "10.99.0.0/24": 1, "fd00:9::/64": F}
 
 
-@pytest.mark.parametrize("prefixes", [PACKET_PREFIXES, DEFAULT_V6], ids=["subnets", "v6-default"])
-def test_packets_to_packet_prefixes_take_turns_one_by_one_as_the_model_says(
-    prefixes: dict[str, bool],
-) -> None:
-    """`Spread = packets`: a packet whose destination's longest match in the trie (IPv4 and
-    IPv6) is a packets prefix takes the next packet turn whatever its flow; any other keeps
-    its flow's turn, including one to another peer's more specific route and, with only
-    ::/0 spread, every IPv4 packet (stored as ::ffff:a.b.c.d, inside ::/0 but for the
-    trie's guard entry). The kernel and the model agree on every return value."""
-    fd = _loaded(packets=prefixes)
+@pytest.mark.parametrize("routes", [ROUTES, DEFAULT_V6], ids=["subnets", "v6-default"])
+def test_routes_come_first_as_the_model_says(routes: dict[str, int]) -> None:
+    """The destination's longest match in the trie (IPv4 and IPv6) decides first: an owner's
+    queue as it is, packet turns one by one whatever the flow, flow turns (or no match:
+    with only ::/0 routed, every IPv4 packet, stored as ::ffff:a.b.c.d, for the trie's
+    guard entry) as without the trie. The kernel and the model agree on every value."""
+    fd = _loaded(routes=routes)
     try:
         rng = random.Random(33)
         fresh = [p for p in _random_packets(rng, 400)
@@ -137,17 +135,19 @@ def test_packets_to_packet_prefixes_take_turns_one_by_one_as_the_model_says(
         to_prefixes = [_ip4("10.0.0.1", f"10.99.0.{i}", 6, 1000 + i, 80) for i in range(9)]
         to_prefixes += [_ip4("10.0.0.1", f"10.20.{i}.7", 17, 5, 5) for i in range(9)]
         to_prefixes += [_ip6("fd00::1", f"fd00:9::{i:x}", 6, 7, 7) for i in range(9)]
-        to_prefixes += [_ip4("10.0.0.1", f"10.20.5.{i}", 6, 9, 9) for i in range(9)]
+        to_prefixes += [_ip4("10.0.0.1", f"10.20.{5 + i % 2}.{i}", 6, 9, i) for i in range(9)]
         to_prefixes += [_ip6("fd00::1", f"fd00:9::{i:x}:0", 6, 7, 7) for i in range(9)]
+        to_prefixes += [_ip4("10.0.0.1", f"10.40.{i}.1", 17, 9, 9) for i in range(9)]
         near = [_ip4("10.0.0.1", "10.99.1.5", 6, 1, 2), _ip6("fd00::1", "fd00::3", 6, 1, 2),
                 _ip6("fd00::1", "::ffff:10.99.0.4", 6, 1, 2)]  # fmt: skip
         packets = fresh + to_prefixes + near
         packets += [rng.choice(packets) for _ in range(600)]
         rng.shuffle(packets)
-        model = ts.FlowQueues(prefixes)
+        model = ts.FlowQueues(routes)
         got = [ts.run_once(fd, p) for p in packets]
         assert got == [model(p) for p in packets]
         assert model.packet_next > 60 and model.next > 200  # both kinds of turn were taken
+        assert {model._route(p) for p in packets} >= set(routes.values())  # every route
     finally:
         os.close(fd)
 
@@ -156,7 +156,7 @@ def test_one_flow_to_a_packet_prefix_alternates_until_the_prefix_goes() -> None:
     """The property `Spread = packets` is for: one TCP flow's packets go to the queues in
     turn (both of 2, all of 4); removed from the trie, the flow keeps one queue again."""
     try:
-        trie = ts.packet_trie()
+        trie = ts.route_trie()
     except OSError as exc:
         pytest.skip(f"bpf(2) refused here: {exc}")
     try:
@@ -176,20 +176,23 @@ def test_one_flow_to_a_packet_prefix_alternates_until_the_prefix_goes() -> None:
         os.close(trie)
 
 
-def test_another_peers_more_specific_route_keeps_its_flow_whole() -> None:
-    """A `Spread = packets` peer with the default routes and another peer's 10.1.0.0/16
-    (False): a flow to 10.1.2.3 keeps one queue, flows to 10.2.0.5 and fd00::5 alternate.
-    With ::/0 alone spread, an IPv4 flow keeps one queue (the guard entry)."""
-    flow = {a: _ip4("10.0.0.1", a, 6, 40000, 5201) for a in ("10.1.2.3", "10.2.0.5")}
+def test_an_unspread_peers_route_sends_its_packets_to_its_owner() -> None:
+    """A `Spread = packets` peer with the default routes, an unspread peer's 10.1.0.0/16 on
+    owner 1 and a spread peer's 10.3.0.0/16: every packet to 10.1.2.3 goes to queue 1
+    whatever its flow, a flow to 10.3.0.9 keeps one queue, one to 10.2.0.5 or fd00::5
+    alternates. With ::/0 alone routed, an IPv4 flow keeps one queue (the guard entry)."""
+    flow = {a: _ip4("10.0.0.1", a, 6, 40000, 5201) for a in ("10.1.2.3", "10.2.0.5", "10.3.0.9")}
     flow["fd00::5"] = _ip6("fd00::1", "fd00::5", 6, 40000, 5201)
-    fd = _loaded(packets={"0.0.0.0/0": True, "::/0": True, "10.1.0.0/16": False})
+    other = _ip4("10.0.0.1", "10.1.2.3", 17, 9, 9)
+    fd = _loaded(routes={"0.0.0.0/0": P, "::/0": P, "10.1.0.0/16": 1, "10.3.0.0/16": F})
     try:
-        assert len({ts.run_once(fd, flow["10.1.2.3"]) for _ in range(6)}) == 1
+        assert {ts.run_once(fd, p) for p in [flow["10.1.2.3"], other] * 3} == {1}
+        assert len({ts.run_once(fd, flow["10.3.0.9"]) for _ in range(6)}) == 1
         assert len({ts.run_once(fd, flow["10.2.0.5"]) for _ in range(6)}) == 6
         assert len({ts.run_once(fd, flow["fd00::5"]) for _ in range(6)}) == 6
     finally:
         os.close(fd)
-    fd = _loaded(packets={"::/0": True})
+    fd = _loaded(routes={"::/0": P})
     try:
         assert len({ts.run_once(fd, flow["10.2.0.5"]) for _ in range(6)}) == 1
         assert len({ts.run_once(fd, flow["fd00::5"]) for _ in range(6)}) == 6
@@ -198,34 +201,35 @@ def test_another_peers_more_specific_route_keeps_its_flow_whole() -> None:
 
 
 def test_steering_keeps_its_trie_as_told_and_refills_it_on_attach() -> None:
-    """TunSteering.set_packets while attached and while not, detach and attach again:
+    """TunSteering.set_routes while attached and while not, detach and attach again:
     the attached trie holds exactly the prefixes last told (on a TUN-less fd the attach
     ioctl fails, so the check is on the maps TunSteering keeps)."""
     steer = ts.TunSteering(-1)
-    steer.set_packets({"10.9.0.0/24": True})
+    steer.set_routes({"10.9.0.0/24": P})
     assert steer.in_trie == {}  # not attached: nothing to fill
     try:
-        trie = ts.packet_trie()
+        trie = ts.route_trie()
     except OSError as exc:
         pytest.skip(f"bpf(2) refused here: {exc}")
     steer._trie = trie  # as _attach leaves it
     steer._sync()
-    assert steer.in_trie == {"10.9.0.0/24": True, ts.V4_GUARD: False}
-    told = {"fd00:9::/64": True, "10.20.0.0/16": True, "10.20.3.0/24": False}
-    steer.set_packets(told)
-    assert steer.in_trie == {**told, ts.V4_GUARD: False}
+    assert steer.in_trie == {"10.9.0.0/24": P, ts.V4_GUARD: F}
+    told = {"fd00:9::/64": P, "10.20.0.0/16": P, "10.20.3.0/24": 1}
+    steer.set_routes(told)
+    assert steer.in_trie == {**told, ts.V4_GUARD: F}
     fd = ts.load_turns(trie)
     try:
-        def queues(dst: str) -> int:
-            return len({ts.run_once(fd, _ip4("1.1.1.1", dst, 6, 1, 2)) for _ in range(4)})
+        def queues(dst: str) -> set[int]:
+            return {ts.run_once(fd, _ip4("1.1.1.1", dst, 6, 1, 2)) for _ in range(4)}
 
-        assert (queues("10.20.4.4"), queues("10.20.3.4"), queues("10.9.0.4")) == (4, 1, 1)
-        steer.set_packets({**told, "10.20.3.0/24": True})  # a value changes in place
-        assert queues("10.20.3.4") == 4
+        assert len(queues("10.20.4.4")) == 4 and len(queues("10.9.0.4")) == 1
+        assert queues("10.20.3.4") == {1}
+        steer.set_routes({**told, "10.20.3.0/24": 0})  # a peer moved: its route changes
+        assert queues("10.20.3.4") == {0}
     finally:
         os.close(fd)
         steer._drop_trie()
-    assert steer.in_trie == {} and steer.packets == {**told, "10.20.3.0/24": True}
+    assert steer.in_trie == {} and steer.routes == {**told, "10.20.3.0/24": 0}
 
 
 @pytest.mark.parametrize("queues", [2, 4, 16])
@@ -356,7 +360,7 @@ def _one_flow_queues(packets: bool) -> list[int]:
     sizes = [0] * 16
     try:
         assert steer.set(True) and steer.kind == "turns"
-        steer.set_packets({"10.201.0.0/24": True} if packets else {})
+        steer.set_routes({"10.201.0.0/24": P} if packets else {})
         assert write_packet(dev.fds[0], ipv4_udp(REMOTE, LOCAL, 40000, 7000, b"in"))
         _data, addr = sock.recvfrom(64)
         for _ in range(16):

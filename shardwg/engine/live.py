@@ -196,8 +196,8 @@ class LiveConfig:
             self.placer.notify()  # every worker re-reads the table
         if self.placer is not None and (d.added or d.removed):
             self.placer.rebalance()  # a few moves at most, so counts stay even
-        if self.placer is not None and (d.updated or spread_moved):
-            self.placer.announce()  # a packets peer's prefixes may have changed (TUN steering)
+        if self.placer is not None and (d.added or d.removed or d.updated or spread_moved):
+            self.placer.announce()  # a peer's prefixes may have changed (TUN steering's routes)
         self._routes(changed)
         if d.fwmark_changed:
             self.engine.set_fwmark(new.interface.fwmark)

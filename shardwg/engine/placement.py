@@ -11,12 +11,12 @@ two by a margin, so one hot peer alone on a worker is never bounced between work
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
+from shardwg.io.tun_steering import FLOW_TURNS, PACKET_TURNS
 from shardwg.proto.ownership import owner_of
 from shardwg.shm.placement import Mode, SpreadWhy
 
@@ -139,38 +139,31 @@ class LoadBalancer:
         return Move(best[1], src, dst, round(load[src] / mean, 3))
 
 
-def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(prefix, strict=False)
-
-
-def packet_turn_prefixes(
-    allowed: Mapping[bytes, Iterable[str]], spread_now: Mapping[bytes, SpreadWhy]
-) -> dict[str, bool]:
-    """What the TUN's packet trie holds (io/tun_steering.py; longest match decides): True
-    for the allowed IPs (`allowed`, by peer) of each peer the table spreads for its
-    `Spread = packets`, whose packets take the queues in turn one by one (both ways: the
-    other end steers our blocks by counter, so each of our workers' shares reaches one
-    worker there); False for another peer's prefix inside one of those, which cryptokey
-    routing gives to that peer (longest prefix) and whose flows stay whole. A prefix named
-    both ways is False."""
-    turn = {a for key, why in spread_now.items() if why == SpreadWhy.PACKETS
-            for a in allowed.get(key, ())}  # fmt: skip
-    if not turn:
+def tun_routes(
+    allowed: Mapping[bytes, Iterable[str]],
+    owners: Mapping[bytes, int],
+    spread_now: Mapping[bytes, SpreadWhy],
+) -> dict[str, int]:
+    """The routes of the TUN's steering program (io/tun_steering.py), which decides every
+    packet's queue while any peer is spread: each peer's allowed IPs (`allowed`, by peer;
+    longest match decides, as for cryptokey routing) to its owner's queue (`owners`) while
+    it is unspread, to the flow turns while it is spread, and to the packet turns while the
+    table spreads it for its `Spread = packets` (both ways: the other end steers our blocks
+    by counter, so each of our workers' shares reaches one worker there). Nothing with no
+    peer spread (the program is detached)."""
+    if not spread_now:
         return {}
-    v4 = [n for n in map(_net, turn) if isinstance(n, ipaddress.IPv4Network)]
-    v6 = [n for n in map(_net, turn) if isinstance(n, ipaddress.IPv6Network)]
-    out = dict.fromkeys(turn, True)
+    out: dict[str, int] = {}
     for key, prefixes in allowed.items():
-        if spread_now.get(key) == SpreadWhy.PACKETS:
-            continue
-        for a in prefixes:
-            net = _net(a)
-            if isinstance(net, ipaddress.IPv4Network):
-                inside = any(net.subnet_of(n) for n in v4)
-            else:
-                inside = any(net.subnet_of(n) for n in v6)
-            if inside:
-                out[a] = False
+        why = spread_now.get(key)
+        if why == SpreadWhy.PACKETS:
+            route = PACKET_TURNS
+        elif why is not None or owners.get(key, -1) < 0:
+            route = FLOW_TURNS
+        else:
+            route = owners[key]
+        for prefix in prefixes:
+            out[prefix] = route
     return out
 
 

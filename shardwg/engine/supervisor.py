@@ -38,7 +38,7 @@ from shardwg.engine.exits import EXIT_FOREIGN_QUEUE
 from shardwg.engine.global_block import GlobalBlock
 from shardwg.engine.hooks import HookError, Hooks, trust_problem
 from shardwg.engine.live import LiveConfig, warn_low_order
-from shardwg.engine.placement import packet_turn_prefixes
+from shardwg.engine.placement import tun_routes
 from shardwg.engine.placer import Placer
 from shardwg.engine.workers import WorkerPool, WorkerSlot, no_core_dumps
 from shardwg.io import netlink, steering
@@ -111,13 +111,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ set-up
     def _steer_tun(self, spread_now: Mapping[bytes, SpreadWhy]) -> None:
-        """The TUN's steering follows the placement table: on while any peer is spread, and
-        packets to a spread `Spread = packets` peer take the queues one by one."""
+        """The TUN's steering follows the placement table: on while any peer is spread, an
+        unspread peer's packets to its owner's queue, and a `Spread = packets` peer's
+        packets to the queues one by one."""
         if self.tun_steering is None:
             return
         self.tun_steering.set(bool(spread_now))
         allowed = {p.public_key: p.allowed_ips for p in self.config.peers}
-        self.tun_steering.set_packets(packet_turn_prefixes(allowed, spread_now))
+        owners = self.placer.owners if self.placer is not None else {}
+        self.tun_steering.set_routes(tun_routes(allowed, owners, spread_now))
 
     def wants_tun_offload(self) -> bool:
         """TSO/USO reads pay off when the native kernel cuts and checksums the super-packets;

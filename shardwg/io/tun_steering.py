@@ -22,14 +22,16 @@ worker index at a shardwg receiver (receive steering), so each direction of a fl
 one worker end to end; the two directions of one flow may use different indexes (each end
 counts its own flows), which costs nothing: neither direction is reordered.
 
-One flow thus stays on one queue. For a peer set to `Spread = packets` (one big flow worth
-spreading, reordered though it gets) the supervisor puts its allowed IPs in an LPM trie that
-the turn program checks first: a packet whose destination's longest match there is such a
-prefix takes the next value of a second counter, packet by packet (`packet_trie`,
-`trie_add`; `TunSteering.set_packets`). The trie answers as cryptokey routing does: another
-peer's more specific route inside such a prefix (a site's subnet under a default route) is in
-it too, marked to keep its flows whole, and so is `V4_GUARD`, so that an IPv6 prefix like ::/0
-never catches IPv4 packets (stored as ::ffff:a.b.c.d).
+One flow thus stays on one queue. The program decides every packet's queue, though, not only
+a spread peer's, so it first looks the destination up in an LPM trie of every peer's allowed
+IPs (longest match, as cryptokey routing does; `tun_routes` in engine/placement.py): an
+unspread peer's prefix holds its owner's queue, and its packets go straight there (without
+it they took the queues in turn too, and every worker but the owner handed them over: a
+hub's whole unspread traffic, once auto spread one hot peer). A spread peer's prefix sends
+its packets on to the flow turns; one set to `Spread = packets` (one big flow worth
+spreading, reordered though it gets) makes each packet take the next value of a second
+counter instead (`route_trie`, `trie_add`; `TunSteering.set_routes`). IPv4 is kept as
+::ffff:a.b.c.d, and `V4_GUARD` keeps an IPv6 prefix like ::/0 from catching it.
 
 The key (`flow_key`): IPv4 or IPv6 source xor destination address words, xor (source port
 xor destination port) for TCP and UDP that are not fragments (IPv6: no extension headers),
@@ -68,10 +70,12 @@ BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1
 FLOWS = 65536  # flows remembered (LRU); a forgotten flow that comes back takes a new turn
-PACKET_PREFIXES = 1 << 18  # trie entries at most (`Spread = packets` peers' prefixes and the
-# other peers' routes inside them: a hub's default route holds every spoke's); not preallocated
-V4_GUARD = "::ffff:0.0.0.0/96"  # where the trie keeps IPv4; an entry of its own (flows) stops
-# a shorter IPv6 prefix (::/0) from matching IPv4 packets
+ROUTES = 1 << 18  # trie entries at most (every peer's allowed IPs); not preallocated
+FLOW_TURNS = -1  # a route whose flows take the queues in turn (a spread peer's)
+PACKET_TURNS = -2  # a route whose packets take them one by one (`Spread = packets`)
+# (a route >= 0 is a queue: an unspread peer's owner)
+V4_GUARD = "::ffff:0.0.0.0/96"  # where the trie keeps IPv4; an entry of its own (flow turns)
+# stops a shorter IPv6 prefix (::/0) from matching IPv4 packets
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "armv7l": 386,
             "ppc64le": 361, "s390x": 351}  # fmt: skip
 GOLDEN = 0x9E3779B1
@@ -210,10 +214,10 @@ def _fetch_add(turn_fd: int, index: int) -> list[_Insn | str]:
     ]
 
 
-def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
-    """A packet whose destination's longest match in `packets_fd` (LPM trie over IPv6
-    addresses, IPv4 as ::ffff:a.b.c.d) has a non-zero value takes the next value of counter
-    1; any other goes on to "flows"."""
+def _route_insns(routes_fd: int, turn_fd: int) -> list[_Insn | str]:
+    """The destination's longest match in `routes_fd` (LPM trie over IPv6 addresses, IPv4 as
+    ::ffff:a.b.c.d) decides: value 1, the next value of counter 1 (packet turns); 2 + q,
+    queue q; 0 or no match, on to "flows" (`_trie_value`)."""
     be32: _Insn = (_ALU | _END | _TO_BE, 0, 0, 0, 32)  # _ld gives host order; the key wants
     items: list[_Insn | str] = [  # network order
         _alu64x(_MOV, 6, 1),
@@ -238,13 +242,18 @@ def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
         items += [_ld(_W, off), be32, (_STX | _MEM | _W, 10, 0, -36 + 4 * i, 0)]
     items += [
         "lookup",
-        *_map_fd(1, packets_fd),
+        *_map_fd(1, routes_fd),
         _alu64x(_MOV, 2, 10),
         _alu64(_ADD, 2, -40),
         (_JMP | _CALL, 0, 0, 0, _MAP_LOOKUP),
         _jump(_JEQ, 0, 0, "flows"),
-        (_LDX | _MEM | _W, 1, 0, 0, 0),  # the match's value: 0 = another peer's route
+        (_LDX | _MEM | _W, 1, 0, 0, 0),  # the route (u32)
         _jump(_JEQ, 1, 0, "flows"),
+        _jump(_JEQ, 1, 1, "packet"),
+        _alu64x(_MOV, 0, 1),
+        _alu64(_ADD, 0, -2),  # an owner's queue
+        (_JMP | _EXIT, 0, 0, 0, 0),
+        "packet",
         *_fetch_add(turn_fd, 1),
         _alu64x(_MOV, 0, 9),
         (_JMP | _EXIT, 0, 0, 0, 0),
@@ -253,16 +262,16 @@ def _packet_insns(packets_fd: int, turn_fd: int) -> list[_Insn | str]:
     return items
 
 
-def turn_program(flows_fd: int, turn_fd: int, packets_fd: int = -1) -> bytes:
+def turn_program(flows_fd: int, turn_fd: int, routes_fd: int = -1) -> bytes:
     """The program that hands out queues in turn (see the module): key -> the flow's turn in
     `flows_fd` (LRU hash, u32 -> u32), else the next value of counter 0 in `turn_fd` (array
-    of two u32), remembered for the flow. With `packets_fd` (LPM trie), a packet to one of
-    its prefixes takes the next value of counter 1 instead: each packet its own turn."""
+    of two u32), remembered for the flow. With `routes_fd` (LPM trie), the destination's
+    route comes first: an owner's queue, or each packet its own turn (counter 1)."""
     exit_: _Insn = (_JMP | _EXIT, 0, 0, 0, 0)
     items: list[_Insn | str] = []
-    if packets_fd >= 0:
-        items += _packet_insns(packets_fd, turn_fd)
-    items += _key_insns(prologue=packets_fd < 0) + [
+    if routes_fd >= 0:
+        items += _route_insns(routes_fd, turn_fd)
+    items += _key_insns(prologue=routes_fd < 0) + [
         (_STX | _MEM | _W, 10, 0, -4, 0),  # stack[-4] = key
         *_map_fd(1, flows_fd),
         _alu64x(_MOV, 2, 10),
@@ -347,12 +356,12 @@ def _destination(packet: bytes) -> bytes | None:
     return None
 
 
-def trie_entries(turns: Mapping[str, bool]) -> dict[str, bool]:
-    """What the trie holds for `turns` (prefix -> whether its packets take turns one by
-    one): those, and `V4_GUARD` as flows unless `turns` names it or is empty."""
-    if not turns:
+def trie_entries(routes: Mapping[str, int]) -> dict[str, int]:
+    """What the trie holds for `routes` (prefix -> queue, FLOW_TURNS or PACKET_TURNS): those,
+    and `V4_GUARD` as FLOW_TURNS unless `routes` names it or is empty."""
+    if not routes:
         return {}
-    return {V4_GUARD: False, **turns}
+    return {V4_GUARD: FLOW_TURNS, **routes}
 
 
 def _trie_net(prefix: str) -> tuple[int, int]:
@@ -362,33 +371,37 @@ def _trie_net(prefix: str) -> tuple[int, int]:
 
 
 class FlowQueues:
-    """What the turn program returns, in Python: a flow seen before keeps its turn, a new
-    one takes the next (the TUN then uses the value modulo its queues); a packet whose
-    destination's longest match in `packets` (prefix -> True, as `TunSteering.set_packets`
-    takes them) is True takes the next of its own turns, flow or no flow."""
+    """What the turn program returns, in Python: the destination's longest match in
+    `routes` (as `TunSteering.set_routes` takes them) decides first: a queue is returned
+    as it is, PACKET_TURNS takes the next of the packet turns, flow or no flow; otherwise
+    a flow seen before keeps its turn and a new one takes the next (the TUN then uses the
+    value modulo its queues)."""
 
-    def __init__(self, packets: Mapping[str, bool] = MappingProxyType({})) -> None:
+    def __init__(self, routes: Mapping[str, int] = MappingProxyType({})) -> None:
         self.turns: dict[int, int] = {}
         self.next = 0
-        entries = [(*_trie_net(p), turn) for p, turn in trie_entries(packets).items()]
-        self.packets = sorted(entries, reverse=True)  # longest prefix first
+        entries = [(*_trie_net(p), r) for p, r in trie_entries(routes).items()]
+        self.routes = sorted(entries, reverse=True)  # longest prefix first
         self.packet_next = 0
 
-    def _to_packets(self, packet: bytes) -> bool:
+    def _route(self, packet: bytes) -> int:
         dst = _destination(packet)
         if dst is None:
-            return False
+            return FLOW_TURNS
         addr = int.from_bytes(dst, "big")
-        for length, net, turn in self.packets:
+        for length, net, route in self.routes:
             if addr >> (128 - length) == net >> (128 - length):
-                return turn
-        return False
+                return route
+        return FLOW_TURNS
 
     def __call__(self, packet: bytes) -> int:
-        if self._to_packets(packet):
+        route = self._route(packet)
+        if route == PACKET_TURNS:
             own = self.packet_next
             self.packet_next = (own + 1) & 0xFFFFFFFF
             return own
+        if route >= 0:
+            return route
         if _unkeyed(packet):
             return 0
         key = flow_key(packet)
@@ -452,9 +465,20 @@ def load() -> int:
     return _load(program())
 
 
-def packet_trie() -> int:
-    """An empty LPM trie for the packet program's destinations (`trie_add`); its fd."""
-    return _map(BPF_MAP_TYPE_LPM_TRIE, PACKET_PREFIXES, 20, BPF_F_NO_PREALLOC)
+def route_trie() -> int:
+    """An empty LPM trie for the turn program's routes (`trie_add`); its fd."""
+    return _map(BPF_MAP_TYPE_LPM_TRIE, ROUTES, 20, BPF_F_NO_PREALLOC)
+
+
+def _trie_value(route: int) -> int:
+    """A route as the program reads it: 0 flow turns, 1 packet turns, 2 + q queue q."""
+    if route == FLOW_TURNS:
+        return 0
+    if route == PACKET_TURNS:
+        return 1
+    if not 0 <= route < 0xFFFF:
+        raise ValueError(f"not a TUN queue: {route}")
+    return route + 2
 
 
 def _trie_key(prefix: str) -> bytes:
@@ -476,10 +500,10 @@ def _elem(cmd: int, fd: int, key: bytes, value: bytes | None) -> None:
     _bpf(cmd, attr)
 
 
-def trie_add(fd: int, prefix: str, turn: bool = True) -> None:
-    """Packets to `prefix` (longest match) take turns one by one, or with `turn` False keep
-    their flow's turn; adds or changes the entry (OSError: e.g. ENOSPC when full)."""
-    _elem(BPF_MAP_UPDATE_ELEM, fd, _trie_key(prefix), struct.pack("<I", int(turn)))
+def trie_add(fd: int, prefix: str, route: int = PACKET_TURNS) -> None:
+    """Packets to `prefix` (longest match) take `route`: a queue, FLOW_TURNS or PACKET_TURNS;
+    adds or changes the entry (OSError: e.g. ENOSPC when full)."""
+    _elem(BPF_MAP_UPDATE_ELEM, fd, _trie_key(prefix), struct.pack("<I", _trie_value(route)))
 
 
 def trie_remove(fd: int, prefix: str) -> None:
@@ -487,15 +511,15 @@ def trie_remove(fd: int, prefix: str) -> None:
     _elem(BPF_MAP_DELETE_ELEM, fd, _trie_key(prefix), None)
 
 
-def load_turns(packets_fd: int = -1) -> int:
+def load_turns(routes_fd: int = -1) -> int:
     """The turn program with fresh flow maps (flows take queues in turn), and with
-    `packets_fd` (`packet_trie`) the packet turns too; its fd. The program holds the maps,
-    so they go when the last reference to it does."""
+    `routes_fd` (`route_trie`) the routes first; its fd. The program holds the maps, so
+    they go when the last reference to it does."""
     flows = _map(BPF_MAP_TYPE_LRU_HASH, FLOWS)
     try:
         turn = _map(BPF_MAP_TYPE_ARRAY, 2)
         try:
-            return _load(turn_program(flows, turn, packets_fd))
+            return _load(turn_program(flows, turn, routes_fd))
         finally:
             os.close(turn)
     finally:
@@ -521,23 +545,23 @@ def attach(tun_fd: int, prog_fd: int) -> None:
 
 class TunSteering:
     """Steering on while any peer is spread, off otherwise (see the module): flows take
-    queues in turn, or by hash where the kernel refuses the turn program; packets whose
-    longest match among the prefixes of `set_packets` is True take turns one by one while
-    the turn program steers."""
+    queues in turn, or by hash where the kernel refuses the turn program; while the turn
+    program steers, the routes of `set_routes` come first (an unspread peer's owner, or
+    packet turns)."""
 
     def __init__(self, tun_fd: int) -> None:
         self.tun_fd = tun_fd
         self.on = False
         self.kind = ""  # "turns" or "hash" while attached
         self.refused = ""  # why the kernel refused both (then we stay on automatic steering)
-        self.packets: dict[str, bool] = {}  # prefix -> its packets take turns (or flows)
-        self.in_trie: dict[str, bool] = {}  # the entries the attached program's trie has
+        self.routes: dict[str, int] = {}  # prefix -> queue, FLOW_TURNS or PACKET_TURNS
+        self.in_trie: dict[str, int] = {}  # the entries the attached program's trie has
         self._trie = -1  # the attached turn program's LPM trie
         self._told = False  # a prefix the trie could not take was logged
 
     def _attach(self) -> str:
         try:
-            trie = packet_trie()
+            trie = route_trie()
             try:
                 fd = load_turns(trie)
             except OSError:
@@ -591,41 +615,43 @@ class TunSteering:
         self._sync()
         return spread
 
-    def set_packets(self, turns: Mapping[str, bool]) -> None:
-        """Packets whose longest match in `turns` is True take the queues in turn one by one
-        (`Spread = packets`; False: another peer's more specific route keeps its flows
-        whole), from now on while the turn program is attached, and from its next attach."""
-        new = dict(turns)
-        if new != self.packets:
-            log.info("TUN steering: packets to %d prefixes take the queues one by one "
-                     "(Spread = packets)%s", sum(new.values()),
+    def set_routes(self, routes: Mapping[str, int]) -> None:
+        """Packets to each prefix of `routes` (longest match) go to its queue (an unspread
+        peer's owner), take the flow turns (a spread peer) or take the queues one by one
+        (PACKET_TURNS: `Spread = packets`), from now on while the turn program is attached,
+        and from its next attach."""
+        new = dict(routes)
+        if new != self.routes:
+            log.info("TUN steering: %d routes, packets to %d of them take the queues one by "
+                     "one (Spread = packets)%s", len(new),
+                     sum(r == PACKET_TURNS for r in new.values()),
                      "" if self.kind == "turns" or not new else
                      ", once the turn program is attached")  # fmt: skip
-        self.packets = new
+        self.routes = new
         self._sync()
 
     def _sync(self) -> None:
-        """The attached trie holds exactly `trie_entries(packets)` (as far as it has room)."""
+        """The attached trie holds exactly `trie_entries(routes)` (as far as it has room)."""
         if self._trie < 0:
             return
-        want = trie_entries(self.packets)
+        want = trie_entries(self.routes)
         for prefix in sorted(self.in_trie.keys() - want.keys()):
             try:
                 trie_remove(self._trie, prefix)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
-                    log.warning("TUN steering: %s stays in the packet trie (%s)", prefix, exc)
+                    log.warning("TUN steering: %s stays in the route trie (%s)", prefix, exc)
                     continue
             del self.in_trie[prefix]
-        for prefix, turn in sorted(want.items()):
-            if self.in_trie.get(prefix) == turn:
+        for prefix, route in sorted(want.items()):
+            if self.in_trie.get(prefix) == route:
                 continue
             try:
-                trie_add(self._trie, prefix, turn)
+                trie_add(self._trie, prefix, route)
             except OSError as exc:
                 if not self._told:
-                    log.warning("TUN steering: the packet trie did not take %s (%s); packets "
+                    log.warning("TUN steering: the route trie did not take %s (%s); packets "
                                 "to it follow its next shorter match", prefix, exc)  # fmt: skip
                     self._told = True
                 continue
-            self.in_trie[prefix] = turn
+            self.in_trie[prefix] = route
