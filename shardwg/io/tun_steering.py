@@ -621,11 +621,12 @@ class TunSteering:
         (PACKET_TURNS: `Spread = packets`), from now on while the turn program is attached,
         and from its next attach."""
         new = dict(routes)
-        if new != self.routes:
-            log.info("TUN steering: %d routes, packets to %d of them take the queues one by "
-                     "one (Spread = packets)%s", len(new),
-                     sum(r == PACKET_TURNS for r in new.values()),
-                     "" if self.kind == "turns" or not new else
+        packets = {p for p, r in new.items() if r == PACKET_TURNS}
+        if packets != {p for p, r in self.routes.items() if r == PACKET_TURNS}:
+            # said when it changes, not at every move or peer added (a hub has thousands)
+            log.info("TUN steering: packets to %d prefixes take the queues one by one "
+                     "(Spread = packets)%s", len(packets),
+                     "" if self.kind == "turns" or not packets else
                      ", once the turn program is attached")  # fmt: skip
         self.routes = new
         self._sync()
