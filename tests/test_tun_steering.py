@@ -309,46 +309,60 @@ def _tun_and_socket(name: str) -> tuple[TunDevice, socket.socket, ts.TunSteering
 
 def _steer_a_real_tun(hash_only: bool) -> dict[str, object]:
     if hash_only:  # a kernel that refuses the turn program
-        def refused(packets_fd: int = -1) -> int:
+        def refused(routes_fd: int = -1) -> int:
             raise OSError(22, "refused, as by an old kernel")
 
         ts.load_turns = refused
     dev, sock, steer = _tun_and_socket("tq0")
     try:
         before = _replies_by_queue(dev, sock, range(40000, 40032))
-        on = steer.set(True)
+        # the remote's peer, unspread, owned by worker 1: routed there, though queue 0
+        # wrote the flows (what the kernel's flow table goes by)
+        steer.set_routes({"10.201.0.0/24": 1})
+        unspread = steer.set(False)
+        routed = _replies_by_queue(dev, sock, range(43000, 43032))
+        steer.set_routes({"10.201.0.0/24": ts.FLOW_TURNS})  # now it is spread
+        spread = steer.set(True)
         kind = steer.kind
         steered = _replies_by_queue(dev, sock, range(41000, 41032))
         want = {sp: ts.flow_hash(ipv4_udp(LOCAL, REMOTE, 7000, sp, b"")) % 2 for sp in steered}
-        off = steer.set(False)
+        steer.set_routes({"10.201.0.0/24": 1})
+        again = steer.set(False)
         after = _replies_by_queue(dev, sock, range(42000, 42032))
     finally:
         sock.close()
         dev.close()
-    return {"before": set(before.values()), "on": on, "kind": kind, "steered": steered,
-            "want": want, "off": off, "after": set(after.values())}  # fmt: skip
+    return {"before": set(before.values()), "unspread": unspread, "routed": set(routed.values()),
+            "spread": spread, "kind": kind, "steered": steered, "want": want, "again": again,
+            "after": set(after.values())}  # fmt: skip
 
 
 @pytest.mark.netns
 @pytest.mark.parametrize("hash_only", [False, True], ids=["turns", "hash-fallback"])
-def test_a_real_tun_steers_by_the_program_only_while_attached(  # type: ignore[no-untyped-def]
+def test_a_real_tun_steers_by_routes_and_turns(  # type: ignore[no-untyped-def]
     netns_factory, hash_only: bool
 ) -> None:
+    """The turn program steers for good once loaded: an unspread peer's packets to its
+    owner's queue, a spread peer's flows in turn. Where the kernel refuses it, the hash
+    program steers only while a peer is spread, the kernel's flow table otherwise."""
     (ns,) = netns_factory(1)
     r = ns.call(_steer_a_real_tun, hash_only)
     assert r["before"] == {0}  # the kernel's flow table: the queue that wrote the flow
-    assert r["on"] is True and r["kind"] == ("hash" if hash_only else "turns")
+    assert r["spread"] is True and r["kind"] == ("hash" if hash_only else "turns")
     queues = [q for _sp, q in sorted(r["steered"].items())]
     if hash_only:
+        assert r["unspread"] is False and r["routed"] == {0}  # no routes: the flow table
         assert r["steered"] == r["want"]  # the hash, not the writing queue
+        assert r["again"] is False and r["after"] == {0}  # detached: the flow table again
     else:
+        assert r["unspread"] is True and r["routed"] == {1}  # the owner's queue
         # each new flow the next queue: the 32 replies alternate (a stray packet of the
         # kernel's own, an IPv6 router solicitation say, may take one turn in between);
         # by hash about half of the neighbours would share a queue
         changes = sum(a != b for a, b in zip(queues, queues[1:], strict=False))
         assert changes >= 28, queues
+        assert r["again"] is True and r["after"] == {1}  # still attached, routed again
     assert set(queues) == {0, 1}
-    assert r["off"] is False and r["after"] == {0}  # detached: the flow table again
 
 
 def _one_flow_queues(packets: bool) -> list[int]:

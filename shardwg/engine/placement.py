@@ -145,14 +145,11 @@ def tun_routes(
     spread_now: Mapping[bytes, SpreadWhy],
 ) -> dict[str, int]:
     """The routes of the TUN's steering program (io/tun_steering.py), which decides every
-    packet's queue while any peer is spread: each peer's allowed IPs (`allowed`, by peer;
-    longest match decides, as for cryptokey routing) to its owner's queue (`owners`) while
-    it is unspread, to the flow turns while it is spread, and to the packet turns while the
-    table spreads it for its `Spread = packets` (both ways: the other end steers our blocks
-    by counter, so each of our workers' shares reaches one worker there). Nothing with no
-    peer spread (the program is detached)."""
-    if not spread_now:
-        return {}
+    packet's queue: each peer's allowed IPs (`allowed`, by peer; longest match decides, as
+    for cryptokey routing) to its owner's queue (`owners`) while it is unspread, to the flow
+    turns while it is spread (or has no owner), and to the packet turns while the table
+    spreads it for its `Spread = packets` (both ways: the other end steers our blocks by
+    counter, so each of our workers' shares reaches one worker there)."""
     out: dict[str, int] = {}
     for key, prefixes in allowed.items():
         why = spread_now.get(key)

@@ -94,7 +94,7 @@ class Supervisor:
     placement: str = "load"  # --placement: load, count or hash (engine/placement.py)
     spread: str = "auto"  # --spread: off, auto or on (engine/placement.spread_reasons)
     placer: Placer | None = None
-    tun_steering: TunSteering | None = None  # io/tun_steering.py, attached while any is spread
+    tun_steering: TunSteering | None = None  # io/tun_steering.py (2 workers or more)
     shared: GlobalBlock | None = None  # GlobalState and the cookie secret (the workers')
     _stop: bool = False
     _wake_r: int = -1
@@ -111,15 +111,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ set-up
     def _steer_tun(self, spread_now: Mapping[bytes, SpreadWhy]) -> None:
-        """The TUN's steering follows the placement table: on while any peer is spread, an
-        unspread peer's packets to its owner's queue, and a `Spread = packets` peer's
-        packets to the queues one by one."""
+        """The TUN's steering follows the placement table: an unspread peer's packets to its
+        owner's queue, a spread peer's flows to the queues in turn, and a `Spread = packets`
+        peer's packets to the queues one by one (io/tun_steering.py)."""
         if self.tun_steering is None:
             return
-        self.tun_steering.set(bool(spread_now))
         allowed = {p.public_key: p.allowed_ips for p in self.config.peers}
         owners = self.placer.owners if self.placer is not None else {}
-        self.tun_steering.set_routes(tun_routes(allowed, owners, spread_now))
+        self.tun_steering.set_routes(tun_routes(allowed, owners, spread_now))  # before an
+        self.tun_steering.set(bool(spread_now))  # attach, which fills the trie with them
 
     def wants_tun_offload(self) -> bool:
         """TSO/USO reads pay off when the native kernel cuts and checksums the super-packets;
@@ -191,7 +191,7 @@ class Supervisor:
             for group in (self.gateway.udp4, self.gateway.udp6):
                 if group:
                     steering.attach(group[0], n, spread=self.spread != "off")
-            if n > 1 and self.gateway.tun is not None:  # TUN queues in turn while spread
+            if n > 1 and self.gateway.tun is not None:  # TUN queues by route and in turn
                 self.tun_steering = TunSteering(self.gateway.tun.fds[0])
                 self.placer.on_spread = self._steer_tun
                 self.placer.announce()

@@ -1,46 +1,50 @@
-"""TUN queue steering while a peer is spread: our own few eBPF instructions, run by the TUN
-per packet, that give each new flow the next queue in turn.
+"""TUN queue steering: our own few eBPF instructions, run by the TUN per packet, that send an
+unspread peer's packets to its owner's queue and give each new flow of a spread peer the next
+queue in turn.
 
 Why: without a steering program a multiqueue TUN sends a flow's packets to the queue that
 last wrote that flow's packets (its automatic flow steering). For a peer one worker owns
-that is what we want: the owner writes the flow's inbound packets, so its outbound ones come
-back to the owner's queue and need no handoff. For a spread peer it is a trap: flows that
-began while the session was still sequential (the owner alone) had their inbound packets
-written by the owner, so their outbound packets stay on the owner's queue for good, and
-between two shardwg ends each side then keeps the other on one worker (measured: A's worker
-shares 1.0 / 0.0 sending with 4 streams; tests/test_spread_netns.py). So while any peer is
-spread the supervisor attaches this program (TUNSETSTEERINGEBPF, any queue's fd: it is the
-device's) and with no spread peer it detaches it (fd -1): the automatic steering is back.
+that is nearly what we want: the owner writes the flow's inbound packets, so its outbound
+ones come back to the owner's queue. But the kernel learns a flow only from a packet written
+for it, and keeps at most 4,096: a one-way flow, a flow's first packets and any flow beyond
+the table go to a queue by hash, and every worker but the owner hands them over (12 of 32
+one-way UDP flows on 2 workers, measured; tests/test_spread_netns.py). For a spread peer it
+is a trap: flows that began while the session was still sequential (the owner alone) had
+their inbound packets written by the owner, so their outbound packets stay on the owner's
+queue for good, and between two shardwg ends each side then keeps the other on one worker
+(measured: A's worker shares 1.0 / 0.0 sending with 4 streams). So with 2 workers or more
+the supervisor attaches this program (TUNSETSTEERINGEBPF, any queue's fd: it is the
+device's) for the gateway's life.
 
-Which queue: a hash of the flow alone leaves queues idle by chance (4 flows on 2 queues all
+Where a packet goes: the program first looks its destination up in an LPM trie of every
+peer's allowed IPs (longest match, as cryptokey routing does; `tun_routes` in
+engine/placement.py, `TunSteering.set_routes`). An unspread peer's prefix holds its owner's
+queue, and its packets go straight there (queue q is worker q's: the supervisor holds every
+queue for the gateway's life). A `Spread = packets` peer's prefix (one big flow worth
+spreading, reordered though it gets) makes each packet take the next value of a counter,
+so one flow's packets take the queues in turn. A spread peer's prefix, or no match, sends
+the packet on to the flow turns. IPv4 is kept as ::ffff:a.b.c.d, and `V4_GUARD` keeps an
+IPv6 prefix like ::/0 from catching it.
+
+Flow turns: a hash of the flow alone leaves queues idle by chance (4 flows on 2 queues all
 land on one 1 time in 8; 16 flows on 16 queues use about 10 of them), so the program hands
 out queues in turn. It keys an LRU hash map by the flow's hash; a flow it has not seen takes
-the next value of a counter (an atomic fetch-and-add in an array map) and keeps it while it
-lives; the TUN uses `(u16) value % queues`. Any run of new flows is thus spread evenly over
-the queues, whatever their ports. A sender worker's counter blocks are opened by the same
-worker index at a shardwg receiver (receive steering), so each direction of a flow stays on
-one worker end to end; the two directions of one flow may use different indexes (each end
-counts its own flows), which costs nothing: neither direction is reordered.
-
-One flow thus stays on one queue. The program decides every packet's queue, though, not only
-a spread peer's, so it first looks the destination up in an LPM trie of every peer's allowed
-IPs (longest match, as cryptokey routing does; `tun_routes` in engine/placement.py): an
-unspread peer's prefix holds its owner's queue, and its packets go straight there (without
-it they took the queues in turn too, and every worker but the owner handed them over: a
-hub's whole unspread traffic, once auto spread one hot peer). A spread peer's prefix sends
-its packets on to the flow turns; one set to `Spread = packets` (one big flow worth
-spreading, reordered though it gets) makes each packet take the next value of a second
-counter instead (`route_trie`, `trie_add`; `TunSteering.set_routes`). IPv4 is kept as
-::ffff:a.b.c.d, and `V4_GUARD` keeps an IPv6 prefix like ::/0 from catching it.
+the next value of a second counter (an atomic fetch-and-add in an array map) and keeps it
+while it lives; the TUN uses `(u16) value % queues`. Any run of new flows is thus spread
+evenly over the queues, whatever their ports. A sender worker's counter blocks are opened by
+the same worker index at a shardwg receiver (receive steering), so each direction of a flow
+stays on one worker end to end; the two directions of one flow may use different indexes
+(each end counts its own flows), which costs nothing: neither direction is reordered.
 
 The key (`flow_key`): IPv4 or IPv6 source xor destination address words, xor (source port
 xor destination port) for TCP and UDP that are not fragments (IPv6: no extension headers),
 folded and multiplied by 2^32 / golden ratio (BPF_PROG_TYPE_SOCKET_FILTER, loaded with
 bpf(2); the TUN calls it with skb->data at the IP header). `FlowQueues` is the same in
 Python (tests compare the two). A kernel without the maps or the atomic (before 5.12) gets
-the stateless program instead, which returns the key's top 16 bits (`flow_hash`): flows then
-take queues by hash. A kernel that refuses both (no bpf(2), no CAP_BPF) is logged once; the
-automatic steering then stays, as before.
+the stateless program instead, only while a peer is spread, which returns the key's top 16
+bits (`flow_hash`): flows then take queues by hash; otherwise the kernel's flow table steers.
+A kernel that refuses both (no bpf(2), no CAP_BPF) is logged once; the automatic steering
+then stays.
 """
 
 from __future__ import annotations
@@ -544,22 +548,25 @@ def attach(tun_fd: int, prog_fd: int) -> None:
 
 
 class TunSteering:
-    """Steering on while any peer is spread, off otherwise (see the module): flows take
-    queues in turn, or by hash where the kernel refuses the turn program; while the turn
-    program steers, the routes of `set_routes` come first (an unspread peer's owner, or
-    packet turns)."""
+    """The turn program steers whenever the kernel loads it: the routes of `set_routes`
+    first (an unspread peer's owner, packet turns), then flows in turn; where the kernel
+    refuses it, flows go by hash while any peer is spread and by the kernel's flow table
+    otherwise (see the module)."""
 
     def __init__(self, tun_fd: int) -> None:
         self.tun_fd = tun_fd
         self.on = False
         self.kind = ""  # "turns" or "hash" while attached
         self.refused = ""  # why the kernel refused both (then we stay on automatic steering)
+        self.turns_refused = ""  # why it refused the turn program (then routes are off)
         self.routes: dict[str, int] = {}  # prefix -> queue, FLOW_TURNS or PACKET_TURNS
         self.in_trie: dict[str, int] = {}  # the entries the attached program's trie has
         self._trie = -1  # the attached turn program's LPM trie
         self._told = False  # a prefix the trie could not take was logged
 
-    def _attach(self) -> str:
+    def _attach(self, spread: bool) -> str:
+        """Attach the turn program, or where the kernel refuses it and `spread`, the
+        stateless one; its kind (OSError when neither is attached)."""
         try:
             trie = route_trie()
             try:
@@ -569,8 +576,14 @@ class TunSteering:
                 raise
             kind = "turns"
         except OSError as exc:
-            log.warning("TUN steering: the turn program was refused (%s); flows take queues "
-                        "by hash, and Spread = packets keeps each flow whole", exc)  # fmt: skip
+            if not self.turns_refused:
+                self.turns_refused = str(exc)
+                log.warning("TUN steering: the turn program was refused (%s); while a peer "
+                            "is spread flows take queues by hash (Spread = packets keeps "
+                            "each flow whole), otherwise the kernel's flow table steers",
+                            exc)  # fmt: skip
+            if not spread:
+                raise
             fd, kind, trie = load(), "hash", -1
         try:
             attach(self.tun_fd, fd)  # the TUN keeps its own reference
@@ -589,31 +602,37 @@ class TunSteering:
         self._trie, self.in_trie = -1, {}
 
     def set(self, spread: bool) -> bool:
-        """Attach or detach as `spread` says; True while the program steers. Each attach
-        starts from fresh maps: flows take their turns anew."""
-        if spread == self.on or (spread and self.refused):
+        """Steer as the module says, `spread` saying whether any peer is: by the turn
+        program whenever the kernel loads it (its routes send an unspread peer's packets to
+        the owner's queue from a flow's first packet, where the kernel's own flow table
+        learns a flow's queue only from a packet written for it, so a one-way flow or one
+        beyond its 4,096 entries went by hash); where it is refused, by the stateless one
+        while `spread` and by the kernel's flow table otherwise. True while a program
+        steers."""
+        want = spread or not self.turns_refused
+        if want == self.on or (want and self.refused):
             return self.on
         try:
-            if spread:
-                self.kind = self._attach()
+            if want:
+                self.kind = self._attach(spread)
             else:
                 attach(self.tun_fd, -1)
                 self.kind = ""
                 self._drop_trie()
         except OSError as exc:
-            if spread:
+            if want and spread:
                 self.refused = str(exc)
                 log.warning("TUN steering unavailable (%s): a spread peer's flows stay on "
                             "the TUN queue that wrote them first", exc)  # fmt: skip
-            else:
+            elif not want:
                 log.warning("TUN steering: detaching failed (%s)", exc)
             return self.on
-        self.on = spread
-        log.info("TUN queues steered by %s", {"turns": "flow, in turn (a peer is spread)",
+        self.on = want
+        log.info("TUN queues steered by %s", {"turns": "routes, then flows in turn",
                  "hash": "flow hash (a peer is spread)"}.get(self.kind,
-                 "the kernel's flow table (no peer is spread)"))  # fmt: skip
+                 "the kernel's flow table"))  # fmt: skip
         self._sync()
-        return spread
+        return self.on
 
     def set_routes(self, routes: Mapping[str, int]) -> None:
         """Packets to each prefix of `routes` (longest match) go to its queue (an unspread
