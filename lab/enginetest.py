@@ -82,7 +82,7 @@ class MemoryGateway:
     def __init__(self, cfg: Config, workers: int = 1, capacity: int = 64) -> None:
         self.workers = workers
         self.ifname = f"swm{os.getpid() % 100000}x{next(_names)}"[:15]
-        self.layout = Layout.sized(workers, capacity)
+        self.layout = Layout.sized(workers, capacity, mtu=cfg.interface.mtu)  # as supervisor
         self.region = SharedRegion.create(region_name(self.ifname), self.layout.total_size)
         self.layout.write_to(self.region.buf)
         self.tun = [TunQueue() for _ in range(workers)]

@@ -63,7 +63,7 @@ def test_spread_packets_is_on_with_packet_turns_and_round_trips() -> None:
 def test_tun_routes_send_each_peers_prefixes_where_its_packets_are_sealed() -> None:
     """The TUN steering program's routes: an unspread peer's prefixes to its owner's queue,
     a spread peer's to the flow turns, a `Spread = packets` peer's to the packet turns
-    (only when the table spreads it for that reason); nothing while no peer is spread."""
+    (only when the table spreads it for that reason)."""
     from shardwg.engine.placement import tun_routes
     from shardwg.io.tun_steering import FLOW_TURNS, PACKET_TURNS
 
@@ -75,7 +75,9 @@ def test_tun_routes_send_each_peers_prefixes_where_its_packets_are_sealed() -> N
                    "fd00:1::/64": 1, "10.2.0.0/16": FLOW_TURNS}  # fmt: skip
     got = tun_routes(allowed, owners, {A: SpreadWhy.POLICY})  # spread, but not for packets
     assert got["0.0.0.0/0"] == FLOW_TURNS and got["10.2.0.0/16"] == 1
-    assert tun_routes(allowed, owners, {}) == {}
+    none = tun_routes(allowed, owners, {})  # nothing spread: every prefix to its owner
+    assert none == {"0.0.0.0/0": 0, "fd00::/16": 0, "10.1.0.0/16": 1, "fd00:1::/64": 1,
+                    "10.2.0.0/16": 1}  # fmt: skip
     assert tun_routes(allowed, {}, {B: SpreadWhy.OVERRIDE})["0.0.0.0/0"] == FLOW_TURNS  # no owner
 
 

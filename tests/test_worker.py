@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import struct
 
+from msgspec.structs import replace
+
 from lab.bindtest import LoopbackGroup, Wire
 from lab.enginetest import MemoryGateway, config, key_owned_by, new_key, peer, start_all, wait_for
 from lab.tuntest import TunQueue, ipv4_udp
+from shardwg.config.model import Config
 from shardwg.io import tun as tun_io
 from shardwg.io.vnet import VNET_HDR_LEN, ZERO_HDR
 from shardwg.proto.constants import MessageType
@@ -87,6 +90,38 @@ def test_handshake_and_transport_both_ways(gateways: list[MemoryGateway]) -> Non
     assert sum(sa.drops.values()) == 0 and sum(sb.drops.values()) == 0
     rec = b.session(a_pub)  # B published the session
     assert rec.endpoint == ("127.0.0.1", a.group.port)
+
+
+def test_a_jumbo_packet_is_handed_over_whole(gateways: list[MemoryGateway]) -> None:
+    """MTU 9000: packets the host puts on the non-owner's queue (with the TUN steering
+    program that is rare: an old kernel's fallback, a flow during a move) reach the peer
+    whole through the handoff ring, whose slots the layout sizes from the MTU. (This was a
+    netns test until the TUN's routes sent every such flow to its owner.)"""
+    p_priv, p_pub = key_owned_by(1, 2)
+    owner, other = owner_of(p_pub, 2), 0
+    g_priv, g_pub = new_key()
+    jumbo = replace(config(g_priv, [peer(p_pub, [f"{PEER_IP}/32"])]).interface, mtu=9000)
+    g = MemoryGateway(Config(jumbo, [peer(p_pub, [f"{PEER_IP}/32"])]), workers=2)
+    gateways.append(g)
+    assert g.layout.ring_slot_size >= 9000
+    wire = Wire(g.addr, for_b=g.group.sender_towards(owner))
+    p_cfg = config(p_priv, [peer(g_pub, [f"{GW_IP}/32"], wire.a_endpoint)])
+    p = MemoryGateway(Config(replace(p_cfg.interface, mtu=9000), p_cfg.peers))
+    gateways.append(p)
+    try:
+        start_all(g, p)
+        p.tun[0].write(ipv4_udp(PEER_IP, GW_IP, 5000, 4000, b"hello"))
+        assert g.read_tun(timeout=5, pump=wire.pump)[0] == owner
+        out = [ipv4_udp(GW_IP, PEER_IP, 4000, 5000, os.urandom(8900 + i)) for i in range(4)]
+        before = g.stats()[other].handoffs_out
+        for pkt in out:
+            g.tun[other].write(pkt)
+        got = [p.read_tun(timeout=5, pump=wire.pump) for _ in out]
+        assert got == [(0, pkt) for pkt in out]
+        assert wait_for(lambda: g.stats()[other].handoffs_out == before + len(out))
+        assert sum(sum(s.drops.values()) for s in g.stats()) == 0
+    finally:
+        wire.close()
 
 
 def test_handoff_between_two_workers(gateways: list[MemoryGateway]) -> None:
