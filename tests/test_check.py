@@ -51,6 +51,7 @@ def test_everything_present_warns_of_nothing() -> None:
         ({"udp_gso": "Invalid argument"}, "UDP GSO", "UDP_SEGMENT"),
         ({"udp_gro": False}, "UDP GRO", "UDP_GRO"),
         ({"reuseport_bpf": "Invalid argument"}, "reuseport BPF", "SO_ATTACH_REUSEPORT_CBPF"),
+        ({"tun_steering": "Operation not permitted"}, "TUN steering", "--cap-add BPF"),
         ({"recvmmsg": False}, "recvmmsg", "recvmmsg"),
         ({"native": None}, "native data path", "build_ext --inplace"),
         ({"native_disabled": True}, "native data path", "unset SHARDWG_NATIVE"),
@@ -67,6 +68,12 @@ def test_each_missing_piece_warns_with_its_fix(change: dict, name: str, in_fix: 
     found = warnings(p)
     assert set(found) == {name}, found
     assert found[name].warning and in_fix in found[name].fix
+
+
+def test_tun_steering_matters_only_with_two_workers() -> None:
+    p = good()
+    p.tun_steering, p.workers, p.affinity, p.cpus_online = "Operation not permitted", 1, 1, 1
+    assert "TUN steering" not in {i.name for i in C.assess(p)}
 
 
 def test_a_missing_tun_hides_the_tun_details() -> None:
@@ -123,6 +130,8 @@ def test_as_root_everything_is_present_and_nothing_is_left_behind() -> None:
         bad.pop("native data path", None)
     for name in ("TUN device", "multiqueue TUN", "UDP GSO", "UDP GRO", "reuseport BPF"):
         assert items[name]["ok"], items[name]
+    if "TUN steering" in items:  # listed with 2 workers or more
+        assert items["TUN steering"]["ok"], items["TUN steering"]
     assert items["TUN offloads"]["value"].startswith("TSO ok")
     assert not {n for n in bad if n not in ("CPUs", "workers")}, bad  # shared CI boxes vary
     assert done.returncode == (1 if any(not i["ok"] for i in items.values()) else 0)

@@ -578,10 +578,11 @@ class TunSteering:
         except OSError as exc:
             if not self.turns_refused:
                 self.turns_refused = str(exc)
-                log.warning("TUN steering: the turn program was refused (%s); while a peer "
-                            "is spread flows take queues by hash (Spread = packets keeps "
-                            "each flow whole), otherwise the kernel's flow table steers",
-                            exc)  # fmt: skip
+                need = ": it needs CAP_BPF" if exc.errno == errno.EPERM else ""
+                log.warning("TUN steering: the turn program was refused (%s%s); while a "
+                            "peer is spread flows take queues by hash (Spread = packets "
+                            "keeps each flow whole), otherwise the kernel's flow table steers",
+                            exc, need)  # fmt: skip
             if not spread:
                 raise
             fd, kind, trie = load(), "hash", -1

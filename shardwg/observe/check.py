@@ -141,6 +141,18 @@ def assess(p: Probes) -> list[Item]:
             "Linux 4.5+ (SO_ATTACH_REUSEPORT_CBPF)",
         )
     )
+    if p.workers > 1:
+        items.append(
+            _feature(
+                "TUN steering",
+                p.tun_steering,
+                "the kernel's flow table picks TUN queues: flows it has not learned (one-way, "
+                "a flow's first packets, any beyond 4,096) are handed between workers, and a "
+                "spread peer's flows stay on the queue that wrote them first",
+                "CAP_BPF besides CAP_NET_ADMIN (docker run --cap-add BPF; systemd "
+                "CapabilityBoundingSet=CAP_NET_ADMIN CAP_BPF) and Linux 5.12+",
+            )
+        )
     items.append(
         _feature(
             "recvmmsg",

@@ -45,6 +45,7 @@ class Probes(msgspec.Struct):
     udp_gso: str | None = None
     udp_gro: bool = False
     reuseport_bpf: str | None = None
+    tun_steering: str | None = None  # error loading the TUN steering program (eBPF, CAP_BPF)
     recvmmsg: bool = False
     native: str | None = None  # OpenSSL version of the native data path
     native_error: str = ""  # why it is not there
@@ -145,6 +146,7 @@ def _net_probes() -> Probes:
     p.udp_gso = _attempt(_udp_gso)
     p.udp_gro = _attempt(_udp_gro) is None
     p.reuseport_bpf = _attempt(_reuseport_bpf)
+    p.tun_steering = _attempt(_tun_steering)
     return p
 
 
@@ -220,3 +222,15 @@ def _reuseport_bpf() -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def _tun_steering() -> None:
+    """The TUN steering program and its maps load (bpf(2): CAP_BPF, Linux 5.12+); nothing is
+    attached, and they go with their fds."""
+    from shardwg.io import tun_steering
+
+    trie = tun_steering.route_trie()
+    try:
+        os.close(tun_steering.load_turns(trie))
+    finally:
+        os.close(trie)
