@@ -2,7 +2,10 @@
 peer and with a shardwg peer, 4 TCP streams each way put at least a quarter of the peer's
 datagrams on every worker in each direction (with either data path: a non-owner opens a
 followed session's datagrams in the batch kernel too), each flow keeps one worker index end
-to end between two shardwg ends, and 20 MB transfers each way keep their sha256."""
+to end between two shardwg ends, and 20 MB transfers each way keep their sha256. Also:
+`Spread = packets` (one flow over both workers), workers killed while a peer is spread (no
+handshake, no replay), and the TUN program's routes (an unspread peer's packets read by its
+owner, beside a spread peer or with none)."""
 
 from __future__ import annotations
 
