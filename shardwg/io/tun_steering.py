@@ -542,6 +542,17 @@ def run_once(prog_fd: int, packet: bytes) -> int:
     return int(struct.unpack_from("<I", attr.raw, 4)[0])
 
 
+def load_routed() -> tuple[int, int]:
+    """The turn program over a fresh, empty route trie: (its fd, the trie's fd); OSError
+    where the kernel refuses either."""
+    trie = route_trie()
+    try:
+        return load_turns(trie), trie
+    except OSError:
+        os.close(trie)
+        raise
+
+
 def attach(tun_fd: int, prog_fd: int) -> None:
     """The TUN (any of its queue fds) steers by the program; -1 detaches it."""
     fcntl.ioctl(tun_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog_fd))
@@ -568,12 +579,7 @@ class TunSteering:
         """Attach the turn program, or where the kernel refuses it and `spread`, the
         stateless one; its kind (OSError when neither is attached)."""
         try:
-            trie = route_trie()
-            try:
-                fd = load_turns(trie)
-            except OSError:
-                os.close(trie)
-                raise
+            fd, trie = load_routed()
             kind = "turns"
         except OSError as exc:
             if not self.turns_refused:

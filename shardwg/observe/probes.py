@@ -229,8 +229,6 @@ def _tun_steering() -> None:
     attached, and they go with their fds."""
     from shardwg.io import tun_steering
 
-    trie = tun_steering.route_trie()
-    try:
-        os.close(tun_steering.load_turns(trie))
-    finally:
-        os.close(trie)
+    prog, trie = tun_steering.load_routed()
+    os.close(prog)
+    os.close(trie)
