@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -51,6 +52,20 @@ def test_tick_flushes_once_per_interval() -> None:
     assert w.snapshot().rx_packets == 0 and w.snapshot().heartbeat == 100.0
     assert w.tick(100.006)
     assert w.snapshot().rx_packets == 1 and w.snapshot().heartbeat == 100.006
+
+
+def test_a_deferred_flush_bounds_the_next_wait() -> None:
+    """A turn inside the interval owes a flush: the loop may wait only until it is due."""
+    buf = bytearray(c.counters_size(1))
+    w = c.WorkerCounters(buf, 0, flush_interval=0.005)
+    assert w.tick(100.0)
+    assert w.flush_due(100.001) == math.inf  # flushed: nothing owed, wait for anything
+    w.add(c.RX_PACKETS)
+    assert not w.tick(100.001)
+    assert w.flush_due(100.002) == pytest.approx(0.003)
+    assert w.flush_due(100.009) == 0.0
+    assert w.tick(100.009) and w.snapshot().rx_packets == 1
+    assert w.flush_due(100.010) == math.inf
 
 
 def test_load_continues_from_shared_memory() -> None:

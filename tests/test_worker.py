@@ -9,7 +9,9 @@ process from the same context the supervisor builds; only its TUN queue is a soc
 from __future__ import annotations
 
 import os
+import socket
 import struct
+import time
 
 from msgspec.structs import replace
 
@@ -226,3 +228,36 @@ def test_killed_worker_resumes_from_its_slot_without_handshake(
         assert not [d for d in wire.log[logged:] if d.data[0] != MessageType.TRANSPORT]
     finally:
         wire.close()
+
+
+def test_counters_reach_shared_memory_soon_after_traffic_stops(
+    gateways: list[MemoryGateway],
+) -> None:
+    """A worker flushes its counters at most every flush interval (5 ms). A burst that ends
+    inside an interval must still be published within about one interval once the worker
+    goes idle, not at its next 50 ms timer tick: `shardwg status` and the hostile tests read
+    these counters right after traffic stops. Ten bursts of two datagrams 1 ms apart: with
+    the flush left to the timer tick every burst came 32-40 ms late."""
+    g = MemoryGateway(config(new_key()[0], [peer(new_key()[1], [f"{PEER_IP}/32"])]))
+    gateways.append(g)
+    g.start()
+    g.wait_ready()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    late = []
+    try:
+        for trial in range(10):
+            seen = g.total().rx_packets
+            time.sleep(0.06)  # idle: the first datagram's turn flushes, the second's does not
+            sender.sendto(b"\xff" * 32, g.addr)
+            time.sleep(0.001)
+            sender.sendto(b"\xff" * 32, g.addr)
+            t0 = time.monotonic()
+            while g.total().rx_packets < seen + 2 and time.monotonic() - t0 < 1.0:
+                time.sleep(0.0005)
+            waited = time.monotonic() - t0
+            assert g.total().rx_packets == seen + 2, "the burst was never counted"
+            if waited > 0.03:
+                late.append((trial, round(waited * 1000, 1)))
+    finally:
+        sender.close()
+    assert not late, f"published late (trial, ms): {late}"

@@ -221,7 +221,11 @@ class Worker(InboundPath, OutboundPath, HandoffRings, HandshakeLane):
         try:
             while self.running:
                 pending = self.handshake_queue or self.priority_queue
-                timeout = 0.0 if pending else max(0.0, next_tick - self.clock())
+                if pending:
+                    timeout = 0.0
+                else:
+                    t = self.clock()
+                    timeout = min(max(0.0, next_tick - t), counters.flush_due(t))
                 try:
                     ready = ep.poll(min(timeout, TICK_INTERVAL))
                 except InterruptedError:
