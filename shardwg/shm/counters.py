@@ -12,11 +12,10 @@ one u64 per DropReason.
 Hot path: the worker increments plain Python ints in a local list, `v`
 (`counters.v[RX_PACKETS] += 1`, or `add`/`drop`), and `tick(now)` from its loop
 writes the heartbeat and flushes the list to shared memory every
-`flush_interval` seconds with one precompiled `struct.pack_into`; a turn that
-finds the interval not yet over leaves the flush owed, and `flush_due(now)` bounds
-the loop's next wait so an idle worker still publishes within one interval.
-Measured on
-the 2-core dev VM (CPython 3.11): list increment ~40 ns (~75 ns through `add`),
+`flush_interval` seconds with one precompiled `struct.pack_into`. A turn inside
+the interval leaves the flush owed, and `flush_due(now)` bounds the loop's next
+wait, so an idle worker still publishes within one interval. Measured on the
+2-core dev VM (CPython 3.11): list increment ~40 ns (~75 ns through `add`),
 versus ~90 ns for an `array('Q')` mirror or a direct `memoryview.cast('Q')`
 increment in shared memory; a flush costs ~0.6 us (the `array` mirror's
 memoryview slice copy is ~0.06 us, but flushes are rare and increments are per
@@ -168,6 +167,7 @@ class WorkerCounters:
         scratch = self._scratch
         _BLOCK.pack_into(scratch, 0, *self.v)  # pack_into zeroes first: never in shm
         self._buf[self.offset : self.offset + len(scratch)] = scratch
+        self._owed = False
 
     def beat(self, now: float) -> None:
         """Record a heartbeat and flush now."""
@@ -181,7 +181,6 @@ class WorkerCounters:
             self._owed = True
             return False
         self._next_flush = now + self.flush_interval
-        self._owed = False
         self.beat(now)
         return True
 
